@@ -1,0 +1,22 @@
+# Two commands: `make demo` (set up, then run the study on the built-in default)
+# and `make test` (set up, then the test suite). Both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] installing pinned dependencies into $(VENV)"
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: setup
+	bash data_scripts/demo.sh
+
+test: setup
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""Memorization measurements for Stable-Diffusion-style models (see README)."""
