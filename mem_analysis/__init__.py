@@ -1,4 +1,4 @@
-"""Memorization measurements for Stable-Diffusion-style models (see README and science.md M1-M7).
+"""Memorization measurements for Stable-Diffusion-style models (science.md M1-M7).
 
 Public API; scripts may also import from the submodules directly.
 """
@@ -7,3 +7,10 @@ from mem_analysis.schedule import (
 )
 from mem_analysis.losses import DenoisingResult, denoising_losses, guided, overestimation
 from mem_analysis.probes import guidance_key, probe_metrics, probe_noise, summarize_probe_metrics
+from mem_analysis.alignment import noise_alignment, wen_magnitude
+from mem_analysis.sampling import Trajectories, initial_noise_for_seeds, sample_trajectories
+from mem_analysis.decomposition import (
+    decompose_latents, reference_schedule, schedule_deviation, trajectory_collapse,
+)
+from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd, severity
+from mem_analysis.stats import auroc, correlation, onset_step, tpr_at_fpr

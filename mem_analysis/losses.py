@@ -128,6 +128,18 @@ def denoising_losses(unet, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
     return result
 
 
+def align_reference(x: torch.Tensor, like: torch.Tensor, latent_ndim: int = 3, name: str = "x",
+                    like_name: str = "prediction") -> torch.Tensor:
+    """`x` (*latent) or (*lead[:m], *latent) reshaped (float32) to broadcast against `like` (*lead, *latent)."""
+    if like.ndim < latent_ndim or x.ndim < latent_ndim or like.shape[-latent_ndim:] != x.shape[-latent_ndim:]:
+        raise ValueError(f"{like_name} {tuple(like.shape)} and {name} {tuple(x.shape)} must end in the same "
+                         f"{latent_ndim} latent dims")
+    lead, x_lead = like.shape[:-latent_ndim], x.shape[:-latent_ndim]
+    if len(x_lead) > len(lead) or tuple(lead[:len(x_lead)]) != tuple(x_lead):
+        raise ValueError(f"{name} {tuple(x.shape)} does not align with the leading dims of {like_name} {tuple(like.shape)}")
+    return x.float().to(like.device).reshape(tuple(x_lead) + (1,) * (len(lead) - len(x_lead)) + x.shape[-latent_ndim:])
+
+
 def overestimation(x0hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None = None,
                    latent_ndim: int = 3) -> torch.Tensor:
     """M2: `k = <x0hat - mu, x - mu> / ||x - mu||^2` over the last `latent_ndim` dims (mu = 0 if None).
@@ -135,13 +147,7 @@ def overestimation(x0hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None
     `x0hat` is (*lead, *latent); `x` is (*latent) or (*lead[:m], *latent), aligned on the left
     (e.g. x0hat (S, T, C, H, W) with x (S, C, H, W)). Returns float32 of shape `lead`.
     """
-    if x0hat.ndim < latent_ndim or x.ndim < latent_ndim or x0hat.shape[-latent_ndim:] != x.shape[-latent_ndim:]:
-        raise ValueError(f"x0hat {tuple(x0hat.shape)} and x {tuple(x.shape)} must end in the same "
-                         f"{latent_ndim} latent dims")
-    lead, x_lead = x0hat.shape[:-latent_ndim], x.shape[:-latent_ndim]
-    if len(x_lead) > len(lead) or tuple(lead[:len(x_lead)]) != tuple(x_lead):
-        raise ValueError(f"x {tuple(x.shape)} does not align with the leading dims of x0hat {tuple(x0hat.shape)}")
-    x = x.float().to(x0hat.device).reshape(tuple(x_lead) + (1,) * (len(lead) - len(x_lead)) + x.shape[-latent_ndim:])
+    x = align_reference(x, x0hat, latent_ndim, "x", "x0hat")
     x0hat = x0hat.float()
     if mu is not None:
         if mu.shape != x.shape[-latent_ndim:]:

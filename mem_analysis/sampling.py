@@ -1,0 +1,172 @@
+"""DDIM sampling with classifier-free guidance that records its trajectories (input of M3-M6).
+
+The loop is StableDiffusionPipeline's (same initial noise, same `cat([uncond, cond])` UNet
+batch, same `e_0 + g (e_c - e_0)`, the diffusers DDIMScheduler `.step`), so for the same
+latents its final images are the pipeline's images; it also records, per step, the input
+latent `x_t` and the noise predictions `e_c`, `e_0` (converted to eps, float32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from mem_analysis.losses import guided, module_device_dtype
+from mem_analysis.schedule import alpha_bar_from_scheduler, expand_like, prediction_type_of, to_epsilon
+from mem_analysis.sd import decode_latents, encode_prompts
+
+
+@dataclass
+class Trajectories:
+    """Recorded DDIM runs for P prompts x N seeds over K steps (float32, CPU or memory-mapped).
+
+    `timesteps` (K,) and `alpha_bar` (K,) float64: the timestep and `abar_t` of each step;
+    `x_T` (P, N, *latent): initial noise; `x_t`, `e_c`, `e_0` (P, N, K, *latent): the latent
+    entering step k and the conditional / unconditional noise predictions there;
+    `final` (P, N, *latent): the sampler's output latents; `images` (P, N, 3, H, W) in [0, 1] or None.
+    """
+
+    prompts: list[str]
+    seeds: list[int]
+    guidance_scale: float
+    timesteps: torch.Tensor
+    alpha_bar: torch.Tensor
+    x_T: torch.Tensor
+    x_t: torch.Tensor
+    e_c: torch.Tensor
+    e_0: torch.Tensor
+    final: torch.Tensor
+    images: torch.Tensor | None
+
+    def e_guided(self) -> torch.Tensor:
+        """`e_g = e_0 + g (e_c - e_0)` at the sampling guidance scale, (P, N, K, *latent)."""
+        return guided(self.e_c, self.e_0, self.guidance_scale)
+
+
+def initial_noise_for_seeds(seeds, latent_shape, dtype=torch.float32, device="cpu", init_noise_sigma=1.0) -> torch.Tensor:
+    """(N, *latent) noise: seed s gives what the pipeline draws with `torch.Generator().manual_seed(s)` for one image."""
+    return torch.cat([
+        randn_tensor((1,) + tuple(latent_shape), generator=torch.Generator().manual_seed(int(s)), device=torch.device(device), dtype=dtype)
+        for s in seeds
+    ]) * init_noise_sigma
+
+
+def latent_shape_of(unet) -> tuple[int, int, int]:
+    """(C, h, w) of the UNet's latents (from its config, as the pipeline reads it)."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (unet.config.in_channels, h, w)
+
+
+def recording(shape, spill_dir: str | Path | None, name: str) -> torch.Tensor:
+    """A float32 buffer in memory, or a .npy memory map under `spill_dir` when given."""
+    if spill_dir is None:
+        return torch.empty(shape, dtype=torch.float32)
+    Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    return torch.from_numpy(np.lib.format.open_memmap(Path(spill_dir) / f"{name}.npy", mode="w+",
+                                                      dtype=np.float32, shape=tuple(shape)))
+
+
+def broadcast_per_prompt(tensor: torch.Tensor, P: int, N: int, latent_shape, name: str) -> torch.Tensor:
+    """(*latent), (N, *latent) or (P, N, *latent) -> (P, N, *latent)."""
+    latent_shape = tuple(latent_shape)
+    for lead in ((), (N,), (P, N)):
+        if tuple(tensor.shape) == lead + latent_shape:
+            return tensor.reshape((1,) * (2 - len(lead)) + tuple(tensor.shape)).expand((P, N) + latent_shape)
+    raise ValueError(f"{name} must be (*latent), (seeds, *latent) or (prompts, seeds, *latent) with latent "
+                     f"{latent_shape}, {N} seeds, {P} prompts; got {tuple(tensor.shape)}")
+
+
+@torch.no_grad()
+def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                        batch_size: int = 16, initial_noise: torch.Tensor | None = None,
+                        forward_noised_from: torch.Tensor | None = None, noise_fn=None,
+                        negative_prompt: str = "", spill_dir: str | Path | None = None,
+                        decode: bool = True) -> Trajectories:
+    """Deterministic DDIM (eta = 0) with CFG for every (prompt, seed), `batch_size` images per UNet call.
+
+    Step k: `e_g = e_0 + g (e_c - e_0)` (model outputs, then the scheduler's own prediction_type),
+    `x_{t_{k+1}} = sqrt(abar_{k+1}) x0hat(e_g) + sqrt(1 - abar_{k+1}) e_g` via `DDIMScheduler.step`.
+    Start: `x_T` = the pipeline's seeded noise (or `initial_noise`, (N|P,N, *latent)); with
+    `forward_noised_from = x` the start is `sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T` instead.
+    `forward_noised_from` is (*latent) or (P, *latent).
+    `noise_fn(latents, t, prompt_index, seed_index) -> (out_c, out_0)` replaces the UNet
+    (outputs in the scheduler's prediction space), e.g. for oracle checks.
+    `spill_dir` memory-maps the recordings to .npy files there.
+    """
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if not prompts or not seeds:
+        raise ValueError("give at least one prompt and one seed")
+    if batch_size < 1 or num_inference_steps < 1:
+        raise ValueError("batch_size and num_inference_steps must be >= 1")
+    unet = components.unet
+    device, dtype = module_device_dtype(unet)
+    scheduler = DDIMScheduler.from_config(components.sampler.config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    prediction_type = prediction_type_of(scheduler)
+    timesteps = scheduler.timesteps
+    alpha_bar = alpha_bar_from_scheduler(scheduler)[timesteps.cpu()]
+    P, N, K = len(prompts), len(seeds), len(timesteps)
+    latent_shape = latent_shape_of(unet)
+
+    if initial_noise is None:
+        x_T = initial_noise_for_seeds(seeds, latent_shape, dtype, device, scheduler.init_noise_sigma)
+    else:
+        x_T = initial_noise.to(device, dtype)
+    x_T = broadcast_per_prompt(x_T, P, N, latent_shape, "initial_noise").reshape((P * N,) + latent_shape)
+    start = x_T
+    if forward_noised_from is not None:
+        x = forward_noised_from.to(device, dtype)
+        if tuple(x.shape) not in (latent_shape, (P,) + latent_shape):
+            raise ValueError(f"forward_noised_from must be (*latent) or (prompts, *latent) = {(P,) + latent_shape}, "
+                             f"got {tuple(x.shape)}")
+        x = x.reshape((-1, 1) + latent_shape).expand((P, N) + latent_shape)
+        a0 = alpha_bar[0].item()
+        start = a0 ** 0.5 * x.reshape(x_T.shape) + (1 - a0) ** 0.5 * x_T
+    if noise_fn is None:
+        cond = encode_prompts(components.tokenizer, components.text_encoder, prompts).to(device, dtype)
+        uncond = encode_prompts(components.tokenizer, components.text_encoder, [negative_prompt]).to(device, dtype)
+
+    x_rec = recording((P * N, K) + latent_shape, spill_dir, "x_t")
+    ec_rec = recording((P * N, K) + latent_shape, spill_dir, "e_c")
+    e0_rec = recording((P * N, K) + latent_shape, spill_dir, "e_0")
+    final = torch.empty((P * N,) + latent_shape)
+    images = [] if decode else None
+    was_training = unet.training
+    unet.eval()
+    try:
+        for lo in range(0, P * N, batch_size):
+            hi = min(lo + batch_size, P * N)
+            items = torch.arange(lo, hi, device=device)
+            prompt_index, seed_index = items // N, items % N
+            latents = start[lo:hi]
+            for k, t in enumerate(timesteps):
+                if noise_fn is None:
+                    model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    hidden = torch.cat([uncond.expand(hi - lo, -1, -1), cond[prompt_index]])
+                    out_0, out_c = unet(model_in, t, encoder_hidden_states=hidden).sample.chunk(2)
+                else:
+                    out_c, out_0 = noise_fn(latents.float(), int(t), prompt_index, seed_index)
+                    out_c, out_0 = out_c.to(device, dtype), out_0.to(device, dtype)
+                noise_pred = out_0 + guidance_scale * (out_c - out_0)
+                x_rec[lo:hi, k] = latents.float().cpu()
+                abar_k = expand_like(alpha_bar[k].item(), latents)
+                ec_rec[lo:hi, k] = to_epsilon(out_c.float(), latents.float(), abar_k, prediction_type).cpu()
+                e0_rec[lo:hi, k] = to_epsilon(out_0.float(), latents.float(), abar_k, prediction_type).cpu()
+                latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+            final[lo:hi] = latents.float().cpu()
+            if decode:
+                images.append(decode_latents(components.vae, latents).cpu())
+    finally:
+        unet.train(was_training)
+
+    def per_prompt(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((P, N) + tuple(t.shape[1:]))
+
+    return Trajectories(prompts, seeds, float(guidance_scale), timesteps.cpu(), alpha_bar,
+                        per_prompt(x_T.float().cpu()), per_prompt(x_rec), per_prompt(ec_rec), per_prompt(e0_rec),
+                        per_prompt(final), per_prompt(torch.cat(images)) if decode else None)
