@@ -1,0 +1,287 @@
+"""Fine-tune a Stable Diffusion UNet and watch memorization appear, per sample, with and without CFG.
+
+    accelerate launch [accelerate flags] train/finetune.py --config configs/EXP.yaml [--flag value ...]
+
+Full or LoRA fine-tuning with optional EMA, caption dropout for the unconditional branch,
+and probes: every `--probe_steps` steps (and at step 0), for every sample of the probe split,
+M1 (L_c, L_0, L_g) and M2 (k) of science.md at fixed noise, appended to `probes.jsonl`.
+Outputs follow ARCHITECTURE.md "A training run". Random draws of a micro-batch depend only on
+(seed, process, micro-step) and the data order only on (seed, epoch), so a resumed run
+continues exactly where an uninterrupted one would be.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, gather_object
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_config import ConfigError, TrainingError, resolve_config, save_config  # noqa: E402
+from finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows,  # noqa: E402
+                           load_splits, probe_scalars)
+from finetune_state import (add_lora, list_checkpoints, log_validation, register_hooks,  # noqa: E402
+                            resolve_resume, save_checkpoint, save_final_model, zero3_init_disabled)
+from mem_analysis.probes import probe_metrics  # noqa: E402
+from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
+from mem_analysis.sd import load_components  # noqa: E402
+
+
+def build_accelerator(args) -> Accelerator:
+    """Accelerator with TensorBoard in output_dir/logs; gloo process groups for DeepSpeed on CPU."""
+    handlers = []
+    # DeepSpeed miscounts the world size on CPU unless the process group is gloo; a plain run rejects this.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    project = ProjectConfiguration(project_dir=args.output_dir,
+                                   logging_dir=os.path.join(args.output_dir, args.logging_dir))
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision, log_with=args.report_to,
+                       project_config=project, kwargs_handlers=handlers)
+
+
+def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
+    """Generator of one micro-batch's random draws, a function of (seed, process, micro-step) only."""
+    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state))
+
+
+def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> torch.Tensor:
+    """Batch mean of ||target - prediction||^2 at uniform random t (target eps or v), Min-SNR weighted if asked."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                 device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator, device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    if args.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
+    """M1 + M2 rows of this process's probe shard, gathered to every process (one row per sample, timestep)."""
+    metrics = probe_metrics(unet, probe.latents, probe.cond, probe.uncond, args.probe_timesteps, probe.noise,
+                            probe.alpha_bar, args.probe_guidance_scales, mu=probe.mu,
+                            prediction_type=probe.prediction_type, chunk_size=args.probe_batch_size)
+    rows = [{"step": step, "sample_id": sid, "dup_factor": dup, "timestep": int(t),
+             **{name: float(value[i, j]) for name, value in metrics.items()}}
+            for i, (sid, dup, valid) in enumerate(zip(probe.sample_ids, probe.dup_factors, probe.valid)) if valid
+            for j, t in enumerate(args.probe_timesteps)]
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    return sorted(rows, key=lambda row: (row["sample_id"], row["timestep"]))
+
+
+def main(argv=None) -> int:
+    args = resolve_config(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    rank, main_process = accelerator.process_index, accelerator.is_main_process
+    zero_stage = (accelerator.state.deepspeed_plugin.zero_stage
+                  if accelerator.distributed_type == DistributedType.DEEPSPEED else None)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
+
+    # Models: the frozen text encoder and VAE are created outside zero.Init so ZeRO-3 leaves them whole.
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                revision=args.revision, variant=args.variant, use_safetensors=True)
+    with zero3_init_disabled():
+        parts = load_components(args.pretrained_model_name_or_path, args.revision, args.variant, unet=unet)
+    noise_scheduler = parts.noise_scheduler
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"prediction_type {noise_scheduler.config.prediction_type!r}: use epsilon or v_prediction")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    parts.vae.to(accelerator.device, dtype=weight_dtype)
+    parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.use_lora:
+        add_lora(unet, args.rank, weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema_unet = None
+    if args.use_ema:
+        with zero3_init_disabled():
+            source = unet if zero_stage != 3 else UNet2DConditionModel.from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
+        ema_unet = EMAModel(source.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                            model_config=source.config)
+        ema_unet.to(accelerator.device)
+    register_hooks(accelerator, args, ema_unet, zero_stage)
+
+    # Data: order is a function of (seed, epoch); augmentation of (seed, epoch, row).
+    train_split, probe_split = load_splits(args)
+    resolution = args.resolution or unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    train_data = TrainExamples(train_split, parts.tokenizer, resolution, args)
+    sampler = EpochSampler(len(train_data), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler,
+                                                   num_workers=args.dataloader_num_workers, drop_last=False)
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.train_batch_size * accelerator.num_processes))
+                                / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
+    # The prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    batches_per_epoch = len(train_dataloader)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    if args.dry_run:
+        if main_process:
+            print(f"[dry run] model {args.pretrained_model_name_or_path} (UNet {sum(p.numel() for p in params):,} "
+                  f"trainable params, {'LoRA r=%d' % args.rank if args.use_lora else 'full'}"
+                  f"{', EMA' if args.use_ema else ''}); {accelerator.num_processes} process(es), "
+                  f"{accelerator.distributed_type}, mixed precision {accelerator.mixed_precision}\n"
+                  f"[dry run] data: {len(train_data)} train rows, {len(probe_split)} probe samples, "
+                  f"resolution {resolution}; {steps_per_epoch} steps/epoch, {max_train_steps} steps, "
+                  f"{num_epochs} epoch(s); checkpoints every {args.checkpointing_steps or 'never'}, probes every "
+                  f"{args.probe_steps or 'never'} on {len(args.probe_timesteps)} timesteps; resume "
+                  f"{resume_path or 'none'}; output {output_dir}")
+        return 0
+
+    global_step = 0
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        global_step = json.loads((resume_path / "training_state.json").read_text())["global_step"]
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    probe_path = output_dir / "probes.jsonl"
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(args, output_dir / "config.yaml")
+        # Rows after the resumed step belong to the interrupted run and are written again below.
+        keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
+    tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    accelerator.init_trackers("finetune", config=tracker_config,
+                              init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
+    probe = None
+    if args.probe_steps:
+        probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
+        probe.alpha_bar = alpha_bar_from_scheduler(noise_scheduler)
+        probe.prediction_type = noise_scheduler.config.prediction_type
+        if main_process:
+            from safetensors.torch import save_file
+            save_file({"mu": probe.mu.cpu().contiguous()}, str(output_dir / "probe_mu.safetensors"))
+    uncond_hidden = parts.text_encoder(parts.tokenizer([""], padding="max_length", truncation=True,
+                                                       max_length=parts.tokenizer.model_max_length,
+                                                       return_tensors="pt").input_ids.to(accelerator.device))[0]
+
+    def probe_and_log(step: int) -> None:
+        """Probe rows appended to probes.jsonl and per-dup-factor means to TensorBoard (main process writes)."""
+        rows = run_probes(unet, probe, args, step, accelerator)
+        if main_process:
+            with open(probe_path, "a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+                handle.flush()
+                os.fsync(handle.fileno())
+        accelerator.log(probe_scalars(rows, args.probe_high_noise_from), step=step)
+
+    if probe is not None and global_step == 0:
+        probe_and_log(0)
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
+    unet.train()
+    last_time, running_loss = time.perf_counter(), 0.0
+    for epoch in range(first_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        skip = skip_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        if skip:
+            loader.set_epoch(epoch)
+        for batch_index, batch in enumerate(loader, start=skip):
+            generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
+            with accelerator.accumulate(unet):
+                latents = parts.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+                latents = latents * parts.vae.config.scaling_factor
+                with torch.no_grad():
+                    hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
+                # Caption dropout trains the unconditional branch that CFG extrapolates from.
+                drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
+                hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
+                loss = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args)
+                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                if not math.isfinite(mean_loss):
+                    complete = list_checkpoints(output_dir)
+                    raise TrainingError(f"loss is {mean_loss} at step {global_step + 1}; stopped. Last complete "
+                                        f"checkpoint: {complete[-1] if complete else 'none'}")
+                running_loss += mean_loss / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema_unet is not None:
+                ema_unet.step(unet.parameters())
+            now = time.perf_counter()
+            samples = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+            accelerator.log({"train/loss": running_loss, "train/lr": lr_scheduler.get_last_lr()[0],
+                             "train/samples_per_second": samples / (now - last_time)}, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{running_loss:.4f}")
+            running_loss = 0.0
+            if probe is not None and global_step % args.probe_steps == 0:
+                probe_and_log(global_step)
+            if args.validation_steps and global_step % args.validation_steps == 0 and zero_stage != 3:
+                log_validation(accelerator, unet, ema_unet, parts, probe_split, args, global_step, resolution)
+            # Probes come before the checkpoint, so a checkpoint's step already has its probe rows.
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
+                                {"epoch": epoch, "num_processes": accelerator.num_processes,
+                                 "distributed_type": str(accelerator.distributed_type),
+                                 "use_lora": args.use_lora, "use_ema": args.use_ema})
+            last_time = time.perf_counter()
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+    save_final_model(accelerator, unet, ema_unet, args, output_dir, zero_stage)
+    accelerator.end_training()
+    return 0
+
+
+def cli(argv=None) -> int:
+    """main() with configuration and run-time problems reported as one line and exit status 1."""
+    try:
+        return main(argv)
+    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as error:
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

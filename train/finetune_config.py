@@ -1,0 +1,194 @@
+"""The flags of train/finetune.py and their merging: defaults < `--config` YAML < command line.
+
+Every YAML key must be a flag name (an unknown key is an error), and the resolved
+configuration is what `finetune.py` saves as `output_dir/config.yaml`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, reported as one line."""
+
+
+class TrainingError(RuntimeError):
+    """A run-time problem (missing resume checkpoint, NaN loss), reported as one line."""
+
+
+def comma_list(kind):
+    """Parser of a list given as YAML list, comma-separated string, or repeated flag values."""
+    def parse(value):
+        if value is None:
+            return None
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return [kind(item.strip() if isinstance(item, str) else item) for item in items
+                if not (isinstance(item, str) and not item.strip())]
+    return parse
+
+
+def optional(kind):
+    """Parser that keeps None (YAML `null`, flag value `none`) and converts anything else."""
+    def parse(value):
+        return None if value is None or str(value).lower() in ("none", "null") else kind(value)
+    return parse
+
+
+def boolean(value) -> bool:
+    """YAML/flag boolean."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+# name: (default, parser, help). Names follow the diffusers text_to_image examples.
+FLAGS = {
+    # model and data
+    "pretrained_model_name_or_path": (None, str, "diffusers SD pipeline folder or hub name (required)"),
+    "revision": (None, optional(str), "model revision on the hub"),
+    "variant": (None, optional(str), "weights variant, e.g. fp16"),
+    "train_data_dir": (None, optional(str), "study dataset folder (save_to_disk with train and probe splits)"),
+    "dataset_name": (None, optional(str), "datasets hub name or local dataset with image/caption columns"),
+    "dataset_config_name": (None, optional(str), "config of --dataset_name"),
+    "image_column": ("image", str, "image column"),
+    "caption_column": ("text", str, "caption column"),
+    "num_probe_samples": (16, int, "with --dataset_name and no probe split: probe the first N train rows"),
+    "resolution": (None, optional(int), "training resolution (default: the UNet's sample_size x VAE factor)"),
+    "center_crop": (True, boolean, "centre crop (else random crop)"),
+    "random_flip": (False, boolean, "random horizontal flip"),
+    "max_train_samples": (None, optional(int), "truncate the train split (debugging)"),
+    # training
+    "output_dir": ("finetune-output", str, "run folder"),
+    "seed": (0, int, "seed of data order, noise, timesteps and caption dropout"),
+    "train_batch_size": (8, int, "batch size per process"),
+    "num_train_epochs": (1, int, "epochs (ignored when --max_train_steps is set)"),
+    "max_train_steps": (None, optional(int), "optimizer steps in total"),
+    "gradient_accumulation_steps": (1, int, "micro-batches per optimizer step"),
+    "gradient_checkpointing": (False, boolean, "recompute activations in backward"),
+    "learning_rate": (1e-4, float, "peak learning rate"),
+    "scale_lr": (False, boolean, "multiply lr by batch size x accumulation x processes"),
+    "lr_scheduler": ("constant", str, "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup"),
+    "lr_warmup_steps": (0, int, "warmup steps"),
+    "adam_beta1": (0.9, float, "AdamW beta1"),
+    "adam_beta2": (0.999, float, "AdamW beta2"),
+    "adam_weight_decay": (1e-2, float, "AdamW weight decay"),
+    "adam_epsilon": (1e-8, float, "AdamW epsilon"),
+    "max_grad_norm": (1.0, float, "gradient clipping norm"),
+    "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: accelerate's launch setting)"),
+    "allow_tf32": (False, boolean, "allow TF32 matmuls on Ampere+"),
+    "prediction_type": (None, optional(str), "override the scheduler's prediction type (epsilon, v_prediction)"),
+    "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
+    "noise_offset": (0.0, float, "noise offset"),
+    "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
+    "use_lora": (False, boolean, "train LoRA adapters (peft) instead of the full UNet"),
+    "rank": (4, int, "LoRA rank"),
+    "use_ema": (False, boolean, "keep an EMA of the UNet weights"),
+    "ema_decay": (0.9999, float, "EMA decay"),
+    "dataloader_num_workers": (0, int, "dataloader worker processes"),
+    # checkpoints and logging
+    "checkpointing_steps": (500, int, "save a checkpoint every N steps (0: only at the end)"),
+    "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
+    "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
+    "logging_dir": ("logs", str, "TensorBoard folder, relative to output_dir"),
+    "report_to": ("tensorboard", str, "tracker (tensorboard)"),
+    "validation_prompts": (None, comma_list(str), "captions for validation images (default: first probe captions)"),
+    "num_validation_prompts": (4, int, "probe captions used when --validation_prompts is not given"),
+    "validation_steps": (0, int, "log validation images every N steps (0: off)"),
+    "validation_inference_steps": (25, int, "DDIM steps of validation images"),
+    "validation_guidance_scale": (7.5, float, "CFG scale of validation images"),
+    # probes
+    "probe_steps": (500, int, "probe every N steps and at step 0 (0: off)"),
+    "probe_timesteps": ([50, 150, 250, 350, 450, 550, 650, 750, 850, 950], comma_list(int), "probe timestep grid"),
+    "probe_guidance_scales": ([1.5, 3.0, 7.5], comma_list(float), "CFG scales of the probe losses"),
+    "probe_seed": (0, int, "seed of the fixed probe noise"),
+    "probe_batch_size": (64, int, "(sample, timestep) pairs per probe UNet call"),
+    "probe_high_noise_from": (700, int, "timesteps >= this form the high-noise window in TensorBoard"),
+    "dry_run": (False, boolean, "resolve config, build data and models, print the plan, train nothing"),
+}
+
+
+LIST_FLAGS = {"validation_prompts", "probe_timesteps", "probe_guidance_scales"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argparse over FLAGS; every default is None so that only given flags override the YAML."""
+    parser = argparse.ArgumentParser(description="Fine-tune a Stable Diffusion UNet with per-sample CFG probes.")
+    parser.add_argument("--config", default=None, help="experiment YAML (keys = flag names)")
+    for name, (default, kind, text) in FLAGS.items():
+        if kind is boolean:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in LIST_FLAGS:
+            parser.add_argument(f"--{name}", nargs="+", default=None, help=f"{text} (default {default})")
+        else:
+            parser.add_argument(f"--{name}", default=None, help=f"{text} (default {default})")
+    return parser
+
+
+def convert(name: str, value):
+    """A YAML or flag value converted to the flag's type (one-line ConfigError otherwise)."""
+    if isinstance(value, list) and name not in LIST_FLAGS:
+        raise ConfigError(f"{name}: expected one value, got a list {value!r}")
+    try:
+        return FLAGS[name][1](value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{name}: cannot read {value!r} ({error})") from None
+
+
+def resolve_config(argv=None) -> argparse.Namespace:
+    """Defaults, then the YAML of `--config`, then command-line flags; checks keys and values."""
+    given = vars(build_parser().parse_args(argv))
+    config = {name: default for name, (default, _, _) in FLAGS.items()}
+    config_path = given.pop("config")
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of flag names to values")
+        unknown = sorted(set(loaded) - set(FLAGS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; keys must be flag names "
+                              f"of train/finetune.py (see --help)")
+        config.update({name: convert(name, value) for name, value in loaded.items()})
+    config.update({name: convert(name, value) for name, value in given.items() if value is not None})
+    check_config(config)
+    return argparse.Namespace(**config)
+
+
+def check_config(config: dict) -> None:
+    """Cross-field checks, each failing with a one-line ConfigError."""
+    if not config["pretrained_model_name_or_path"]:
+        raise ConfigError("pretrained_model_name_or_path is required (a pipeline folder or hub name)")
+    if bool(config["train_data_dir"]) == bool(config["dataset_name"]):
+        raise ConfigError("give exactly one of train_data_dir (study dataset folder) or dataset_name")
+    if not 0.0 <= config["proportion_empty_prompts"] <= 1.0:
+        raise ConfigError("proportion_empty_prompts must lie in [0, 1]")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "probe_batch_size"):
+        if config[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {config[name]}")
+    for name in ("probe_steps", "checkpointing_steps", "validation_steps"):
+        if config[name] < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {config[name]}")
+    if config["max_train_steps"] is not None and config["max_train_steps"] < 0:
+        raise ConfigError("max_train_steps must be >= 0")
+    if config["report_to"] != "tensorboard":
+        raise ConfigError(f"report_to {config['report_to']!r}: only 'tensorboard' is supported")
+    if config["use_lora"] and config["use_ema"]:
+        raise ConfigError("use_ema applies to full fine-tuning; turn off use_lora or use_ema")
+    if config["probe_steps"] and not config["probe_timesteps"]:
+        raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
+
+
+def save_config(args: argparse.Namespace, path: Path) -> None:
+    """Write the resolved configuration (keys = flag names) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    tmp.replace(path)

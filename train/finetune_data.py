@@ -1,0 +1,204 @@
+"""Data of train/finetune.py: training examples in a resumable order, and the fixed probe inputs.
+
+Probe inputs are computed once: probe latents are VAE posterior means, captions go through
+the frozen text encoder once, and `mu` (for the centred k of M2) is the mean posterior-mean
+latent over the rows of the train split, duplicates counted as trained (saved as
+`output_dir/probe_mu.safetensors`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+from mem_analysis.probes import probe_noise
+from mem_analysis.sd import encode_images, encode_prompts, tokenize
+
+PROBE_ROW_KEYS = ("step", "sample_id", "dup_factor", "timestep")
+
+
+def load_splits(args):
+    """(train, probe) datasets from --train_data_dir (study dataset) or --dataset_name.
+
+    With --dataset_name and no `probe` split, the probe split is the first `num_probe_samples`
+    train rows, with sample_id = row index and dup_factor = 1 (unknown duplication).
+    """
+    import datasets
+
+    if args.train_data_dir:
+        splits = load_study_dataset(args.train_data_dir)
+        source = args.train_data_dir
+    else:
+        source = args.dataset_name
+        try:
+            splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        except (FileNotFoundError, ConnectionError, OSError) as error:
+            raise ValueError(f"cannot load dataset {args.dataset_name!r} ({error}); give a local folder or a "
+                             "reachable hub name, or use --train_data_dir") from None
+        if "train" not in splits:
+            raise ValueError(f"dataset {source} has no 'train' split (splits: {sorted(splits)})")
+    train = splits["train"]
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in train.column_names:
+            raise ValueError(f"dataset {source} split 'train' has no column {column!r} "
+                             f"(columns: {train.column_names}); pass {flag}")
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if "probe" in splits:
+        probe = splits["probe"]
+    else:
+        probe = train.select(range(min(args.num_probe_samples, len(train))))
+    if "sample_id" not in probe.column_names:
+        probe = probe.add_column("sample_id", list(range(len(probe))))
+    if "dup_factor" not in probe.column_names:
+        probe = probe.add_column("dup_factor", [1] * len(probe))
+    missing = [c for c in (args.image_column, args.caption_column) if c not in probe.column_names]
+    if missing:
+        raise ValueError(f"dataset {source} split 'probe' lacks column(s) {missing} (has {probe.column_names})")
+    if len(train) == 0 or len(probe) == 0:
+        raise ValueError(f"dataset {source}: the train and probe splits must not be empty")
+    return train, probe
+
+
+def pick_caption(caption, rng: np.random.Generator | None) -> str:
+    """The caption of a row; one of several (random with `rng`, else the first) when it is a list."""
+    if isinstance(caption, (list, tuple)):
+        return str(caption[int(rng.integers(len(caption)))] if rng is not None else caption[0])
+    return str(caption)
+
+
+class TrainExamples(torch.utils.data.Dataset):
+    """Training rows as pixels in [-1, 1] and token ids; key (row, epoch) seeds that row's augmentation."""
+
+    def __init__(self, split, tokenizer, resolution: int, args):
+        self.split, self.tokenizer, self.resolution, self.args = split, tokenizer, resolution, args
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def pixels(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Row `index` resized and cropped (random crop / flip only with `rng`)."""
+        image = self.split[index][self.args.image_column]
+        image = resize_and_crop(image, self.resolution, center_crop=self.args.center_crop or rng is None, rng=rng)
+        if rng is not None and self.args.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return image_to_tensor(image)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key
+        rng = np.random.default_rng([self.args.seed, epoch, index])
+        caption = pick_caption(self.split[index][self.args.caption_column], rng)
+        return {"pixel_values": self.pixels(index, rng), "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of the rows that depends only on (seed, epoch); yields (row, epoch) keys."""
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+        return iter([(int(i), self.epoch) for i in order])
+
+
+@dataclass
+class ProbeInputs:
+    """This process's shard of the probe split, padded to equal size on every process (`valid` marks real rows)."""
+
+    sample_ids: list
+    dup_factors: list
+    valid: list
+    latents: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    noise: torch.Tensor
+    mu: torch.Tensor
+    alpha_bar: torch.Tensor | None = None
+    prediction_type: str = "epsilon"
+
+
+@torch.no_grad()
+def train_mean_latent(train_data: TrainExamples, vae, accelerator, batch_size: int) -> torch.Tensor:
+    """`mu`: mean VAE posterior-mean latent over all train rows (each process encodes rows rank::world)."""
+    rows = list(range(accelerator.process_index, len(train_data), accelerator.num_processes))
+    total, count = None, torch.zeros((), device=accelerator.device)
+    for start in range(0, len(rows), batch_size):
+        pixels = torch.stack([train_data.pixels(i) for i in rows[start:start + batch_size]])
+        latents = encode_images(vae, pixels).float()
+        total = latents.sum(0) if total is None else total + latents.sum(0)
+        count += latents.shape[0]
+    if total is None:  # more processes than rows
+        probe_shape = encode_images(vae, train_data.pixels(0)[None]).shape[1:]
+        total = torch.zeros(probe_shape, device=accelerator.device)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count).cpu()
+
+
+@torch.no_grad()
+def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, accelerator, resolution: int
+                       ) -> ProbeInputs:
+    """Latents, caption embeddings, fixed noise and mu for this process's probe shard."""
+    size = len(probe_split)
+    per_process = math.ceil(size / accelerator.num_processes)
+    wanted = range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+    rows = [min(i, size - 1) for i in wanted]  # padding repeats a row so every process runs the same UNet calls
+    shard = probe_split.select(rows)
+    pixels = torch.stack([image_to_tensor(resize_and_crop(image, resolution)) for image in shard[args.image_column]])
+    latents = torch.cat([encode_images(parts.vae, pixels[i:i + args.probe_batch_size]).float()
+                         for i in range(0, len(rows), args.probe_batch_size)])
+    captions = [pick_caption(c, None) for c in shard[args.caption_column]]
+    cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions)
+    uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    sample_ids = [int(s) for s in shard["sample_id"]]
+    noise = probe_noise(sample_ids, args.probe_timesteps, latents.shape[1:], args.probe_seed)
+    mu = train_mean_latent(train_data, parts.vae, accelerator, args.probe_batch_size)
+    return ProbeInputs(sample_ids, [int(d) for d in shard["dup_factor"]], [i < size for i in wanted],
+                       latents, cond, uncond, noise, mu)
+
+
+def probe_scalars(rows: list[dict], high_noise_from: int) -> dict[str, float]:
+    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_from."""
+    scalars, groups = {}, {}
+    for row in rows:
+        groups.setdefault(row["dup_factor"], []).append(row)
+    for dup, group in sorted(groups.items()):
+        high = [row for row in group if row["timestep"] >= high_noise_from]
+        for name in (key for key in group[0] if key not in PROBE_ROW_KEYS):
+            scalars[f"probe/{name}/dup_{dup}"] = float(np.mean([row[name] for row in group]))
+            if high:
+                scalars[f"probe_high/{name}/dup_{dup}"] = float(np.mean([row[name] for row in high]))
+    return scalars
+
+
+def keep_probe_rows(path: Path, last_step: int) -> None:
+    """Rewrite probes.jsonl (atomically) with only its rows of step <= last_step, each (step, sample, t) once."""
+    if not path.exists():
+        return
+    kept, seen = [], set()
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        key = (row["step"], row["sample_id"], row["timestep"])
+        if row["step"] <= last_step and key not in seen:
+            seen.add(key)
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -1,0 +1,210 @@
+"""Model state of train/finetune.py: LoRA, checkpoints (atomic, diffusers layout), resume, final model, validation.
+
+A checkpoint is written by `accelerator.save_state` into `checkpoint-N.tmp` on every process
+(DeepSpeed's save is collective) and renamed to `checkpoint-N` by the main process once
+complete, so a folder named checkpoint-N always holds a whole checkpoint. The save hook writes
+the trained weights in diffusers format (`unet/`, `unet_ema/`, `pytorch_lora_weights.safetensors`)
+instead of accelerate's `model.safetensors`; the load hook reads them back.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.state import AcceleratorState, is_initialized
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, cast_training_params
+
+from finetune_config import TrainingError
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def zero3_init_disabled():
+    """Context in which modules are built whole, not partitioned by DeepSpeed ZeRO-3's zero.Init."""
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+
+
+def add_lora(unet, rank: int, weight_dtype) -> None:
+    """Freeze the UNet (in the compute dtype) and add trainable float32 LoRA adapters on the attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    cast_training_params(unet, dtype=torch.float32)
+
+
+def save_lora(unet, directory) -> None:
+    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` in diffusers' format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), unet_lora_layers=layers,
+                                              safe_serialization=True)
+
+
+def load_lora(unet, directory) -> None:
+    """Load `pytorch_lora_weights.safetensors` of `directory` into the UNet's adapters."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state = StableDiffusionPipeline.lora_state_dict(str(directory))[0]
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()
+                                             if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise TrainingError(f"{directory}: LoRA weights do not match the UNet ({result.unexpected_keys[:3]} ...)")
+
+
+def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
+    """Save/load hooks that keep the trained weights in diffusers format inside accelerate's checkpoints."""
+
+    def save_hook(models, weights, output_dir):
+        # Under ZeRO-3 the whole weights exist only after a collective gather, so every process calls it.
+        full = accelerator.get_state_dict(models[0]) if zero_stage == 3 and not args.use_lora else None
+        if accelerator.is_main_process:
+            for model in models:
+                unet = accelerator.unwrap_model(model)
+                if args.use_lora:
+                    save_lora(unet, output_dir)
+                else:
+                    unet.save_pretrained(os.path.join(output_dir, "unet"), state_dict=full)
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        while weights:  # the diffusers-format copy above replaces accelerate's model.safetensors
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+            ema_unet.load_state_dict(loaded.state_dict())
+            ema_unet.to(accelerator.device)
+        while models:  # empty under DeepSpeed, whose engine restores its own checkpoint
+            unet = accelerator.unwrap_model(models.pop())
+            if args.use_lora:
+                load_lora(unet, input_dir)
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                unet.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N folders of a run (with training_state.json), oldest first."""
+    if not Path(output_dir).is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in Path(output_dir).iterdir()
+             if (m := CHECKPOINT_NAME.match(path.name)) and (path / "training_state.json").is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(value, output_dir: Path, main_process: bool) -> Path | None:
+    """Checkpoint folder to resume from: None (fresh), the newest complete one for 'latest', or a given path."""
+    if value is None:
+        return None
+    if value == "latest":
+        complete = list_checkpoints(output_dir)
+        if not complete:
+            if main_process:
+                print(f"resume_from_checkpoint latest: no checkpoint in {output_dir} yet; starting a fresh run")
+            return None
+        return complete[-1]
+    path = Path(value)
+    if not path.is_dir() and (Path(output_dir) / value).is_dir():
+        path = Path(output_dir) / value
+    if not (path / "training_state.json").is_file():
+        raise TrainingError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
+                            f"checkpoint-N folder with training_state.json); give one, or 'latest'")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, info: dict) -> Path:
+    """Write checkpoint-N atomically (temporary folder, then rename) and prune to the newest `total_limit`."""
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "training_state.json").write_text(json.dumps({"global_step": step, **info}, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final_model(accelerator, unet, ema_unet, args, output_dir: Path, zero_stage) -> None:
+    """The trained model as a pipeline folder in output_dir (EMA weights with EMA; LoRA also fused in)."""
+    full = accelerator.get_state_dict(unet) if zero_stage == 3 and not args.use_lora else None
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(unet)
+    load = dict(revision=args.revision, variant=args.variant, safety_checker=None, requires_safety_checker=False)
+    if args.use_lora:
+        save_lora(model, output_dir)
+        pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+        pipeline.load_lora_weights(str(output_dir))
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+    else:
+        if full is not None:
+            model = UNet2DConditionModel.from_config(model.config)
+            model.load_state_dict(full)
+        if ema_unet is not None:
+            ema_unet.copy_to(model.parameters())
+        pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path,
+                                                           unet=model.to(torch.float32), **load)
+    pipeline.save_pretrained(str(output_dir))
+
+
+@torch.no_grad()
+def log_validation(accelerator, unet, ema_unet, parts, probe_split, args, step: int, resolution: int) -> None:
+    """DDIM+CFG images for a few captions, logged beside the probe training image they came from."""
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    if args.validation_prompts:
+        prompts, references = args.validation_prompts, [None] * len(args.validation_prompts)
+    else:
+        count = min(args.num_validation_prompts, len(probe_split))
+        rows = probe_split.select(range(count))
+        prompts, references = [str(c) for c in rows[args.caption_column]], rows[args.image_column]
+    pipeline = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=model, scheduler=parts.sampler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast():
+        for i, (prompt, reference) in enumerate(zip(prompts, references)):
+            image = pipeline(prompt, height=resolution, width=resolution, generator=generator, output_type="np",
+                             num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale).images[0]
+            if reference is not None:
+                reference = np.asarray(reference.convert("RGB").resize((resolution, resolution)), np.float32) / 255
+                image = np.concatenate([reference, image], axis=1)
+            writer.add_image(f"validation/{i}", image, step, dataformats="HWC")
+    if ema_unet is not None:
+        ema_unet.restore(model.parameters())
+    model.train()
