@@ -45,6 +45,9 @@ def decompose_latents(trajectory: torch.Tensor, x: torch.Tensor, x_T: torch.Tens
         raise ValueError(f"x must be (*latent) = {latent} or (seeds, *latent), got {tuple(x.shape)}")
     basis = torch.stack([x.reshape(N, -1), x_T.reshape(N, -1)], 1).double()  # (N, 2, D)
     gram = basis @ basis.transpose(1, 2)  # (N, 2, 2)
+    if (torch.linalg.det(gram) <= 1e-12 * gram[:, 0, 0] * gram[:, 1, 1]).any():
+        raise ValueError("x and x_T are collinear (or zero) for some seed; the decomposition is undefined "
+                         "(was the initial noise drawn from the same seed as x?)")
     w = torch.empty(N, K, 2, dtype=torch.float64)
     residual = torch.empty(N, K, dtype=torch.float64)
     for k in range(K):  # one step at a time keeps float64 copies small for SD-sized latents

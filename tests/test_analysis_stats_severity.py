@@ -1,0 +1,122 @@
+"""M5-M7 on analytic cases and against scipy / scikit-learn."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from mem_analysis import auroc, correlation, load_sscd, onset_step, severity, tpr_at_fpr, trajectory_collapse, wen_magnitude
+
+
+def test_correlations_match_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    y = 0.5 * x + rng.normal(size=40)
+    y_tied = np.round(y)  # ties, for Spearman's average ranks
+    pearson = correlation(x, y, "pearson", n_bootstrap=500, seed=1)
+    assert math.isclose(pearson.r, scipy_stats.pearsonr(x, y)[0], rel_tol=1e-10)
+    assert pearson.low < pearson.r < pearson.high and pearson.n == 40
+    assert correlation(x, y, "pearson", n_bootstrap=500, seed=1) == pearson  # seeded
+    spearman = correlation(x, y_tied, "spearman", n_bootstrap=200)
+    assert math.isclose(spearman.r, scipy_stats.spearmanr(x, y_tied)[0], rel_tol=1e-10)
+    # the bootstrap interval covers scipy's own bootstrap estimate of the spread
+    boot = scipy_stats.bootstrap((x, y), lambda a, b: scipy_stats.pearsonr(a, b)[0], paired=True,
+                                 n_resamples=500, method="percentile", rng=1)
+    assert abs(boot.confidence_interval.low - pearson.low) < 0.1
+    assert abs(boot.confidence_interval.high - pearson.high) < 0.1
+
+
+def test_auroc_and_tpr_at_fpr_match_sklearn():
+    rng = np.random.default_rng(2)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounded: ties across classes
+    assert math.isclose(auroc(scores, labels), roc_auc_score(labels, scores), rel_tol=1e-12)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for max_fpr in (0.01, 0.1):
+        assert math.isclose(tpr_at_fpr(scores, labels, max_fpr), tpr[fpr <= max_fpr].max())
+    assert auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    with pytest.raises(ValueError, match="both memorized"):
+        auroc([0.1, 0.2], [1, 1])
+
+
+def test_onset_step_is_first_checkpoint_over_threshold():
+    steps = [100, 200, 300, 400]
+    severity_curves = [[0.1, 0.8, 0.9, 0.95], [0.1, 0.2, 0.3, 0.2], [0.76, 0.7, 0.9, 0.9]]
+    onset = onset_step(steps, severity_curves, threshold=0.75)
+    assert onset[0] == 200 and np.isnan(onset[1]) and onset[2] == 100
+    with pytest.raises(ValueError, match="checkpoints"):
+        onset_step(steps, [[0.1, 0.2]], 0.5)
+
+
+def test_severity_backends_on_analytic_images():
+    torch.manual_seed(0)
+    reference = torch.rand(2, 3, 16, 16)
+    mean_image = torch.full((3, 16, 16), 0.5)
+    generated = torch.stack([reference[0].expand(3, -1, -1, -1),  # prompt 0: every seed copies
+                             torch.stack([reference[1], 1 - reference[1], mean_image + 0.5 * (reference[1] - 0.5)])])
+    cosine = severity(generated, reference, "pixel_cosine", mean_image=mean_image)
+    expected = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(cosine.similarity, expected)
+    torch.testing.assert_close(cosine.severity, expected.mean(1))
+    torch.testing.assert_close(cosine.memorized_fraction, torch.tensor([1.0, 2 / 3], dtype=torch.float64))
+    ssim = severity(generated, reference, "ssim")
+    torch.testing.assert_close(ssim.similarity[0], torch.ones(3, dtype=torch.float64))
+    assert ssim.similarity[1, 1] < 0
+    l2 = severity(generated, reference, "l2")
+    rms = (2 * reference[1] - 1).pow(2).mean().sqrt().item()
+    assert math.isclose(l2.similarity[1, 1].item(), 1 - rms, rel_tol=1e-6)
+    pool = torch.cat([torch.rand(5, 3, 16, 16), reference])
+    nn = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, 6])
+    assert nn.similarity[0].tolist() == [1.0, 1.0, 1.0] and nn.similarity[1, 0] == 1.0
+    latent = severity(torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 8, 8), "latent_cosine")
+    assert latent.similarity.shape == (2, 4) and latent.threshold == 0.75
+    with pytest.raises(ValueError, match="mean_image"):
+        severity(generated, reference, "pixel_cosine")
+    with pytest.raises(ValueError, match="reference must be"):
+        severity(generated, reference[:1], "ssim")
+
+
+class TinyDescriptor(torch.nn.Module):
+    """A stand-in SSCD network: global average pool of a 1x1 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+
+    def forward(self, images):
+        return self.conv(images).mean((2, 3))
+
+
+def test_sscd_loads_torchscript_and_rejects_bad_files(tmp_path):
+    path = tmp_path / "sscd.torchscript.pt"
+    torch.jit.script(TinyDescriptor()).save(str(path))
+    torch.manual_seed(1)
+    reference = torch.rand(2, 3, 16, 16)
+    generated = torch.stack([reference, torch.rand(2, 3, 16, 16)], 1)
+    result = severity(generated, reference, "sscd", sscd_model=path, sscd_input_size=32)
+    torch.testing.assert_close(result.similarity[:, 0], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert result.threshold == 0.75
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sscd(tmp_path / "missing.pt")
+    state_dict = tmp_path / "state_dict.pt"
+    torch.save(TinyDescriptor().state_dict(), state_dict)
+    with pytest.raises(ValueError, match="not a TorchScript file"):
+        load_sscd(state_dict)
+
+
+def test_wen_magnitude_and_trajectory_collapse():
+    e_0 = torch.zeros(2, 5, 4, 2, 2)
+    e_c = torch.ones(2, 5, 4, 2, 2) * torch.arange(1, 6, dtype=torch.float32)[None, :, None, None, None]
+    # ||e_c - e_0|| at step k = (k + 1) * sqrt(16) = 4 (k + 1); first 2 steps average 6
+    torch.testing.assert_close(wen_magnitude(e_c, e_0, first_steps=2), torch.full((2,), 6.0, dtype=torch.float64))
+    trajectory = torch.zeros(3, 2, 1, 2, 2)
+    trajectory[1, 0] = 1.0  # seed 1 differs from the others by 1 per element at step 0
+    collapse = trajectory_collapse(trajectory)
+    torch.testing.assert_close(collapse.pairwise_distance, torch.tensor([2 / 3, 0.0], dtype=torch.float64))
+    assert collapse.final_diversity == 0
+    with pytest.raises(ValueError, match="two seeds"):
+        trajectory_collapse(trajectory[:1])
