@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
+    train_split, probe_split = load_splits(args)
 
     # Models: the frozen text encoder and VAE are created outside zero.Init so ZeRO-3 leaves them whole.
     unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
@@ -130,7 +131,6 @@ def main(argv=None) -> int:
     register_hooks(accelerator, args, ema_unet, zero_stage)
 
     # Data: order is a function of (seed, epoch); augmentation of (seed, epoch, row).
-    train_split, probe_split = load_splits(args)
     resolution = args.resolution or unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     train_data = TrainExamples(train_split, parts.tokenizer, resolution, args)
     sampler = EpochSampler(len(train_data), args.seed)

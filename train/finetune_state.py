@@ -27,10 +27,24 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
+@contextlib.contextmanager
 def zero3_init_disabled():
-    """Context in which modules are built whole, not partitioned by DeepSpeed ZeRO-3's zero.Init."""
+    """Context in which modules are built whole, not partitioned by DeepSpeed ZeRO-3's zero.Init.
+
+    accelerate's `zero3_init_context_manager(enable=False)` keeps transformers' ZeRO-3 flag set
+    (accelerate 1.15), so the flag is cleared here and restored afterwards.
+    """
     plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
-    return plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext()
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def add_lora(unet, rank: int, weight_dtype) -> None:
@@ -157,6 +171,12 @@ def save_final_model(accelerator, unet, ema_unet, args, output_dir: Path, zero_s
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(unet)
+    with zero3_init_disabled():
+        write_pipeline(model, ema_unet, full, args, output_dir)
+
+
+def write_pipeline(model, ema_unet, full, args, output_dir: Path) -> None:
+    """Base pipeline with the trained UNet (given whole, or as a gathered `full` state dict) saved to output_dir."""
     load = dict(revision=args.revision, variant=args.variant, safety_checker=None, requires_safety_checker=False)
     if args.use_lora:
         save_lora(model, output_dir)
