@@ -205,6 +205,7 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
     rng = np.random.default_rng(args.seed)
     copies, controls = plan_duplication(len(items), scheme, rng)
     probe = set(choose_probe(copies, controls, args.probe_unduplicated, rng))
+    controls = set(controls)
 
     train_rows, probe_rows, samples = [], [], []
     for index in sorted(copies):
@@ -218,7 +219,8 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
         if index in probe:
             probe_rows.append(dict(image=image, text=item.caption, sample_id=sample_id, dup_factor=factor))
         samples.append(dict(sample_id=sample_id, name=item.name, dup_factor=factor, caption=item.caption,
-                            captions=captions, sha256=image_hash(image), probe=index in probe))
+                            captions=captions, sha256=image_hash(image), probe=index in probe,
+                            control=index in controls))
     train_rows = [train_rows[j] for j in rng.permutation(len(train_rows))]
 
     features = datasets.Features(image=datasets.Image(), text=datasets.Value("string"),

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caption_column", default="text")
     p.add_argument("--max_images", type=int, default=1024, help="pool size, drawn under --seed")
     p.add_argument("--holdout_fraction", type=float, default=0.1, help="pool share kept out to measure the VAE")
-    p.add_argument("--vae_steps", type=int, default=600)
+    p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term (SD used 1e-6)")
     p.add_argument("--pretrain_unet_steps", type=int, default=0)
