@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--max_images", type=int, default=1024, help="pool size, drawn under --seed")
+    p.add_argument("--exclude_dataset", default=None,
+                   help="a study dataset folder: leave its images (by source name) out of the pool, so the "
+                        "base model has never seen them")
     p.add_argument("--holdout_fraction", type=float, default=0.1, help="pool share kept out to measure the VAE")
     p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
@@ -64,10 +67,22 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
+def pool_items(args: argparse.Namespace) -> list:
+    """The pool's source images, without those of --exclude_dataset, drawn under --seed."""
+    items = list_source_images(args.image_source, args.image_column, args.caption_column)
+    if args.exclude_dataset:
+        manifest = Path(args.exclude_dataset) / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"--exclude_dataset {args.exclude_dataset} has no manifest.json; "
+                                    "pass a folder written by build_duplicated_dataset.py")
+        excluded = {sample["name"] for sample in json.loads(manifest.read_text())["samples"]}
+        items = [item for item in items if item.name not in excluded]
+    return subsample(items, args.max_images, args.seed)
+
+
 def load_pool(args: argparse.Namespace, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """The image pool as pixels in [-1, 1] (N, 3, R, R) with captions, drawn under --seed."""
-    items = subsample(list_source_images(args.image_source, args.image_column, args.caption_column),
-                      args.max_images, args.seed)
+    """The image pool as pixels in [-1, 1] (N, 3, R, R) with captions."""
+    items = pool_items(args)
     if len(items) < 4:
         raise ValueError(f"--image_source {args.image_source} gives {len(items)} images; the VAE needs at least 4")
     pixels = torch.stack([image_to_tensor(load_source_image(item, resolution)) for item in items])

@@ -114,6 +114,15 @@ def test_sd15_shape_has_the_sd_v1_5_architecture(tmp_path):
         assert sum(p.numel() for p in AutoencoderKL.from_config(vae).parameters()) == 83_653_863
 
 
+def test_pool_can_leave_out_a_study_dataset(tiny_dataset_dir):
+    study = {s["name"] for s in json.loads((tiny_dataset_dir / "manifest.json").read_text())["samples"]}
+    args = make_base_model.parse_args(["--output_dir", "unused", "--max_images", "100000",
+                                       "--exclude_dataset", str(tiny_dataset_dir)])
+    pool = {item.name for item in make_base_model.pool_items(args)}
+    assert len(study) == 48 and not pool & study
+    assert len(pool) == len(list_source_images("twemoji")) - 48
+
+
 def test_bad_inputs_give_one_line_errors_and_keep_existing_output(tmp_path):
     output = tmp_path / "existing"
     output.mkdir()
