@@ -5,7 +5,7 @@ noise and in the same batches; the second also records x_t, e_c, e_0 and compute
 Also: denoising_losses on a probe set against one training step. Times are the best of
 `--repeats` alternating runs, measured side by side in this one process.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_analysis.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_analysis.py   # 1 thread: tiny ops, shared cores
 """
 from __future__ import annotations
 

@@ -59,7 +59,11 @@ def decompose_latents(trajectory: torch.Tensor, x: torch.Tensor, x_T: torch.Tens
 
 
 def reference_schedule(alpha_bar: torch.Tensor, reference: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """Theoretical (w_x, w_T) per recorded step; `alpha_bar[0]` is the first sampling timestep's."""
+    """Theoretical (w_x, w_T) per recorded step; `alpha_bar[0]` is the first sampling timestep's.
+
+    paper: `(sqrt(abar_t), sqrt(1 - abar_t))`; exact: `(sqrt(abar_t) - c sqrt(1 - abar_t),
+    sqrt(1 - abar_t) / sqrt(1 - abar_t0))` with `c = sqrt(abar_t0 / (1 - abar_t0))`.
+    """
     if reference not in REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; choose one of {REFERENCES}")
     abar = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1)

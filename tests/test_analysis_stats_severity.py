@@ -35,7 +35,7 @@ def test_auroc_and_tpr_at_fpr_match_sklearn():
     labels = rng.random(300) < 0.3
     scores = np.round(rng.normal(size=300) + labels, 1)  # rounded: ties across classes
     assert math.isclose(auroc(scores, labels), roc_auc_score(labels, scores), rel_tol=1e-12)
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     for max_fpr in (0.01, 0.1):
         assert math.isclose(tpr_at_fpr(scores, labels, max_fpr), tpr[fpr <= max_fpr].max())
     assert auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0

@@ -13,6 +13,16 @@ from mem_analysis.presets import build_pipeline
 from mem_analysis.sd import SDComponents, encode_prompts
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny UNet's ops are too small to gain from threads; on a shared 2-core machine a second
+    OpenMP thread made a batch-1 call 150x slower (2.5 s instead of 15 ms), so run these on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     pipeline = build_pipeline("tiny", seed=0)
@@ -38,16 +48,16 @@ def test_probe_noise_depends_only_on_seed_sample_and_timestep():
 
 
 def test_batched_m1_equals_one_at_a_time(pipe):
-    prompts = ["a red circle", "two dogs", "sun"]
+    prompts = ["a red circle", "two dogs"]
     cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
     alpha_bar = alpha_bar_from_scheduler(pipe.scheduler)
-    timesteps = [5, 400, 999]
+    timesteps = [5, 999]
     torch.manual_seed(0)
-    x = torch.randn(3, 4, 16, 16)
-    noise = probe_noise([0, 1, 2], timesteps, (4, 16, 16), seed=0)
-    rows = probe_metrics(pipe.unet, x, cond, uncond, timesteps, noise, alpha_bar, (7.5,), chunk_size=4)
-    for s in range(3):
+    x = torch.randn(2, 4, 16, 16)
+    noise = probe_noise([0, 1], timesteps, (4, 16, 16), seed=0)
+    rows = probe_metrics(pipe.unet, x, cond, uncond, timesteps, noise, alpha_bar, (7.5,), chunk_size=3)
+    for s in range(2):
         for j, t in enumerate(timesteps):
             a = alpha_bar[t].float()
             x_t = a.sqrt() * x[s:s + 1] + (1 - a).sqrt() * noise[s, j:j + 1]
@@ -62,7 +72,7 @@ def test_batched_m1_equals_one_at_a_time(pipe):
             for key, value in expected.items():
                 torch.testing.assert_close(rows[key][s, j], value, rtol=1e-4, atol=1e-5)
     summary = summarize_probe_metrics(rows, timesteps, high_noise_from=700)
-    torch.testing.assert_close(summary["loss_cond_high"], rows["loss_cond"][:, 2])
+    torch.testing.assert_close(summary["loss_cond_high"], rows["loss_cond"][:, 1])
     torch.testing.assert_close(summary["k_cond_mean"], rows["k_cond"].mean(1))
 
 
@@ -83,8 +93,8 @@ def test_sample_trajectories_equals_stable_diffusion_pipeline(pipe, components):
 
 
 def test_sampler_spills_recordings_to_disk(components, tmp_path):
-    in_memory = sample_trajectories(components, ["x"], [1, 2], num_inference_steps=3, decode=False)
-    spilled = sample_trajectories(components, ["x"], [1, 2], num_inference_steps=3, decode=False, spill_dir=tmp_path)
+    in_memory = sample_trajectories(components, ["x"], [1, 2], num_inference_steps=2, decode=False)
+    spilled = sample_trajectories(components, ["x"], [1, 2], num_inference_steps=2, decode=False, spill_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e_0.npy", "e_c.npy", "x_t.npy"]
     torch.testing.assert_close(spilled.e_c, in_memory.e_c)
 
