@@ -57,9 +57,10 @@ def initial_noise_for_seeds(seeds, latent_shape, dtype=torch.float32, device="cp
 
 def latent_shape_of(unet) -> tuple[int, int, int]:
     """(C, h, w) of the UNet's latents (from its config, as the pipeline reads it)."""
-    size = unet.config.sample_size
+    config = getattr(unet, "module", unet).config  # DDP / DeepSpeed wrappers keep the model in .module
+    size = config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (unet.config.in_channels, h, w)
+    return (config.in_channels, h, w)
 
 
 def recording(shape, spill_dir: str | Path | None, name: str) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """mem_analysis on a real (untrained) tiny diffusers UNet: batching, the pipeline match, bad input."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -74,6 +76,18 @@ def test_batched_m1_equals_one_at_a_time(pipe):
     summary = summarize_probe_metrics(rows, timesteps, high_noise_from=700)
     torch.testing.assert_close(summary["loss_cond_high"], rows["loss_cond"][:, 1])
     torch.testing.assert_close(summary["k_cond_mean"], rows["k_cond"].mean(1))
+
+
+def test_bf16_unet_gives_float32_results_close_to_float32(pipe):
+    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
+    alpha_bar = alpha_bar_from_scheduler(pipe.scheduler)
+    x, noise = torch.randn(1, 4, 16, 16), probe_noise([0], [300, 800], (4, 16, 16), seed=1)
+    full = denoising_losses(pipe.unet, x, cond, uncond, [300, 800], noise, alpha_bar, (3.0,))
+    half = denoising_losses(copy.deepcopy(pipe.unet).to(torch.bfloat16), x, cond, uncond, [300, 800], noise,
+                            alpha_bar, (3.0,))
+    assert half.loss_cfg[3.0].dtype == torch.float32 and half.e_c.dtype == torch.float32
+    torch.testing.assert_close(half.loss_cfg[3.0], full.loss_cfg[3.0], rtol=5e-2, atol=1e-3)
 
 
 def test_sample_trajectories_equals_stable_diffusion_pipeline(pipe, components):
