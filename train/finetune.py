@@ -2,12 +2,19 @@
 
     accelerate launch [accelerate flags] train/finetune.py --config configs/EXP.yaml [--flag value ...]
 
-Full or LoRA fine-tuning with optional EMA, caption dropout for the unconditional branch,
-and probes: every `--probe_steps` steps (and at step 0), for every sample of the probe split,
-M1 (L_c, L_0, L_g) and M2 (k) of science.md at fixed noise, appended to `probes.jsonl`.
-Outputs follow ARCHITECTURE.md "A training run". Random draws of a micro-batch depend only on
-(seed, process, micro-step) and the data order only on (seed, epoch), so a resumed run
-continues exactly where an uninterrupted one would be.
+Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
+Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
+unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
+config.yaml, probes.jsonl, logs/finetune (TensorBoard), checkpoint-N/, the final pipeline, and
+probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
+
+Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
+`--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
+`mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (science.md M1, M2) on the
+training weights (not EMA). Each process probes a shard; rows are gathered and written once.
+Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
+order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
+continues as the uninterrupted run would; probe rows after the resumed step are rewritten.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +44,7 @@ from finetune_state import (add_lora, list_checkpoints, log_validation, register
                             resolve_resume, save_checkpoint, save_final_model, zero3_init_disabled)
 from mem_analysis.probes import probe_metrics  # noqa: E402
 from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
-from mem_analysis.sd import load_components  # noqa: E402
+from mem_analysis.sd import encode_prompts, load_components  # noqa: E402
 
 
 def build_accelerator(args) -> Accelerator:
@@ -175,6 +183,8 @@ def main(argv=None) -> int:
         global_step = json.loads((resume_path / "training_state.json").read_text())["global_step"]
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     first_epoch = global_step // steps_per_epoch
+    if global_step >= max_train_steps:  # resumed from the last step: nothing left to train
+        num_epochs = first_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     probe_path = output_dir / "probes.jsonl"
@@ -192,11 +202,8 @@ def main(argv=None) -> int:
         probe.alpha_bar = alpha_bar_from_scheduler(noise_scheduler)
         probe.prediction_type = noise_scheduler.config.prediction_type
         if main_process:
-            from safetensors.torch import save_file
             save_file({"mu": probe.mu.cpu().contiguous()}, str(output_dir / "probe_mu.safetensors"))
-    uncond_hidden = parts.text_encoder(parts.tokenizer([""], padding="max_length", truncation=True,
-                                                       max_length=parts.tokenizer.model_max_length,
-                                                       return_tensors="pt").input_ids.to(accelerator.device))[0]
+    uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
 
     def probe_and_log(step: int) -> None:
         """Probe rows appended to probes.jsonl and per-dup-factor means to TensorBoard (main process writes)."""
@@ -222,9 +229,9 @@ def main(argv=None) -> int:
         for batch_index, batch in enumerate(loader, start=skip):
             generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
             with accelerator.accumulate(unet):
-                latents = parts.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
-                latents = latents * parts.vae.config.scaling_factor
                 with torch.no_grad():
+                    latents = parts.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
+                    latents = latents * parts.vae.config.scaling_factor
                     hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
@@ -232,6 +239,7 @@ def main(argv=None) -> int:
                 loss = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args)
                 mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 if not math.isfinite(mean_loss):
+                    progress.close()
                     complete = list_checkpoints(output_dir)
                     raise TrainingError(f"loss is {mean_loss} at step {global_step + 1}; stopped. Last complete "
                                         f"checkpoint: {complete[-1] if complete else 'none'}")

@@ -1,0 +1,138 @@
+"""Overhead of train/finetune.py against a bare training loop, and the share of time spent in probes.
+
+    python bench/bench_train.py [--steps 40] [--batch 8] [--threads 2]
+
+One process, same tiny model, data, batch and threads for every figure:
+1. per-step time of finetune.py with probes and checkpoints off (from its own
+   `train/samples_per_second` log), against a bare loop over the same batches: VAE encode,
+   text encode, UNet forward + backward, AdamW step (target ratio <= 1.05);
+2. the time of one probe pass of finetune.py (all probe samples x timesteps x guidance, timed
+   around its `run_probes`), as a share of training time at the default probe interval
+   (target <= 5%).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+sys.path.insert(0, str(ROOT / "data_scripts"))
+
+
+def reset_accelerate() -> None:
+    """Fresh accelerate singletons, as in a new process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def step_times_from_events(run: Path, batch: int) -> list[float]:
+    """Seconds per optimizer step, from the run's `train/samples_per_second` scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / "finetune"))
+    events.Reload()
+    return [batch / s.value for s in events.Scalars("train/samples_per_second")]
+
+
+def bare_loop(model_dir: Path, data_dir: Path, steps: int, batch: int) -> list[float]:
+    """Seconds per step of the minimal loop on the same rows, with the same loss and optimizer settings."""
+    import torch.nn.functional as F
+    from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+    from mem_analysis.sd import load_components, tokenize
+
+    parts = load_components(str(model_dir))
+    train = load_study_dataset(data_dir)["train"]
+    resolution = train[0]["image"].size[0]
+    unet, scheduler = parts.unet.train(), parts.noise_scheduler
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        rows = [train[(step * batch + i) % len(train)] for i in range(batch)]
+        pixels = torch.stack([image_to_tensor(resize_and_crop(r["image"], resolution)) for r in rows])
+        ids = tokenize(parts.tokenizer, [r["text"] for r in rows])
+        with torch.no_grad():
+            latents = parts.vae.encode(pixels).latent_dist.sample(generator) * parts.vae.config.scaling_factor
+            hidden = parts.text_encoder(ids)[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, hidden).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of each median")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import build_duplicated_dataset
+    import finetune
+    from finetune_config import FLAGS
+    from mem_analysis.presets import build_pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    model_dir, data_dir = work / "model", work / "data"
+    build_pipeline("tiny", seed=0).save_pretrained(model_dir)
+    build_duplicated_dataset.main(["--output_dir", str(data_dir), "--source", "twemoji", "--max_images", "48",
+                                   "--dup_factors", "1,4,8", "--samples_per_factor", "2", "--resolution", "32",
+                                   "--seed", "0"])
+    common = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir),
+              "--train_batch_size", str(args.batch), "--checkpointing_steps", "0", "--mixed_precision", "no"]
+
+    bare = bare_loop(model_dir, data_dir, args.steps, args.batch)[args.warmup:]
+    finetune.main([*common, "--output_dir", str(work / "noprobe"), "--max_train_steps", str(args.steps),
+                   "--probe_steps", "0"])
+    reset_accelerate()
+    script = step_times_from_events(work / "noprobe", args.batch)[args.warmup:]
+
+    probe_times, run_probes = [], finetune.run_probes
+
+    def timed_run_probes(*a, **k):
+        start = time.perf_counter()
+        rows = run_probes(*a, **k)
+        probe_times.append(time.perf_counter() - start)
+        return rows
+
+    finetune.run_probes = timed_run_probes
+    probe_every = 5
+    finetune.main([*common, "--output_dir", str(work / "probe"), "--max_train_steps", str(3 * probe_every),
+                   "--probe_steps", str(probe_every)])
+    reset_accelerate()
+    finetune.run_probes = run_probes
+
+    default_interval = FLAGS["probe_steps"][0]
+    step_s, bare_s, probe_s = statistics.median(script), statistics.median(bare), statistics.median(probe_times)
+    share = probe_s / (probe_s + default_interval * step_s)
+    n_probe = 8 * len(FLAGS["probe_timesteps"][0])
+    print(f"tiny model, batch {args.batch}, {args.threads} threads, {args.steps} steps "
+          f"(median after {args.warmup} warm-up steps)")
+    print(f"  finetune.py step, probes off : {step_s * 1e3:8.2f} ms   (mean {statistics.mean(script) * 1e3:.2f})")
+    print(f"  bare loop step               : {bare_s * 1e3:8.2f} ms   (mean {statistics.mean(bare) * 1e3:.2f})")
+    print(f"  ratio finetune / bare        : {step_s / bare_s:8.3f}    (target <= 1.05)")
+    print(f"  one probe pass ({n_probe} sample x timestep pairs, {len(FLAGS['probe_guidance_scales'][0])} "
+          f"guidance scales): {probe_s * 1e3:.1f} ms = {probe_s / step_s:.1f} training steps")
+    print(f"  probe share at default probe_steps={default_interval}: {100 * share:.2f} %   (target <= 5%)")
+
+
+if __name__ == "__main__":
+    main()

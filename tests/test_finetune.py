@@ -1,0 +1,216 @@
+"""train/finetune.py in-process: configuration, data order, probe-row bookkeeping, bad inputs, crashes.
+
+Runs `finetune.cli(argv)` in this process (single process, CPU); the launches through
+`accelerate launch` are in test_finetune_launch.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "train"))
+
+import finetune  # noqa: E402
+import finetune_data  # noqa: E402
+from finetune_config import FLAGS, ConfigError, resolve_config  # noqa: E402
+from finetune_state import list_checkpoints, resolve_resume  # noqa: E402
+
+TINY_CONFIG = ROOT / "configs" / "finetune_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its Accelerator from scratch, as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The script's own error lines (library progress bars and warnings also go to stderr)."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.startswith("finetune.py: error:")]
+
+
+def argv(model, data, output_dir, *extra) -> list[str]:
+    """Command line of a short run on the tiny model and dataset."""
+    return ["--config", str(TINY_CONFIG), "--pretrained_model_name_or_path", str(model),
+            "--train_data_dir", str(data), "--output_dir", str(output_dir), *map(str, extra)]
+
+
+def test_flags_override_yaml_and_lists_parse(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({"pretrained_model_name_or_path": "m", "train_data_dir": "d",
+                                      "learning_rate": 0.5, "probe_timesteps": "10, 20", "use_ema": True}))
+    args = resolve_config(["--config", str(config), "--learning_rate", "0.25", "--probe_guidance_scales", "2", "4.5",
+                           "--no-use_ema"])
+    assert args.learning_rate == 0.25 and args.probe_timesteps == [10, 20]
+    assert args.probe_guidance_scales == [2.0, 4.5] and args.use_ema is False
+    assert args.train_batch_size == FLAGS["train_batch_size"][0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "learnin_rate": 1e-4}, "unknown key(s) learnin_rate"),
+    ({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "train_batch_size": "many"}, "train_batch_size"),
+    ({"pretrained_model_name_or_path": "m"}, "exactly one of train_data_dir"),
+])
+def test_bad_config_is_one_line_error(tmp_path, capsys, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(content))
+    assert finetune.cli(["--config", str(config)]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0]
+    with pytest.raises(ConfigError):
+        resolve_config(["--config", str(config)])
+
+
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+    first, second = finetune_data.EpochSampler(50, seed=3), finetune_data.EpochSampler(50, seed=3)
+    second.set_epoch(1)
+    epoch1 = list(second)
+    second.set_epoch(0)
+    assert list(first) == list(second)
+    assert sorted(i for i, _ in epoch1) == list(range(50))
+    assert [i for i, _ in epoch1] != [i for i, _ in list(first)]
+    assert {e for _, e in epoch1} == {1}
+
+
+def test_keep_probe_rows_drops_later_steps_duplicates_and_cut_lines(tmp_path):
+    path = tmp_path / "probes.jsonl"
+    rows = [{"step": s, "sample_id": i, "timestep": 5} for s in (0, 2, 4) for i in (0, 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:2]) + '{"step": 6, "sam')
+    finetune_data.keep_probe_rows(path, last_step=2)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == rows[:4]
+
+
+def test_probe_scalars_are_means_per_dup_factor_and_high_noise_window():
+    rows = [{"step": 1, "sample_id": s, "dup_factor": d, "timestep": t, "loss_cond": float(s * 10 + t)}
+            for s, d in ((0, 1), (1, 4), (2, 4)) for t in (100, 800)]
+    scalars = finetune_data.probe_scalars(rows, high_noise_from=700)
+    assert scalars["probe/loss_cond/dup_1"] == pytest.approx(450.0)
+    assert scalars["probe/loss_cond/dup_4"] == pytest.approx((110 + 810 + 120 + 820) / 4)
+    assert scalars["probe_high/loss_cond/dup_4"] == pytest.approx(815.0)
+
+
+def test_dry_run_builds_everything_and_writes_nothing(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--dry_run")) == 0
+    out = capsys.readouterr().out
+    assert "[dry run]" in out and "68 train rows, 8 probe samples" in out
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("damage", ["no_probe_split", "no_dup_factor"])
+def test_bad_dataset_is_one_line_error(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys, damage):
+    import datasets
+
+    splits = datasets.load_from_disk(str(tiny_dataset_dir))
+    if damage == "no_probe_split":
+        splits = datasets.DatasetDict(train=splits["train"])
+    else:
+        splits = datasets.DatasetDict({k: v.remove_columns("dup_factor") for k, v in splits.items()})
+    splits.save_to_disk(str(tmp_path / "data"))
+    assert finetune.cli(argv(tiny_model_dir, tmp_path / "data", tmp_path / "run")) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and ("probe" if damage == "no_probe_split" else "dup_factor") in err[0]
+
+
+def test_missing_resume_path_fails_and_keeps_run(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "probes.jsonl").write_text('{"step": 0}\n')
+    code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--resume_from_checkpoint", run / "checkpoint-9"))
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and "checkpoint-9" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["probes.jsonl"]
+    assert (run / "probes.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                             monkeypatch, capsys):
+    """A crash inside save_state of checkpoint-4 leaves checkpoint-2 as latest; the same command then resumes."""
+    from accelerate import Accelerator
+
+    run = tmp_path / "run"
+    command = argv(tiny_model_dir, tiny_dataset_dir, run, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                   "--probe_steps", 2, "--probe_timesteps", 500, "--resume_from_checkpoint", "latest")
+    original = Accelerator.save_state
+
+    def crashing_save_state(self, output_dir=None, **kwargs):
+        result = original(self, output_dir, **kwargs)
+        if "checkpoint-4" in str(output_dir):
+            raise KeyboardInterrupt("injected crash while writing checkpoint-4")
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", crashing_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(command)
+    assert "no checkpoint in" in capsys.readouterr().out  # 'latest' with nothing yet starts fresh and says so
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
+    assert (run / "checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
+    assert resolve_resume("latest", run, True) == run / "checkpoint-2"
+
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    fresh_accelerate_state_reset()
+    assert finetune.cli(command) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert not (run / "checkpoint-4.tmp").exists()
+    steps = [json.loads(line)["step"] for line in (run / "probes.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [0, 2, 4, 6] and all(steps.count(s) == 8 for s in (0, 2, 4, 6))
+
+
+def test_diverging_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--learning_rate", 1e30, "--max_train_steps", 30,
+                             "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--probe_steps", 0))
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1
+    assert "loss is" in err[0] and " at step " in err[0]
+    failed_step = int(err[0].split(" at step ")[1].split(";")[0])
+    last = list_checkpoints(run)[-1]
+    assert last.name == f"checkpoint-{failed_step - 1}" and last.name in err[0]
+    assert json.loads((last / "training_state.json").read_text())["global_step"] == failed_step - 1
+    assert not (run / "model_index.json").exists()
+
+
+def fresh_accelerate_state_reset() -> None:
+    """Reset accelerate's process-wide singletons between two runs inside one test."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_dataset_name_without_probe_split_probes_first_rows(tiny_model_dir, tmp_path, capsys):
+    """A plain image+caption dataset (imagefolder): the probe split is its first num_probe_samples rows."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = resolve_config(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
+                           "--num_probe_samples", "4"])
+    train, probe = finetune_data.load_splits(args)
+    assert len(train) == 6 and probe["sample_id"] == [0, 1, 2, 3] and probe["dup_factor"] == [1] * 4
+    assert probe["text"] == ["picture 0", "picture 1", "picture 2", "picture 3"]
+    code = finetune.cli(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
+                         "--output_dir", str(tmp_path / "run"), "--dry_run", "--probe_timesteps", "500"])
+    assert code == 0 and "6 train rows, 6 probe samples, resolution 32" in capsys.readouterr().out
