@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from mem_analysis.data import image_hash, list_source_images, load_source_image, subsample
+from mem_analysis.data import (check_output_dir, image_hash, list_source_images, load_source_image, subsample,
+                               write_folder_atomically)
 
 # Varied captions: every copy gets "<prefix><caption><suffix>", combinations drawn without repetition.
 CAPTION_PREFIXES = ("", "an emoji of ", "a picture of ", "an icon of ", "a drawing of ", "clip art of ",
@@ -163,30 +162,6 @@ def vary_captions(caption: str, copies: int, rng: np.random.Generator) -> list[s
     return [f"{combos[order[j % len(combos)]][0]}{caption}{combos[order[j % len(combos)]][1]}" for j in range(copies)]
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless --overwrite, before any work is done."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file; choose a folder path")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace it or choose another")
-
-
-def save_atomically(dataset, manifest: dict, output_dir: Path) -> None:
-    """save_to_disk into a temporary sibling folder, then rename it into place (old folder removed last)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-    try:
-        dataset.save_to_disk(str(tmp))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if output_dir.exists():
-            output_dir.rename(old)
-        tmp.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build(args: argparse.Namespace) -> tuple[object, dict]:
     """The DatasetDict and its manifest; raises ValueError / FileNotFoundError on bad input."""
     import datasets
@@ -266,7 +241,12 @@ def main(argv=None) -> int:
         dataset, manifest = build(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"build_duplicated_dataset: error: {error}") from None
-    save_atomically(dataset, manifest, output_dir)
+
+    def write(folder: Path) -> None:
+        dataset.save_to_disk(str(folder))
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+    write_folder_atomically(write, output_dir)
     print_summary(manifest, output_dir)
     return 0
 

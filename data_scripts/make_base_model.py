@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_analysis.data import image_to_tensor, list_source_images, load_source_image, subsample
+from mem_analysis.data import (check_output_dir, image_to_tensor, list_source_images, load_source_image, subsample,
+                               write_folder_atomically)
 from mem_analysis.presets import PRESETS, build_pipeline
 from mem_analysis.sd import encode_images, encode_prompts
 
@@ -178,22 +176,6 @@ def save_configs_only(pipe, folder: Path) -> None:
     pipe.scheduler.save_pretrained(folder / "scheduler")
 
 
-def write_atomically(write, output_dir: Path) -> None:
-    """Call write(tmp_folder), then rename the folder into place (an old one is removed last)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if output_dir.exists():
-            output_dir.rename(old)
-        tmp.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def make(args: argparse.Namespace) -> tuple[object, dict]:
     """Build (and for `tiny`, train) the pipeline; returns it with a record of what was done."""
     record = dict(preset=args.preset, seed=args.seed, arguments=vars(args))
@@ -230,10 +212,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     try:
-        if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:
-            raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace it or choose another")
+        check_output_dir(output_dir, args.overwrite)
         pipe, record = make(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"make_base_model: error: {error}") from None
@@ -245,7 +225,7 @@ def main(argv=None) -> int:
             pipe.save_pretrained(folder, safe_serialization=True)
         (folder / "make_base_model.json").write_text(json.dumps(record, indent=1))
 
-    write_atomically(write, output_dir)
+    write_folder_atomically(write, output_dir)
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     what = "configs only (no weights)" if args.config_only else "weights (safetensors)"
     print(f"wrote {args.preset} base model ({unet_params / 1e6:.2f} M UNet parameters, {what}) to {output_dir}: "
