@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -264,15 +265,35 @@ def prompts_per_call(args, num_seeds: int, latent_numel: int) -> int:
     return max(1, args.batch_size // num_seeds, min(budget, 4 * args.batch_size))
 
 
-def evaluate_samples(unet, components, probe, index, args, settings, sscd, device, show_progress=True):
-    """All measurements for the probe samples `index` (one process's shard) of one model."""
+class Stopwatch:
+    """`clock(name)` adds the seconds since the previous call to `timings[name]`."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, name: str):
+        now = time.perf_counter()
+        if name != "start":
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def evaluate_samples(unet, components, probe, index, args, settings, sscd, device, show_progress=True,
+                     timings: dict | None = None):
+    """All measurements for the probe samples `index` (one process's shard) of one model.
+
+    `timings`, when given, accumulates seconds spent in probes, sampling, decoding and metrics.
+    """
     per_seed, per_sample, curves, images = [], [], [], []
+    timings = {} if timings is None else timings
+    clock = Stopwatch(timings)
     if len(index) == 0:
         return per_seed, per_sample, curves, images
     seeds = settings["seeds"]
     components = replace(components, unet=unet)
     prediction_type = prediction_type_of(components.noise_scheduler)
     timesteps = settings["probe_timesteps"]
+    clock("start")
     noise = probe_noise(probe["sample_ids"][index], timesteps, probe["latents"].shape[1:], settings["probe_seed"])
     m12 = probe_metrics(unet, probe["latents"][index].to(device), probe["cond"][index].to(device),
                         probe["uncond"].to(device), timesteps, noise, probe["alpha_bar"],
@@ -280,6 +301,7 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
                         prediction_type=prediction_type, chunk_size=args.batch_size)
     m12 = summarize_probe_metrics(m12, timesteps, settings["high_noise_timestep"])
     step_m12 = {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
+    clock("probes")
 
     chunk = prompts_per_call(args, len(seeds), probe["latents"][0].numel())
     work = [(g, lo) for g in settings["guidance_scales"] for lo in range(0, len(index), chunk)]
@@ -287,7 +309,13 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
         gk = guidance_key(g)
         batch = index[lo:lo + chunk]
         traj = sample_trajectories(components, [probe["captions"][i] for i in batch], seeds,
-                                   args.num_inference_steps, g, batch_size=args.batch_size)
+                                   args.num_inference_steps, g, batch_size=args.batch_size, decode=False)
+        clock("sampling")
+        latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
+        pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu()
+                            for chunk in latents.split(args.batch_size)])
+        traj = replace(traj, images=pixels.reshape(traj.final.shape[:2] + pixels.shape[1:]))
+        clock("decoding")
         scores = severity_scores(traj, probe, batch, settings, sscd)
         early = settings["early_steps"] or max(1, int((traj.timesteps >= settings["high_noise_timestep"]).sum()))
         for p, i in enumerate(batch):
@@ -310,6 +338,7 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
                                timesteps=traj.timesteps.numpy(), **curve))
             if g == settings["guidance_scale"]:
                 images.append((sid, (traj.images[p, 0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+        clock("metrics")
     return per_seed, per_sample, curves, images
 
 
@@ -413,14 +442,14 @@ def store_checkpoint(out_dir: Path, step: int, name: str, results, settings: dic
 
 
 def main(args):
-    accelerator = Accelerator()
-    is_main = accelerator.is_main_process
     config = read_run(args)
     run_dir = Path(args.run_dir)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / "eval"
     models = find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config, models)
     done = done_steps(out_dir, settings)
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
     todo = [(step, folder) for step, folder in models if step not in done]
     accelerator.wait_for_everyone()  # every process has read the done set before main appends
     if is_main:
@@ -447,7 +476,7 @@ def main(args):
 
         writer = SummaryWriter(args.logging_dir or str(run_dir / config.get("logging_dir", "logs") / "eval"))
     shard = np.arange(len(probe["sample_ids"]))[accelerator.process_index::accelerator.num_processes] if todo else None
-    failed = []
+    failed, timings = [], {}
     for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):
         name = folder.name if folder else "base"
         try:
@@ -459,7 +488,7 @@ def main(args):
             failed.append(name)
             continue
         unet.to(device).eval().requires_grad_(False)
-        results = evaluate_samples(unet, components, probe, shard, args, settings, sscd, device, is_main)
+        results = evaluate_samples(unet, components, probe, shard, args, settings, sscd, device, is_main, timings)
         gathered = gather_object([results])
         if is_main:
             store_checkpoint(out_dir, step, name, gathered, settings, writer)
@@ -467,14 +496,22 @@ def main(args):
     if is_main:
         if writer is not None:
             writer.close()
+        if timings:
+            print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         report.write_report(out_dir, settings, failed=failed, n_boot=args.bootstrap)
         print(f"wrote {out_dir}/per_seed.csv, per_sample.csv, summary.json, report.md and figures/")
     accelerator.end_training()
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """Entry point: bad input is one line on stderr and exit status 2."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except EvalError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
