@@ -13,6 +13,8 @@ training and evaluation track), columns image / text / sample_id / dup_factor, p
   images appears W times (W copies = sampling weight W), the rest once.
 - repeated (Wen et al. 2024): `--repeated_images N --repeats R --fresh_images M`: the first
   N images R times each, plus the next M images once; other images are not used.
+Images with identical pixels after resizing (Twemoji has a few, e.g. flags) are kept once,
+so that no image is duplicated without the manifest saying so.
 """
 from __future__ import annotations
 
@@ -162,6 +164,21 @@ def vary_captions(caption: str, copies: int, rng: np.random.Generator) -> list[s
     return [f"{combos[order[j % len(combos)]][0]}{caption}{combos[order[j % len(combos)]][1]}" for j in range(copies)]
 
 
+def unique_images(items: list, resolution: int) -> tuple[list, list, list[list[str]]]:
+    """Decode and resize; keep the first of images with identical pixels (they would be hidden duplicates)."""
+    kept, images, first_of = [], [], {}
+    for item in items:
+        image = load_source_image(item, resolution)
+        digest = image_hash(image)
+        if digest in first_of:
+            first_of[digest].append(item.name)
+            continue
+        first_of[digest] = [item.name]
+        kept.append(item)
+        images.append(image)
+    return kept, images, [names for names in first_of.values() if len(names) > 1]
+
+
 def build(args: argparse.Namespace) -> tuple[object, dict]:
     """The DatasetDict and its manifest; raises ValueError / FileNotFoundError on bad input."""
     import datasets
@@ -176,7 +193,7 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
     if not listed:
         raise ValueError(f"source {args.source} has no images")
     source_ids = {id(item): i for i, item in enumerate(listed)}
-    items = subsample(listed, args.max_images, args.seed)
+    items, images, identical = unique_images(subsample(listed, args.max_images, args.seed), args.resolution)
     rng = np.random.default_rng(args.seed)
     copies, controls = plan_duplication(len(items), scheme, rng)
     probe = set(choose_probe(copies, controls, args.probe_unduplicated, rng))
@@ -186,7 +203,7 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
     for index in sorted(copies):
         item = items[index]
         sample_id = source_ids[id(item)]  # position in the full source listing: stable across subsamples
-        image = load_source_image(item, args.resolution)
+        image = images[index]
         factor = copies[index]
         captions = (vary_captions(item.caption, factor, rng) if args.caption_mode == "varied"
                     else [item.caption] * factor)
@@ -204,7 +221,8 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
         {k: [r[k] for r in rows] for k in features}, features=features)
     dataset = datasets.DatasetDict(train=to_dataset(train_rows), probe=to_dataset(probe_rows))
     manifest = dict(
-        source=args.source, source_images=len(listed), used_images=len(samples), scheme=scheme,
+        source=args.source, source_images=len(listed), used_images=len(samples), identical_images_dropped=identical,
+        scheme=scheme,
         caption_mode=args.caption_mode, resolution=args.resolution, seed=args.seed,
         arguments={k: v for k, v in vars(args).items()},
         counts=count_by_factor(samples), samples=samples,
@@ -221,6 +239,8 @@ def count_by_factor(samples: list[dict]) -> dict[str, dict[str, int]]:
 
 def print_summary(manifest: dict, output_dir: Path) -> None:
     """Counts per factor, and where the dataset went."""
+    for names in manifest["identical_images_dropped"]:
+        print(f"identical pixels: kept {names[0]}, dropped {', '.join(names[1:])}")
     print(f"source {manifest['source']}: {manifest['used_images']} of {manifest['source_images']} images used, "
           f"scheme {manifest['scheme']}, captions {manifest['caption_mode']}, {manifest['resolution']} px")
     print(f"{'dup_factor':>10} {'images':>7} {'rows':>7} {'probe':>6}")

@@ -156,6 +156,15 @@ def test_imagefolder_and_datasets_sources(tmp_path):
     assert rows_per_factor(load_study_dataset(out)["train"]) == {1: 5, 2: 2}
 
 
+def test_identical_images_are_kept_once(tmp_path):
+    folder = make_imagefolder(tmp_path / "folder", 5)
+    (folder / "img3.png").write_bytes((folder / "img1.png").read_bytes())  # same pixels, other caption
+    out = build(tmp_path / "out", "--source", str(folder), "--dup_factors", "2", "--samples_per_factor", "1")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identical_images_dropped"] == [[str(folder / "img1.png"), str(folder / "img3.png")]]
+    assert manifest["used_images"] == 4 and "random picture 3" not in load_study_dataset(out)["train"]["text"]
+
+
 def expect_error(tmp_path: Path, match: str, *flags: str, output: Path | None = None) -> None:
     """The builder exits with a one-line error matching `match` and writes nothing."""
     output = output or tmp_path / "out"
