@@ -1,0 +1,128 @@
+"""Benchmark: evaluating one checkpoint vs the plain StableDiffusionPipeline generating the same images.
+
+    OMP_NUM_THREADS=2 python bench/bench_eval.py [--num_prompts 64 --num_seeds 8 --steps 30 --batch_size 64]
+
+Builds a tiny base model and a study dataset (probe split of `--num_prompts` images), a run
+folder with one full-UNet checkpoint, then measures in one process, same threads, same batch:
+- eval: `evaluate_samples` of eval/evaluate_checkpoints.py on that checkpoint (M1/M2 probes,
+  DDIM sampling with trajectory capture, decoding, M3-M6 metrics), split into those parts;
+- plain: `StableDiffusionPipeline(prompts, generator=seeds)` with a DDIM scheduler, the same
+  prompts x seeds, steps, guidance scale and images per call.
+Prints the figures, the ratio (target <= 1.2) and the largest pixel difference between the two
+sets of images (they are the same images). The once-per-run setup is printed apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+sys.path.insert(0, str(ROOT / "data_scripts"))
+
+
+def build_inputs(work: Path, num_prompts: int) -> Path:
+    """Tiny base model, dataset with `num_prompts` probe images, and a run with checkpoint-1."""
+    import build_duplicated_dataset
+    import make_base_model
+    from diffusers import UNet2DConditionModel
+
+    make_base_model.main(["--output_dir", str(work / "model"), "--preset", "tiny", "--seed", "0",
+                          "--max_images", "64", "--vae_steps", "5", "--train_batch_size", "16"])
+    per_factor = max(1, num_prompts // 6)  # probe: 3 duplicated groups + twice as many never-duplicated images
+    build_duplicated_dataset.main(["--output_dir", str(work / "data"), "--source", "twemoji", "--max_images", "400",
+                                   "--dup_factors", "1,4,16,64", "--samples_per_factor", str(per_factor),
+                                   "--resolution", "32", "--seed", "0"])
+    run = work / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    yaml.safe_dump(dict(pretrained_model_name_or_path=str(work / "model"), train_data_dir=str(work / "data"),
+                        seed=0, probe_seed=0, probe_timesteps=[50, 150, 250, 350, 450, 550, 650, 750, 850, 950],
+                        probe_guidance_scales=[1.5, 3.0, 7.5]), open(run / "config.yaml", "w"))
+    UNet2DConditionModel.from_pretrained(work / "model", subfolder="unet").save_pretrained(run / "checkpoint-1" / "unet")
+    (run / "checkpoint-1" / "training_state.json").write_text(json.dumps({"global_step": 1}))
+    return run
+
+
+def plain_generation(pipe, captions, seeds, steps, g, batch_size) -> tuple[float, torch.Tensor]:
+    """Seconds and images (P, N, 3, H, W) of the plain pipeline, `batch_size` images per call."""
+    items = [(c, s) for c in captions for s in seeds]
+    images = []
+    start = time.perf_counter()
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo:lo + batch_size]
+        out = pipe([c for c, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                   num_inference_steps=steps, guidance_scale=g, output_type="pt")
+        images.append(out.images.float())
+    seconds = time.perf_counter() - start
+    return seconds, torch.cat(images).reshape(len(captions), len(seeds), *images[0].shape[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_prompts", type=int, default=64)
+    parser.add_argument("--num_seeds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--batch_size", type=int, default=64)
+    cli = parser.parse_args()
+
+    import evaluate_checkpoints as ev
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_inputs(Path(tmp), cli.num_prompts)
+        args = ev.parse_args(["--run_dir", str(run), "--num_seeds", str(cli.num_seeds), "--num_inference_steps",
+                              str(cli.steps), "--guidance_scale", str(cli.guidance_scale), "--batch_size",
+                              str(cli.batch_size), "--max_samples", str(cli.num_prompts)])
+        config = ev.read_run(args)
+        models = ev.find_checkpoints(run, None)
+        settings = ev.resolve_settings(args, config, models)
+        t0 = time.perf_counter()
+        components = ev.load_components(config["pretrained_model_name_or_path"])
+        base_state = {k: v.clone() for k, v in components.unet.state_dict().items()}
+        probe = ev.load_probe_set(config, args, components, torch.device("cpu"))
+        setup = time.perf_counter() - t0
+        index = torch.arange(len(probe["sample_ids"])).numpy()
+
+        pipe = StableDiffusionPipeline.from_pretrained(config["pretrained_model_name_or_path"], safety_checker=None)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        # warm-up of both paths on one small batch (first-call allocations)
+        plain_generation(pipe, probe["captions"][:1], settings["seeds"][:2], 2, cli.guidance_scale, cli.batch_size)
+        warm = argparse.Namespace(**{**vars(args), "num_inference_steps": 2})
+        ev.evaluate_samples(components.unet, components, probe, index[:1], warm, {**settings, "seeds": settings["seeds"][:2]},
+                            None, torch.device("cpu"), show_progress=False)
+
+        plain_s, plain_images = plain_generation(pipe, probe["captions"], settings["seeds"], cli.steps,
+                                                 cli.guidance_scale, cli.batch_size)
+        timings = {}
+        start = time.perf_counter()
+        unet = ev.checkpoint_unet(models[1][1], settings["weights"], base_state, components).eval()
+        timings["load"] = time.perf_counter() - start
+        results = ev.evaluate_samples(unet, components, probe, index, args, settings, None, torch.device("cpu"),
+                                      show_progress=False, timings=timings)
+        eval_s = time.perf_counter() - start
+
+    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for _, im in results[3]])
+    diff = (images - plain_images[:, 0]).abs().max().item()
+    n = len(plain_images) * cli.num_seeds
+    print(f"tiny model, {len(plain_images)} probe prompts x {cli.num_seeds} seeds = {n} images, {cli.steps} DDIM steps, "
+          f"g = {cli.guidance_scale:g}, {cli.batch_size} images per UNet call, {torch.get_num_threads()} threads")
+    print(f"once per run (components, probe split, training pool, mu, text embeddings): {setup:.2f} s")
+    print(f"plain StableDiffusionPipeline: {plain_s:.2f} s ({plain_s / n * 1000:.1f} ms/image)")
+    print(f"evaluate one checkpoint:       {eval_s:.2f} s ({eval_s / n * 1000:.1f} ms/image)")
+    for name, seconds in timings.items():
+        print(f"  {name:9s} {seconds:7.2f} s  {100 * seconds / eval_s:5.1f} %")
+    print(f"ratio eval / plain: {eval_s / plain_s:.3f} (target <= 1.2)")
+    print(f"same images: max |eval seed-0 image - pipeline image| = {diff:.2e} (uint8 rounding: <= 2e-3)")
+
+
+if __name__ == "__main__":
+    main()
