@@ -1,10 +1,10 @@
 """Overhead of train/finetune.py against a bare training loop, and the share of time spent in probes.
 
-    python bench/bench_train.py [--steps 40] [--batch 8] [--threads 2]
+    python bench/bench_train.py [--steps 20] [--rounds 3] [--batch 8] [--threads 2]
 
 One process, same tiny model, data, batch and threads for every figure:
-1. per-step time of finetune.py with probes and checkpoints off (from its own
-   `train/samples_per_second` log), against a bare loop over the same batches: VAE encode,
+1. per-step time of finetune.py with probes and checkpoints off (wall-time gaps between its
+   per-step TensorBoard events: whole loop iterations), against a bare loop over the same batches: VAE encode,
    text encode, UNet forward + backward, AdamW step (target ratio <= 1.05);
 2. the time of one probe pass of finetune.py (all probe samples x timesteps x guidance, timed
    around its `run_probes`), as a share of training time at the default probe interval
@@ -35,13 +35,14 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def step_times_from_events(run: Path, batch: int) -> list[float]:
-    """Seconds per optimizer step, from the run's `train/samples_per_second` scalars."""
+def step_times_from_events(run: Path) -> list[float]:
+    """Seconds per optimizer step of a run: wall-time gaps between its `train/loss` events (whole iterations)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "logs" / "finetune"))
     events.Reload()
-    return [batch / s.value for s in events.Scalars("train/samples_per_second")]
+    wall = [s.wall_time for s in events.Scalars("train/loss")]
+    return [b - a for a, b in zip(wall, wall[1:])]
 
 
 def bare_loop(model_dir: Path, data_dir: Path, steps: int, batch: int) -> list[float]:
@@ -78,7 +79,8 @@ def bare_loop(model_dir: Path, data_dir: Path, steps: int, batch: int) -> list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20, help="steps per loop and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of bare loop and finetune.py")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of each median")
@@ -99,11 +101,14 @@ def main() -> None:
     common = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir),
               "--train_batch_size", str(args.batch), "--checkpointing_steps", "0", "--mixed_precision", "no"]
 
-    bare = bare_loop(model_dir, data_dir, args.steps, args.batch)[args.warmup:]
-    finetune.main([*common, "--output_dir", str(work / "noprobe"), "--max_train_steps", str(args.steps),
-                   "--probe_steps", "0"])
-    reset_accelerate()
-    script = step_times_from_events(work / "noprobe", args.batch)[args.warmup:]
+    # Rounds alternate the two loops so that a change in machine load hits both alike.
+    bare, script = [], []
+    for round_index in range(args.rounds):
+        bare += bare_loop(model_dir, data_dir, args.steps, args.batch)[args.warmup:]
+        run = work / f"noprobe{round_index}"
+        finetune.main([*common, "--output_dir", str(run), "--max_train_steps", str(args.steps), "--probe_steps", "0"])
+        reset_accelerate()
+        script += step_times_from_events(run)[args.warmup:]
 
     probe_times, run_probes = [], finetune.run_probes
 
@@ -124,8 +129,8 @@ def main() -> None:
     step_s, bare_s, probe_s = statistics.median(script), statistics.median(bare), statistics.median(probe_times)
     share = probe_s / (probe_s + default_interval * step_s)
     n_probe = 8 * len(FLAGS["probe_timesteps"][0])
-    print(f"tiny model, batch {args.batch}, {args.threads} threads, {args.steps} steps "
-          f"(median after {args.warmup} warm-up steps)")
+    print(f"tiny model, batch {args.batch}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps "
+          f"(medians, {args.warmup} warm-up steps left out per round)")
     print(f"  finetune.py step, probes off : {step_s * 1e3:8.2f} ms   (mean {statistics.mean(script) * 1e3:.2f})")
     print(f"  bare loop step               : {bare_s * 1e3:8.2f} ms   (mean {statistics.mean(bare) * 1e3:.2f})")
     print(f"  ratio finetune / bare        : {step_s / bare_s:8.3f}    (target <= 1.05)")

@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
     accelerator.init_trackers("finetune", config=tracker_config,
                               init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
+    # Per-step scalars go straight to the writer: accelerator.log flushes the event file on every call.
+    writer = accelerator.get_tracker("tensorboard", unwrap=True) if main_process else None
     probe = None
     if args.probe_steps:
         probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
@@ -257,8 +259,10 @@ def main(argv=None) -> int:
                 ema_unet.step(unet.parameters())
             now = time.perf_counter()
             samples = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-            accelerator.log({"train/loss": running_loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                             "train/samples_per_second": samples / (now - last_time)}, step=global_step)
+            if writer is not None:
+                writer.add_scalar("train/loss", running_loss, global_step)
+                writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
+                writer.add_scalar("train/samples_per_second", samples / (now - last_time), global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{running_loss:.4f}")
             running_loss = 0.0

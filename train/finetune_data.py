@@ -83,9 +83,9 @@ class TrainExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def pixels(self, index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Row `index` resized and cropped (random crop / flip only with `rng`)."""
-        image = self.split[index][self.args.image_column]
+    def pixels(self, index: int, rng: np.random.Generator | None = None, image=None) -> torch.Tensor:
+        """Row `index` (or its already decoded `image`) resized and cropped; random crop / flip only with `rng`."""
+        image = self.split[index][self.args.image_column] if image is None else image
         image = resize_and_crop(image, self.resolution, center_crop=self.args.center_crop or rng is None, rng=rng)
         if rng is not None and self.args.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -94,8 +94,10 @@ class TrainExamples(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, epoch = key
         rng = np.random.default_rng([self.args.seed, epoch, index])
-        caption = pick_caption(self.split[index][self.args.caption_column], rng)
-        return {"pixel_values": self.pixels(index, rng), "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        row = self.split[index]  # decodes the row's image once
+        caption = pick_caption(row[self.args.caption_column], rng)
+        return {"pixel_values": self.pixels(index, rng, row[self.args.image_column]),
+                "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
 
 class EpochSampler(torch.utils.data.Sampler):
