@@ -8,7 +8,8 @@ folder with one full-UNet checkpoint, then measures in one process, same threads
   DDIM sampling with trajectory capture, decoding, M3-M6 metrics), split into those parts;
 - plain: `StableDiffusionPipeline(prompts, generator=seeds)` with a DDIM scheduler, the same
   prompts x seeds, steps, guidance scale and images per call.
-Prints the figures, the ratio (target <= 1.2) and the largest pixel difference between the two
+The two alternate chunk by chunk (one UNet batch of images each) so that load changes on a
+shared machine hit both alike. Prints the figures, the ratio (target <= 1.2) and the largest pixel difference between the two
 sets of images (they are the same images). The once-per-run setup is printed apart.
 """
 from __future__ import annotations
@@ -100,15 +101,31 @@ def main():
         ev.evaluate_samples(components.unet, components, probe, index[:1], warm, {**settings, "seeds": settings["seeds"][:2]},
                             None, torch.device("cpu"), show_progress=False)
 
-        plain_s, plain_images = plain_generation(pipe, probe["captions"], settings["seeds"], cli.steps,
-                                                 cli.guidance_scale, cli.batch_size)
-        timings = {}
-        start = time.perf_counter()
+        # Interleaved per chunk of prompts (one UNet batch of images), alternating which goes first,
+        # so that a change in machine load during the run hits both sides alike.
         unet = ev.checkpoint_unet(models[1][1], settings["weights"], base_state, components).eval()
+        per_call = max(1, cli.batch_size // cli.num_seeds)
+        plain_s, eval_s, timings, plain_images, results = 0.0, 0.0, {}, [], [[], [], [], []]
+        for k, lo in enumerate(range(0, len(index), per_call)):
+            chunk = index[lo:lo + per_call]
+            for side in ((0, 1) if k % 2 == 0 else (1, 0)):
+                if side == 0:
+                    seconds, images = plain_generation(pipe, [probe["captions"][i] for i in chunk], settings["seeds"],
+                                                       cli.steps, cli.guidance_scale, cli.batch_size)
+                    plain_s += seconds
+                    plain_images.append(images)
+                else:
+                    start = time.perf_counter()
+                    part = ev.evaluate_samples(unet, components, probe, chunk, args, settings, None,
+                                               torch.device("cpu"), show_progress=False, timings=timings)
+                    eval_s += time.perf_counter() - start
+                    for whole, piece in zip(results, part):
+                        whole.extend(piece)
+        start = time.perf_counter()
+        ev.checkpoint_unet(models[1][1], settings["weights"], base_state, components)
         timings["load"] = time.perf_counter() - start
-        results = ev.evaluate_samples(unet, components, probe, index, args, settings, None, torch.device("cpu"),
-                                      show_progress=False, timings=timings)
-        eval_s = time.perf_counter() - start
+        eval_s += timings["load"]
+        plain_images = torch.cat(plain_images)
 
     images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for _, im in results[3]])
     diff = (images - plain_images[:, 0]).abs().max().item()

@@ -111,6 +111,16 @@ def test_tables_hold_every_probe_sample_seed_and_checkpoint(single, tiny_dataset
     assert [e.step for e in events.Scalars("eval/severity/dup_8")] == list(STEPS)
 
 
+def test_probe_losses_equal_the_training_probes_at_the_same_step(single, trained_run):
+    """Same probe noise (run's probe_seed), latents and mu: M1/M2 at checkpoint-4 = probes.jsonl at step 4."""
+    probes = pd.read_json(trained_run / "probes.jsonl", lines=True)
+    train_means = probes[probes.step == 4].groupby("sample_id")[["loss_cond", "loss_cfg_7.5", "k_cfg_7.5"]].mean()
+    table = pd.read_csv(single["out"] / "per_sample.csv")
+    rows = table[(table.checkpoint_step == 4) & (table.guidance_scale == 7.5)].set_index("sample_id")
+    for column in train_means.columns:
+        np.testing.assert_allclose(rows.loc[train_means.index, column], train_means[column], rtol=1e-4, atol=1e-6)
+
+
 def test_corrupted_checkpoint_is_skipped_and_the_others_evaluated(single):
     assert "skipping checkpoint-4: cannot load its weights" in single["first"].stderr
     assert set(single["before"].checkpoint_step) == {0, 2}
