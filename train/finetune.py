@@ -44,7 +44,7 @@ from finetune_state import (add_lora, list_checkpoints, log_validation, register
                             resolve_resume, save_checkpoint, save_final_model, zero3_init_disabled)
 from mem_analysis.probes import probe_metrics  # noqa: E402
 from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
-from mem_analysis.sd import encode_prompts, load_components  # noqa: E402
+from mem_analysis.sd import encode_images, encode_prompts, load_components  # noqa: E402
 
 
 def build_accelerator(args) -> Accelerator:
@@ -231,9 +231,8 @@ def main(argv=None) -> int:
         for batch_index, batch in enumerate(loader, start=skip):
             generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
             with accelerator.accumulate(unet):
+                latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
                 with torch.no_grad():
-                    latents = parts.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample(generator)
-                    latents = latents * parts.vae.config.scaling_factor
                     hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
