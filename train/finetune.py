@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     rank, main_process = accelerator.process_index, accelerator.is_main_process
     zero_stage = (accelerator.state.deepspeed_plugin.zero_stage
                   if accelerator.distributed_type == DistributedType.DEEPSPEED else None)
+    if zero_stage == 3 and args.validation_steps:
+        accelerator.print("validation images are off under ZeRO-3 (the main process alone cannot run the sharded UNet)")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
