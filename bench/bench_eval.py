@@ -84,7 +84,7 @@ def main():
                               str(cli.batch_size), "--max_samples", str(cli.num_prompts)])
         config = ev.read_run(args)
         models = ev.find_checkpoints(run, None)
-        settings = ev.resolve_settings(args, config, models)
+        settings = ev.resolve_settings(args, config)
         t0 = time.perf_counter()
         components = ev.load_components(config["pretrained_model_name_or_path"])
         base_state = {k: v.clone() for k, v in components.unet.state_dict().items()}

@@ -10,6 +10,18 @@ decoding and every severity back end (M6). Rows are gathered on the main process
 appends them atomically to RUN/eval/per_seed.csv and per_sample.csv (+ parquet), writes
 TensorBoard scalars to RUN/logs/eval at the checkpoint's global_step, and at the end
 summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints are skipped.
+
+per_sample.csv columns (one row per checkpoint, sample, guidance scale):
+- `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
+  `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
+- M1/M2 at the run's probe noise: `loss_cond`, `loss_uncond`, `loss_cfg_<g>`, `k_cond`, `k_uncond`,
+  `k_cfg_<g>`, and `loss_cfg`, `k_cfg` at the row's own g; means over the probe grid, and with
+  `_early` over the high-noise window t >= --high_noise_timestep;
+- M4: `D_x`, `D_T` against the `paper` schedule, `D_x_exact`, `D_T_exact` against the `exact` one,
+  `_early` over the first K sampling steps (K = steps with t >= --high_noise_timestep unless
+  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one;
+- M3/M5: `cos_*_early`, `fit_*_ratio_early` (fitted / theoretical coefficient), `wen_magnitude`
+  (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`.
 """
 from __future__ import annotations
 
@@ -342,7 +354,7 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
     return per_seed, per_sample, curves, images
 
 
-def resolve_settings(args, config, models) -> dict:
+def resolve_settings(args, config) -> dict:
     """Everything that shapes the tables; a rerun must use the same to append to them."""
     use_ema = bool(config.get("use_ema"))
     weights = args.weights or ("ema" if use_ema else "raw")
@@ -446,7 +458,7 @@ def main(args):
     run_dir = Path(args.run_dir)
     out_dir = Path(args.output_dir) if args.output_dir else run_dir / "eval"
     models = find_checkpoints(run_dir, args.checkpoints)
-    settings = resolve_settings(args, config, models)
+    settings = resolve_settings(args, config)
     done = done_steps(out_dir, settings)
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
@@ -454,17 +466,21 @@ def main(args):
     accelerator.wait_for_everyone()  # every process has read the done set before main appends
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "settings.json").write_text(json.dumps(settings, indent=1))
+        tmp = out_dir / ".settings.json.tmp"
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, out_dir / "settings.json")
         for step, folder in models:
             if step in done:
                 print(f"skipping {folder.name if folder else 'base model'} (step {step}): already evaluated in {out_dir}")
 
     device = accelerator.device
+    # --mixed_precision fp16/bf16 runs the networks in that dtype; metrics accumulate in float32.
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         sscd = load_sscd(args.sscd_path).to(device) if args.sscd_path else None
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
-    components = load_components(config["pretrained_model_name_or_path"]).to(device)
+    components = load_components(config["pretrained_model_name_or_path"]).to(device, dtype)
     base_unet = components.unet.eval()
     base_state = {k: v.detach().clone() for k, v in base_unet.state_dict().items()}
     probe = load_probe_set(config, args, components, device) if todo else None
@@ -487,7 +503,7 @@ def main(args):
                 print(f"skipping {name}: cannot load its weights ({type(err).__name__}: {reason})", file=sys.stderr)
             failed.append(name)
             continue
-        unet.to(device).eval().requires_grad_(False)
+        unet.to(device, dtype).eval().requires_grad_(False)
         results = evaluate_samples(unet, components, probe, shard, args, settings, sscd, device, is_main, timings)
         gathered = gather_object([results])
         if is_main:
