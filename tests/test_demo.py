@@ -1,0 +1,114 @@
+"""`make demo` end to end, shortened (configs/demo_test.yaml): data_scripts/demo.sh runs every stage,
+every promised output exists, a second run reuses base model and dataset, and the numbers in
+report.md equal those recomputed here from the tables (per_sample.csv), not read from summary.json.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/demo_test.yaml"
+STAGES = ("setup", "dataset", "base_model", "train", "evaluate")
+
+pytestmark = pytest.mark.slow
+
+
+def run_demo(demo_dir: Path) -> str:
+    """bash data_scripts/demo.sh on the shortened config; its stdout (fails with the log tail)."""
+    env = {**os.environ, "DEMO_CONFIG": CONFIG, "DEMO_DIR": str(demo_dir), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(["bash", "data_scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One shortened demo run, then a second one over the same folder: (folder, first log, second log)."""
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    first = run_demo(folder)
+    second = run_demo(folder)
+    return folder, first, second
+
+
+def report_table(report: str, caption: str) -> pd.DataFrame:
+    """The step x dup-factor markdown table printed after `caption` in report.md, as floats."""
+    lines = report[report.index(caption):].splitlines()[2:]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    factors = [int(h.removeprefix("dup ")) for h in head[1:]]
+    return pd.DataFrame([[float(v) for v in r[1:]] for r in rows], index=[int(r[0]) for r in rows], columns=factors)
+
+
+def test_every_stage_runs_and_every_output_exists(demo):
+    folder, log, _ = demo
+    for stage in STAGES:
+        assert re.search(rf"\[demo\] {stage}: [\d.]+ s wall, [\d.]+ s CPU", log), f"no timing line for {stage}"
+    run, evaluation = folder / "run", folder / "run" / "eval"
+    config = yaml.safe_load((ROOT / CONFIG).read_text())
+    steps = range(config["checkpointing_steps"], config["max_train_steps"] + 1, config["checkpointing_steps"])
+    expected = [folder / "base" / "model_index.json", folder / "data" / "manifest.json", run / "config.yaml",
+                run / "probes.jsonl", run / "model_index.json", evaluation / "per_sample.csv",
+                evaluation / "per_seed.csv", evaluation / "summary.json", evaluation / "report.md",
+                folder / "timings.txt"]
+    expected += [run / f"checkpoint-{s}" / "training_state.json" for s in steps]
+    for path in expected:
+        assert path.is_file(), f"{path} is missing"
+    for tracker in ("finetune", "eval"):
+        assert list((run / "logs" / tracker).rglob("events.out.tfevents.*")), f"no TensorBoard events in logs/{tracker}"
+    figures = list((evaluation / "figures").glob("*.png"))
+    assert figures and all(f.stat().st_size > 1000 for f in figures)
+    for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", (evaluation / "report.md").read_text()):
+        assert (evaluation / image).is_file(), f"report.md shows {image}, which is missing"
+    table = pd.read_csv(evaluation / "per_sample.csv")
+    assert sorted(table["checkpoint_step"].unique()) == [0, *steps]
+    assert f"{run / 'eval' / 'report.md'}" in log and f"tensorboard --logdir {run / 'logs'}" in log
+
+
+def test_second_run_reuses_base_model_and_dataset(demo):
+    folder, _, second = demo
+    assert "reusing .venv" in second
+    assert f"reusing dataset {folder / 'data'}" in second and f"reusing base model {folder / 'base'}" in second
+    assert (folder / "run" / "eval" / "report.md").is_file()
+
+
+def test_report_numbers_equal_the_tables(demo):
+    folder, _, _ = demo
+    evaluation = folder / "run" / "eval"
+    report = (evaluation / "report.md").read_text()
+    settings = yaml.safe_load((evaluation / "settings.json").read_text())
+    table = pd.read_csv(evaluation / "per_sample.csv")
+    table = table[table["guidance_scale"] == settings["guidance_scale"]]
+    for caption, column in (("Mean severity per duplication factor", "severity"),
+                            ("Memorized fraction of seeds", "memorized_fraction")):
+        expected = table.pivot_table(index="checkpoint_step", columns="dup_factor", values=column, aggfunc="mean")
+        printed = report_table(report, caption)
+        assert list(printed.index) == list(expected.index) and list(printed.columns) == list(expected.columns)
+        np.testing.assert_allclose(printed.to_numpy(), expected.to_numpy(), atol=5e-4, err_msg=caption)
+
+    last = table[table["checkpoint_step"] == table["checkpoint_step"].max()]
+    r = np.corrcoef(last["D_x"], last["severity"])[0, 1]
+    printed_r = re.search(r"D_x vs severity, paper schedule \(sqrt\(abar_t\)\): Pearson r = (-?[\d.]+)", report)
+    assert printed_r, "report.md does not print the D_x Pearson r"
+    assert float(printed_r.group(1)) == pytest.approx(r, abs=5e-4)
+
+    threshold = settings["threshold"]
+    onset_rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+|never) \| (\d+|never) \|$", report, flags=re.M)
+    assert len(onset_rows) == last["sample_id"].nunique()
+    for sample_id, dup_factor, onset, _ in onset_rows:
+        rows = table[table["sample_id"] == int(sample_id)].sort_values("checkpoint_step")
+        assert int(dup_factor) == int(rows["dup_factor"].iloc[0])
+        crossed = rows[rows["severity"] > threshold]["checkpoint_step"]
+        assert onset == (str(int(crossed.iloc[0])) if len(crossed) else "never")
