@@ -200,7 +200,7 @@ def figures(eval_dir: Path, per_sample: pd.DataFrame, summary: dict, settings: d
     return names
 
 
-def findings(summary: dict, settings: dict, last: int) -> list[str]:
+def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) -> list[str]:
     """The paper's three findings, each with this run's numbers and a verdict."""
     g = f"{settings['guidance_scale']:g}"
     entry = summary["checkpoints"][str(last)][g]
@@ -210,6 +210,9 @@ def findings(summary: dict, settings: dict, last: int) -> list[str]:
     n, m = entry["n_samples"], entry["n_memorized"]
     lines = [f"At the last evaluated checkpoint (step {last}, g = {g}, {n} probe samples, {m} memorized: "
              f"severity > {settings['threshold']:g}); intervals are 95% bootstrap intervals.", ""]
+    if m in (0, n):
+        lines += [f"{'No' if m == 0 else 'Every'} probe sample is memorized at this checkpoint: the verdicts rest on "
+                  "the spread of severity alone, and detection scores (AUROC) are undefined.", ""]
     lines += [
         f"**1. Overestimation: under memorization the CFG loss is larger** -- {verdict(corr('loss_cfg_early'), +1)} "
         f"(high-noise window t >= {hi}).",
@@ -221,7 +224,7 @@ def findings(summary: dict, settings: dict, last: int) -> list[str]:
         "",
         f"**2. Trajectory collapse: memorized prompts lose seed diversity** -- {verdict(corr('diversity'), -1)}.",
         f"- final diversity vs severity: Pearson {fmt_corr(corr('diversity'))}; early collapse "
-        f"(mean seed distance over the early steps): {fmt_corr(corr('collapse_early'))}.",
+        f"(mean seed distance once the early steps are done): {fmt_corr(corr('collapse_early'))}.",
         f"- Wen et al.'s magnitude ||e_c - e_0|| (early steps): Pearson {fmt_corr(corr('wen_magnitude'))}; "
         f"AUROC {fmt(det('wen_magnitude')['auroc'])}, TPR at 1% FPR {fmt(det('wen_magnitude')['tpr_at_1fpr'])}.",
         "",
@@ -230,6 +233,8 @@ def findings(summary: dict, settings: dict, last: int) -> list[str]:
         f"exact schedule (unrolled DDIM): {fmt_corr(corr('D_x_exact'))}.",
         f"- D_x over the early steps only: paper {fmt_corr(corr('D_x_early'))}; exact {fmt_corr(corr('D_x_exact_early'))}.",
         f"- D_T vs severity: paper {fmt_corr(corr('D_T'))}; exact {fmt_corr(corr('D_T_exact'))}.",
+        f"- mean D_x over samples: paper {fmt(at_last['D_x'].mean())}, exact {fmt(at_last['D_x_exact'].mean())}; "
+        "for a fixed sampler the two references differ by the same constant for every sample, so their r agree.",
         f"- regressing on the final generated latent instead (the authors' exploratory variant): "
         f"D_x paper {fmt_corr(corr('D_x_final'))}.",
         f"- the paper reports Pearson {PAPER_PEARSON} with SSCD severity on pretrained models.",
@@ -265,7 +270,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     lines += markdown_table(severity)
     lines += ["", "Memorized fraction of seeds:", ""] + markdown_table(fraction)
     lines += ["", f"![severity]({'figures/' + names['severity']})", "", "## The paper's three findings, on this run", ""]
-    lines += findings(summary, settings, last)
+    lines += findings(summary, settings, last, table[table["checkpoint_step"] == last])
     lines += ["", f"![D vs severity](figures/{names['deviation']})", "",
               f"![schedule](figures/{names['schedule']})", "", f"![losses](figures/{names['losses']})", "",
               "## Onset of memorization", "",
