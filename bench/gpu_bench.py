@@ -71,18 +71,17 @@ LOSS_RTOL = 2e-2
 K_ATOL = 2e-2
 
 SIZES = {  # per-run settings: the GPU run, and the CPU smoke run that exercises the same code paths
-    "gpu": dict(batch_sizes=(96, 64, 48, 32, 24, 16, 8), steps=10, warmup=3, finetune_steps=24,
-                finetune_warmup=4, small_batch=4, images=128, eval_prompts=2, eval_seeds=8, eval_steps=50,
+    "gpu": dict(batch_sizes=(96, 64, 48, 32, 24, 16, 8), steps=8, warmup=2, finetune_steps=16,
+                finetune_warmup=3, finetune_timeout_s=240, small_batch=4, images=128, eval_prompts=4, eval_seeds=4, eval_steps=50,
                 eval_batch=16, matmul=8192, workers=6, numerics_samples=4, compile_backend="inductor"),
-    "smoke": dict(batch_sizes=(4,), steps=1, warmup=1, finetune_steps=3, finetune_warmup=1, small_batch=2,
-                  images=24, eval_prompts=2, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, workers=0,
+    "smoke": dict(batch_sizes=(4,), steps=1, warmup=1, finetune_steps=3, finetune_warmup=1, finetune_timeout_s=300, small_batch=2,
+                  images=24, eval_prompts=3, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, workers=0,
                   numerics_samples=2, compile_backend="eager"),
 }
 # Estimated seconds of each section on an H100 (used to skip what no longer fits in --budget_s).
-SECTIONS = [("env", 5), ("setup", 30), ("bare_full", 40), ("flops", 15), ("finetune_full", 60),
-            ("lora", 30),
-            ("finetune_lora", 50), ("probe_cost", 10), ("numerics", 15), ("eval", 30), ("speedups", 40),
-            ("compile", 120), ("zero2", 75), ("finetune_compile", 150)]
+SECTIONS = [("env", 5), ("setup", 25), ("bare_full", 30), ("flops", 10), ("finetune_full", 45), ("lora", 25),
+            ("finetune_lora", 40), ("probe_cost", 8), ("numerics", 10), ("eval", 25), ("speedups", 35),
+            ("compile", 100), ("zero2", 60), ("finetune_compile", 120)]
 
 
 @dataclass
@@ -263,7 +262,9 @@ def largest_batch(ctx: Context, unet) -> tuple[int, dict]:
             tried[batch] = peak
             if peak <= 0.85 * total:
                 return batch, tried
-        except torch.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if "out of memory" not in str(error).lower() and "ALLOC" not in str(error):
+                raise
             tried[batch] = "OOM"
         finally:
             del step
@@ -271,12 +272,14 @@ def largest_batch(ctx: Context, unet) -> tuple[int, dict]:
     raise RuntimeError(f"no batch size fits: {tried}")
 
 
-def count_flops(fn) -> int:
-    """FLOPs of fn() counted by FlopCounterMode, attention through the math backend (plain matmuls)."""
+def count_flops(fn, math_attention: bool = True) -> int:
+    """FLOPs of fn() counted by FlopCounterMode; attention through the math backend (plain matmuls, each
+    counted) unless `math_attention` is False (then fused attention kernels count by their registered formulas)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    backend = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
+    with backend, FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -297,12 +300,13 @@ def unet_flops_per_image(ctx: Context, unet) -> dict:
 
     with torch.no_grad():
         fwd = count_flops(forward)
+        fwd_fused_attention = count_flops(forward, math_attention=False)  # cross-check of the count
     fwd_bwd = count_flops(forward_backward)
     release(unet)
     encoders = count_flops(lambda: (encode_images(pipe.vae, ctx.pixels[:1].to(device)),
                                     encode_prompts(pipe.tokenizer, pipe.text_encoder, ctx.captions[:1])))
     return dict(unet_forward=fwd, unet_forward_backward=fwd_bwd, backward_over_forward=(fwd_bwd - fwd) / fwd,
-                vae_encode_plus_text_encode=encoders)
+                unet_forward_default_attention=fwd_fused_attention, vae_encode_plus_text_encode=encoders)
 
 
 def mfu(flops_per_image: float, images_per_s: float, env: dict) -> dict:
@@ -336,7 +340,8 @@ def run_finetune(ctx: Context, name: str, extra=(), launcher=None, dry_run: bool
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with off_device(ctx), open(log, "w") as handle:
         started = time.perf_counter()
-        status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=environment, cwd=ROOT).returncode
+        status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
+                                timeout=ctx.sizes["finetune_timeout_s"]).returncode
         wall = time.perf_counter() - started
     shutil.rmtree(output_dir, ignore_errors=True)
     if status != 0:
@@ -374,7 +379,7 @@ def k_amplification(column: str, timesteps, alpha_bar: torch.Tensor) -> torch.Te
     """(T,) factor by which an error in the noise predictions reaches column k_<..>: (|g| + |1 - g|) sqrt((1 - abar_t) / abar_t)."""
     fixed = {"k_cond": 1.0, "k_uncond": 0.0}
     g = fixed[column] if column in fixed else float(column.removeprefix("k_cfg_"))
-    abar = alpha_bar.double()[torch.as_tensor(timesteps)]
+    abar = alpha_bar.double().cpu()[torch.as_tensor(timesteps)]
     return ((abs(g) + abs(1 - g)) * ((1 - abar) / abar).sqrt()).float()
 
 
@@ -441,7 +446,7 @@ def section_env(ctx: Context) -> dict:
                    bf16_peak_tflops=next((peak for key, peak in BF16_PEAK_TFLOPS if key in props.name), None))
     else:
         env.update(card=f"cpu-{platform.machine()}", threads=torch.get_num_threads(), bf16_peak_tflops=None)
-    n = ctx.sizes["matmul"]
+    n = ctx.sizes["matmul"] if ctx.device.type == "cuda" else min(ctx.sizes["matmul"], 512)
     a, b = (torch.randn(n, n, device=ctx.device, dtype=torch.bfloat16) for _ in range(2))
     timing = time_steps(lambda: a @ b, 10, 3, ctx.device)
     env["matmul_bf16_tflops"] = 2 * n**3 / timing["step_s_median"] / 1e12
@@ -452,11 +457,13 @@ def section_env(ctx: Context) -> dict:
 def section_setup(ctx: Context) -> dict:
     """Build the preset on the device, save it as a pipeline folder, and a study dataset of synthetic images."""
     import build_duplicated_dataset
+    from diffusers import DDPMScheduler
 
     resolution = PRESETS[ctx.args.preset]["resolution"]
     started = time.perf_counter()
     with torch.device(ctx.device):  # random init on the GPU: seconds instead of a minute on the CPU
         pipe = build_pipeline(ctx.args.preset, seed=0)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # its tables on the CPU, as when loaded
     built = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
     ctx.model_dir = ctx.work / "model"
@@ -596,7 +603,8 @@ def section_eval(ctx: Context) -> dict:
     for _ in range(2):
         t_ours, (traj, _, _) = timed(lambda: analysis(components, prompts, seeds, settings, train_pixels,
                                                       train_latents, pool))
-        t_plain, images = timed(lambda: plain_pipeline(pipe, prompts, traj.x_T, s["eval_steps"], s["eval_batch"]))
+        t_plain, images = timed(lambda: plain_pipeline(pipe, prompts, traj.x_T.to(dtype), s["eval_steps"],
+                                                       s["eval_batch"]))
         ours_times.append(t_ours)
         plain_times.append(t_plain)
     del pipe, components
@@ -656,7 +664,10 @@ def section_speedups(ctx: Context) -> dict:
 def section_compile(ctx: Context) -> dict:
     """torch.compile of the UNet (module.compile, as finetune.py --torch_compile), bare loop at the chosen batch."""
     unet = ctx.pipe.unet
-    baseline = measure_training(ctx, unet, ctx.batch)
+    speedups = ctx.results["sections"].get("speedups", {})
+    baseline = ({"images_per_s": speedups["channels_last"]["baseline_images_per_s"],
+                 "peak_allocated_gib": speedups["channels_last"]["baseline_peak"]}
+                if "channels_last" in speedups else measure_training(ctx, unet, ctx.batch))
     unet.compile(backend=ctx.sizes["compile_backend"])
     try:
         compiled = measure_training(ctx, unet, ctx.batch)
@@ -732,11 +743,11 @@ def table(results: dict) -> str:
     env, bare, ft, lora = s.get("env", {}), s.get("bare_full", {}), s.get("finetune_full", {}), s.get("lora", {})
     lines = [f"card {env.get('card')}  torch {env.get('torch')}  bf16 peak {fmt(env.get('bf16_peak_tflops'), '.0f')} "
              f"TFLOP/s (datasheet), matmul {fmt(env.get('matmul_bf16_tflops'), '.0f')} TFLOP/s (measured)",
-             f"{'':24s}{'images/s':>10s}{'peak GiB':>10s}{'vs bare':>9s}{'MFU':>8s}"]
+             f"{'':28s}{'images/s':>10s}{'peak GiB':>10s}{'vs bare':>9s}{'MFU':>8s}"]
 
     def row(name, record, ratio=None, util=None):
         if record and "images_per_s" in record:
-            lines.append(f"{name:24s}{record['images_per_s']:10.2f}{fmt(record.get('peak_allocated_gib')):>10s}"
+            lines.append(f"{name:28s}{record['images_per_s']:10.2f}{fmt(record.get('peak_allocated_gib')):>10s}"
                          f"{fmt(ratio, '.3f'):>9s}{fmt(util, '.1%'):>8s}")
 
     row(f"bare full (batch {bare.get('batch')})", bare, None, s.get("flops", {}).get("bare_full_mfu", {}).get("mfu_vs_datasheet"))
@@ -784,7 +795,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU check of every code path)")
     parser.add_argument("--dry_run", action="store_true",
                         help="only build the model and data, then run finetune.py --dry_run with the bench's flags")
-    parser.add_argument("--budget_s", type=float, default=300.0, help="skip sections that would end after this")
+    parser.add_argument("--budget_s", type=float, default=360.0, help="skip sections that would end after this")
     parser.add_argument("--only", default=None, help="comma list of sections to run (env and setup always run)")
     parser.add_argument("--json", action="append", default=None,
                         help="write the results here (repeatable; default bench/results/<card>-<date>.json + $OUT/)")
