@@ -71,12 +71,12 @@ LOSS_RTOL = 2e-2
 K_ATOL = 2e-2
 
 SIZES = {  # per-run settings: the GPU run, and the CPU smoke run that exercises the same code paths
-    "gpu": dict(batch_sizes=(96, 64, 48, 32, 24, 16, 8), steps=8, warmup=2, finetune_steps=16,
-                finetune_warmup=3, finetune_timeout_s=240, small_batch=4, images=128, eval_prompts=4, eval_seeds=4, eval_steps=50,
-                eval_batch=16, matmul=8192, workers=6, numerics_samples=4, compile_backend="inductor"),
-    "smoke": dict(batch_sizes=(4,), steps=1, warmup=1, finetune_steps=3, finetune_warmup=1, finetune_timeout_s=300, small_batch=2,
-                  images=24, eval_prompts=3, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, workers=0,
-                  numerics_samples=2, compile_backend="eager"),
+    "gpu": dict(batch_sizes=(96, 64, 48, 32, 24, 16, 8), steps=8, warmup=2, small_batch=4, images=256,
+                finetune_steps=16, finetune_warmup=3, finetune_timeout_s=240, workers=6, numerics_samples=4,
+                eval_prompts=4, eval_seeds=4, eval_steps=50, eval_batch=16, matmul=8192, compile_backend="inductor"),
+    "smoke": dict(batch_sizes=(4,), steps=1, warmup=1, small_batch=2, images=24,
+                  finetune_steps=3, finetune_warmup=1, finetune_timeout_s=300, workers=0, numerics_samples=2,
+                  eval_prompts=3, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, compile_backend="eager"),
 }
 # Estimated seconds of each section on an H100 (used to skip what no longer fits in --budget_s).
 SECTIONS = [("env", 5), ("setup", 25), ("bare_full", 30), ("flops", 10), ("finetune_full", 45), ("lora", 25),
@@ -376,7 +376,8 @@ def probe_inputs(ctx: Context, samples: int) -> dict:
 
 
 def k_amplification(column: str, timesteps, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """(T,) factor by which an error in the noise predictions reaches column k_<..>: (|g| + |1 - g|) sqrt((1 - abar_t) / abar_t)."""
+    """(T,) factor by which an error in the noise predictions reaches column k_<..>:
+    (|g| + |1 - g|) sqrt((1 - abar_t) / abar_t)."""
     fixed = {"k_cond": 1.0, "k_uncond": 0.0}
     g = fixed[column] if column in fixed else float(column.removeprefix("k_cfg_"))
     abar = alpha_bar.double().cpu()[torch.as_tensor(timesteps)]
@@ -633,7 +634,8 @@ def section_speedups(ctx: Context) -> dict:
     finally:
         unet.to(memory_format=torch.contiguous_format)
     out["channels_last"] = dict(batch=ctx.batch, baseline_images_per_s=baseline["images_per_s"],
-                                images_per_s=last["images_per_s"], speedup=last["images_per_s"] / baseline["images_per_s"],
+                                images_per_s=last["images_per_s"],
+                                speedup=last["images_per_s"] / baseline["images_per_s"],
                                 baseline_peak=baseline.get("peak_allocated_gib"), peak=last.get("peak_allocated_gib"))
 
     default = unet.attn_processors
@@ -750,7 +752,8 @@ def table(results: dict) -> str:
             lines.append(f"{name:28s}{record['images_per_s']:10.2f}{fmt(record.get('peak_allocated_gib')):>10s}"
                          f"{fmt(ratio, '.3f'):>9s}{fmt(util, '.1%'):>8s}")
 
-    row(f"bare full (batch {bare.get('batch')})", bare, None, s.get("flops", {}).get("bare_full_mfu", {}).get("mfu_vs_datasheet"))
+    row(f"bare full (batch {bare.get('batch')})", bare, None,
+        s.get("flops", {}).get("bare_full_mfu", {}).get("mfu_vs_datasheet"))
     row("finetune.py full", ft, ft.get("ratio_to_bare"), ft.get("mfu", {}).get("mfu_vs_datasheet"))
     if "bare" in lora:
         row("bare LoRA", lora["bare"], None, lora["bare"]["mfu"].get("mfu_vs_datasheet"))
@@ -836,7 +839,8 @@ def main(argv=None) -> int:
             if wanted is not None and name not in wanted:
                 continue
             if name not in ("env", "setup") and elapsed + estimate > args.budget_s and not args.smoke:
-                results["status"][name] = f"skipped: {elapsed:.0f} s + estimated {estimate} s > budget {args.budget_s:.0f} s"
+                results["status"][name] = (f"skipped: {elapsed:.0f} s + estimated {estimate} s > "
+                                           f"budget {args.budget_s:.0f} s")
                 continue
             print(f"[gpu_bench] {name} (at {elapsed:.0f} s)", flush=True)
             section_start = time.perf_counter()

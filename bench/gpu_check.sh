@@ -14,6 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-360}
+WHEELS=${WHEELS:-.whl}          # carried wheel folder
+GPU_BENCH_ARGS=${GPU_BENCH_ARGS:-}  # extra gpu_bench.py flags, e.g. "--only zero2,finetune_compile"
 
 if ! reason=$("$PY" -c '
 try:
@@ -27,19 +29,21 @@ if not torch.cuda.is_available():
     exit 2
 fi
 
+tee_pid=
 if [ -n "${OUT:-}" ]; then
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+    tee_pid=$!
 fi
 echo "== gpu_check.sh $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,temperature.gpu,power.draw --format=csv || true
 
 # 1. The packages the image lacks, from the carried wheels (one version of each).
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "gpu_check.sh: installing the wheels of .whl/ failed"; exit 3; }
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || { echo "gpu_check.sh: installing the wheels of $WHEELS/ failed"; exit 3; }
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
-    echo "gpu_check.sh: no .whl/ here (run bench/fetch_gpu_wheels.sh and carry \".whl\"); using installed packages"
+    echo "gpu_check.sh: no $WHEELS/ here (run bench/fetch_gpu_wheels.sh and carry \".whl\"); using installed packages"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -61,12 +65,17 @@ json.dump({"pytest_gpu_exit": int(sys.argv[2]), "pytest_gpu_summary": lines[-1] 
     "$work/pytest.log" "$tests_exit" "$work/pytest.json"
 
 # 3. The measurements.
-timeout --kill-after=10 $((BENCH_BUDGET_S + 90)) "$PY" bench/gpu_bench.py --budget_s "$BENCH_BUDGET_S" --extra "$work/pytest.json"
+timeout --kill-after=10 $((BENCH_BUDGET_S + 90)) "$PY" bench/gpu_bench.py --budget_s "$BENCH_BUDGET_S" --extra "$work/pytest.json" $GPU_BENCH_ARGS
 bench_exit=$?
-if [ "$bench_exit" -ge 124 ]; then
-    echo "gpu_check.sh: gpu_bench.py stopped at its time limit; the sections it finished are in the JSON:"
-    "$PY" bench/gpu_bench.py --table_of "$(ls -t bench/results/*.json | head -1)"
+latest=$(ls -t bench/results/*.json 2>/dev/null | head -1)
+if [ "$bench_exit" -ge 124 ] && [ -n "$latest" ]; then
+    echo "gpu_check.sh: gpu_bench.py stopped at its time limit; the sections it finished are in $latest:"
+    "$PY" bench/gpu_bench.py --table_of "$latest"
 fi
 rm -rf "$work"
 echo "== gpu_check.sh done in ${SECONDS} s: GPU tests exit $tests_exit, gpu_bench.py exit $bench_exit"
-[ "$tests_exit" -eq 0 ] && [ "$bench_exit" -eq 0 ]
+status=0
+[ "$tests_exit" -eq 0 ] && [ "$bench_exit" -eq 0 ] || status=1
+exec 1>&- 2>&-  # end tee's input, and let it finish the log before the call returns
+[ -z "$tee_pid" ] || wait "$tee_pid"
+exit "$status"

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     status = finetune.cli(finetune_argv)
     wall = time.perf_counter() - started
-    if status != 0:
+    if status != 0 or config.dry_run:
         return status
     state = PartialState()
     if not state.is_main_process:

@@ -56,8 +56,8 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
 
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     path = tmp_path / "smoke.json"
-    status = gpu_bench.main(["--device", "cpu", "--preset", "tiny", "--smoke", "--only", "bare_full,flops,lora,numerics",
-                             "--json", str(path), "--work_dir", str(tmp_path / "work")])
+    status = gpu_bench.main(["--device", "cpu", "--preset", "tiny", "--smoke", "--only",
+                             "bare_full,flops,lora,numerics", "--json", str(path), "--work_dir", str(tmp_path / "work")])
     results = json.loads(path.read_text())
     assert status == 0, results["status"]
     s = results["sections"]
@@ -85,14 +85,47 @@ def test_k_amplification_matches_x0hat_error():
     assert torch.allclose(gpu_bench.k_amplification("k_uncond", [1], alpha_bar), torch.tensor([1.0]))
 
 
-def test_finetune_run_record(tiny_model_dir, tiny_dataset_dir, tmp_path):
+def test_sd15_shape_attention_is_sdpa_by_default():
+    """diffusers' default processor on torch 2 is AttnProcessor2_0 (F.scaled_dot_product_attention) on every layer."""
+    from diffusers import UNet2DConditionModel
+    from mem_analysis.presets import PRESETS
+
+    with torch.device("meta"):  # the architecture only, no memory for weights
+        unet = UNet2DConditionModel(**PRESETS["sd15-shape"]["unet"])
+    processors = unet.attn_processors
+    assert len(processors) == 32  # 16 transformer blocks x (self, cross)
+    assert {type(p).__name__ for p in processors.values()} == {"AttnProcessor2_0"}
+
+
+def tiny_study(folder: Path) -> tuple[Path, Path]:
+    """An untrained tiny base model and a study dataset of 24 synthetic 32 px images (factors 1, 4)."""
+    import build_duplicated_dataset
+    from mem_analysis.presets import build_pipeline
+
+    build_pipeline("tiny", seed=0).save_pretrained(folder / "model")
+    source = folder / "images"
+    source.mkdir()
+    with open(source / "metadata.jsonl", "w") as handle:
+        for i, image in enumerate(gpu_bench.synthetic_images(24, 32, seed=0)):
+            image.save(source / f"{i}.png")
+            handle.write(json.dumps({"file_name": f"{i}.png", "text": f"colour field {i}"}) + "\n")
+    build_duplicated_dataset.main(["--source", str(source), "--output_dir", str(folder / "data"), "--resolution", "32",
+                                   "--dup_factors", "1,4", "--samples_per_factor", "2"])
+    return folder / "model", folder / "data"
+
+
+def test_finetune_run_record(tmp_path):
+    model, data = tiny_study(tmp_path)
     result = tmp_path / "record.json"
-    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir", str(tiny_dataset_dir),
+    flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
              "--output_dir", str(tmp_path / "run"), "--train_batch_size", "4", "--max_train_steps", "3",
              "--checkpointing_steps", "0", "--probe_steps", "0", "--mixed_precision", "no"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU: one thread avoids OpenMP spin-waits
     try:
         assert gpu_finetune_run.main(["--result", str(result), "--warmup", "1", "--", *flags]) == 0
     finally:
+        torch.set_num_threads(threads)
         reset_accelerate()
     record = json.loads(result.read_text())
     assert record["steps"] == 3 and record["warmup_steps"] == 1 and record["batch"] == 4
@@ -156,8 +189,8 @@ def test_bf16_probe_metrics_agree_with_float32(sd15_unet):
     agreement = gpu_bench.probe_precision_agreement(sd15_unet, sd15_probe_inputs())
     for variant in ("bf16_autocast", "bf16_weights"):
         a = agreement[variant]
-        print(f"{variant}: max loss rel diff {a['max_loss_rel']:.2e} (tolerance {gpu_bench.LOSS_RTOL}), max k abs diff "
-              f"{a['max_k_abs']:.2e}, scaled {a['max_k_scaled']:.2e} (tolerance {gpu_bench.K_ATOL})")
+        print(f"{variant}: max loss rel diff {a['max_loss_rel']:.2e} (tolerance {gpu_bench.LOSS_RTOL}), "
+              f"max k abs diff {a['max_k_abs']:.2e}, scaled {a['max_k_scaled']:.2e} (tolerance {gpu_bench.K_ATOL})")
         assert a["within_tolerance"], a
         assert a["max_loss_rel"] > 0  # bf16 really ran
 
@@ -189,25 +222,14 @@ def test_sdpa_is_default_and_agrees_with_classic_attention(sd15_unet):
 @gpu
 def test_finetune_bf16_on_cuda(tmp_path):
     """finetune.py on the tiny model in bf16 on the GPU: loss finite, probes written, final model saved."""
-    import build_duplicated_dataset
     import finetune
-    from mem_analysis.presets import build_pipeline
 
-    build_pipeline("tiny", seed=0).save_pretrained(tmp_path / "model")
-    source = tmp_path / "images"
-    source.mkdir()
-    images = gpu_bench.synthetic_images(24, 32, seed=0)
-    with open(source / "metadata.jsonl", "w") as handle:
-        for i, image in enumerate(images):
-            image.save(source / f"{i}.png")
-            handle.write(json.dumps({"file_name": f"{i}.png", "text": f"colour field {i}"}) + "\n")
-    build_duplicated_dataset.main(["--source", str(source), "--output_dir", str(tmp_path / "data"), "--resolution", "32",
-                                   "--dup_factors", "1,4", "--samples_per_factor", "2"])
+    model, data = tiny_study(tmp_path)
     extra = [f"--{flag}" for flag in ("channels_last", "allow_tf32") if gpu_bench.finetune_has(flag)]
     run = tmp_path / "run"
     try:
-        status = finetune.main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir",
-                                str(tmp_path / "data"), "--output_dir", str(run), "--train_batch_size", "4",
+        status = finetune.main(["--pretrained_model_name_or_path", str(model), "--train_data_dir",
+                                str(data), "--output_dir", str(run), "--train_batch_size", "4",
                                 "--max_train_steps", "4", "--probe_steps", "2", "--checkpointing_steps", "4",
                                 "--mixed_precision", "bf16", *extra])
     finally:
