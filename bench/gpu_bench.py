@@ -1,6 +1,6 @@
 """Every GPU measurement of issue 7, on the sd15-shape architecture at 512 px, in one process.
 
-    python bench/gpu_bench.py [--budget_s 300]                      # on the GPU (bench/gpu_check.sh runs it)
+    python bench/gpu_bench.py [--budget_s 360]                      # on the GPU (bench/gpu_check.sh runs it)
     python bench/gpu_bench.py --device cpu --preset tiny --smoke    # the same code paths on CPU, tiny sizes
     python bench/gpu_bench.py --device cpu --dry_run                # sd15-shape model + data, finetune.py --dry_run
 
@@ -79,7 +79,7 @@ SIZES = {  # per-run settings: the GPU run, and the CPU smoke run that exercises
                   eval_prompts=3, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, compile_backend="eager"),
 }
 # Estimated seconds of each section on an H100 (used to skip what no longer fits in --budget_s).
-SECTIONS = [("env", 5), ("setup", 25), ("bare_full", 30), ("flops", 10), ("finetune_full", 45), ("lora", 25),
+SECTIONS = [("env", 5), ("setup", 15), ("dataset", 10), ("bare_full", 30), ("flops", 10), ("finetune_full", 45), ("lora", 25),
             ("finetune_lora", 40), ("probe_cost", 8), ("numerics", 10), ("eval", 25), ("speedups", 35),
             ("compile", 100), ("zero2", 60), ("finetune_compile", 120)]
 
@@ -96,6 +96,7 @@ class Context:
     pipe: object = None
     model_dir: Path | None = None
     data_dir: Path | None = None
+    images: list = field(default_factory=list)  # the synthetic training images (PIL)
     pixels: torch.Tensor | None = None  # (N, 3, R, R) in [-1, 1], the training images as finetune.py reads them
     captions: list = field(default_factory=list)
     batch: int | None = None
@@ -221,7 +222,6 @@ def make_train_step(ctx: Context, unet, batch: int, autocast: bool | None = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step.optimizer = optimizer
     return step
 
 
@@ -306,7 +306,8 @@ def unet_flops_per_image(ctx: Context, unet) -> dict:
     encoders = count_flops(lambda: (encode_images(pipe.vae, ctx.pixels[:1].to(device)),
                                     encode_prompts(pipe.tokenizer, pipe.text_encoder, ctx.captions[:1])))
     return dict(unet_forward=fwd, unet_forward_backward=fwd_bwd, backward_over_forward=(fwd_bwd - fwd) / fwd,
-                unet_forward_default_attention=fwd_fused_attention, vae_encode_plus_text_encode=encoders)
+                unet_forward_default_attention=fwd_fused_attention, vae_encode_plus_text_encode=encoders,
+                note="MFU counts unet_forward_backward only; the frozen encoders' forward is listed apart")
 
 
 def mfu(flops_per_image: float, images_per_s: float, env: dict) -> dict:
@@ -333,6 +334,8 @@ def finetune_flags(ctx: Context, output_dir: Path, steps: int, extra=()) -> list
 
 def run_finetune(ctx: Context, name: str, extra=(), launcher=None, dry_run: bool = False) -> dict:
     """One finetune.py run in a fresh process (bench/gpu_finetune_run.py); its JSON record, run folder removed."""
+    if ctx.data_dir is None or ctx.batch is None:
+        raise Skip("needs the study dataset and the batch size (sections dataset and bare_full)")
     result, output_dir, log = ctx.work / f"{name}.json", ctx.work / f"run-{name}", ctx.work / f"{name}.log"
     flags = finetune_flags(ctx, output_dir, ctx.sizes["finetune_steps"], extra) + (["--dry_run"] if dry_run else [])
     command = [*(launcher or [sys.executable]), str(ROOT / "bench" / "gpu_finetune_run.py"), "--result", str(result),
@@ -456,8 +459,7 @@ def section_env(ctx: Context) -> dict:
 
 
 def section_setup(ctx: Context) -> dict:
-    """Build the preset on the device, save it as a pipeline folder, and a study dataset of synthetic images."""
-    import build_duplicated_dataset
+    """Build the preset on the device, save it as a pipeline folder, and make the synthetic training images."""
     from diffusers import DDPMScheduler
 
     resolution = PRESETS[ctx.args.preset]["resolution"]
@@ -477,22 +479,34 @@ def section_setup(ctx: Context) -> dict:
     pipe.text_encoder.requires_grad_(False)
     ctx.pipe = pipe
 
-    images = synthetic_images(ctx.sizes["images"], resolution, seed=0)
-    ctx.captions = [f"a smooth colour field, number {i}" for i in range(len(images))]
+    ctx.images = synthetic_images(ctx.sizes["images"], resolution, seed=0)
+    ctx.captions = [f"a smooth colour field, number {i}" for i in range(len(ctx.images))]
+    ctx.pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
+                              for im in ctx.images])
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    return dict(preset=ctx.args.preset, resolution=resolution, unet_params=unet_params, build_s=built,
+                save_s=saved, images=len(ctx.images),
+                latent_shape=list(encode_images(pipe.vae, ctx.pixels[:1].to(ctx.device)).shape[1:]))
+
+
+def section_dataset(ctx: Context) -> dict:
+    """The synthetic images as an image folder, then a study dataset built from it by build_duplicated_dataset.py."""
+    import build_duplicated_dataset
+
     source = ctx.work / "images"
     source.mkdir(exist_ok=True)
     with open(source / "metadata.jsonl", "w") as handle:
-        for i, (image, caption) in enumerate(zip(images, ctx.captions)):
+        for i, (image, caption) in enumerate(zip(ctx.images, ctx.captions)):
             image.save(source / f"{i:04d}.png")
             handle.write(json.dumps({"file_name": f"{i:04d}.png", "text": caption}) + "\n")
-    ctx.pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
-    ctx.data_dir = ctx.work / "data"
-    build_duplicated_dataset.main(["--source", str(source), "--output_dir", str(ctx.data_dir), "--resolution",
-                                   str(resolution), "--dup_factors", "1,4", "--samples_per_factor", "4", "--seed", "0"])
-    unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    return dict(preset=ctx.args.preset, resolution=resolution, unet_params=unet_params, build_s=built,
-                save_s=saved, data_s=time.perf_counter() - started - built - saved, images=len(images),
-                latent_shape=list(encode_images(pipe.vae, ctx.pixels[:1].to(ctx.device)).shape[1:]))
+    data_dir = ctx.work / "data"
+    build_duplicated_dataset.main(["--source", str(source), "--output_dir", str(data_dir), "--resolution",
+                                   str(ctx.images[0].size[0]), "--dup_factors", "1,4", "--samples_per_factor", "4",
+                                   "--seed", "0"])
+    ctx.data_dir = data_dir
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return dict(folder_mib=sum(f.stat().st_size for f in data_dir.rglob("*") if f.is_file()) / 2**20,
+                manifest_keys=sorted(manifest))
 
 
 def section_bare_full(ctx: Context) -> dict:
@@ -557,7 +571,7 @@ def section_probe_cost(ctx: Context) -> dict:
     from finetune_config import FLAGS
     from mem_analysis.data import load_study_dataset
 
-    samples = len(load_study_dataset(ctx.data_dir)["probe"])
+    samples = len(load_study_dataset(ctx.data_dir)["probe"]) if ctx.data_dir else 8
     inputs = probe_inputs(ctx, samples)
 
     def probe():
@@ -829,16 +843,16 @@ def main(argv=None) -> int:
         results["extra"] = json.loads(Path(args.extra).read_text())
     ctx = Context(args, SIZES["smoke" if args.smoke else "gpu"], device, work, results)
     functions = {name: globals()[f"section_{name}"] for name, _ in SECTIONS}
-    wanted = None if args.only is None else {"env", "setup", *args.only.split(",")}
+    wanted = None if args.only is None else {"env", "setup", "dataset", *args.only.split(",")}
     if args.dry_run:
-        wanted = {"env", "setup"}
+        wanted = {"env", "setup", "dataset"}
     started = time.perf_counter()
     try:
         for name, estimate in SECTIONS:
             elapsed = time.perf_counter() - started
             if wanted is not None and name not in wanted:
                 continue
-            if name not in ("env", "setup") and elapsed + estimate > args.budget_s and not args.smoke:
+            if name not in ("env", "setup", "dataset") and elapsed + estimate > args.budget_s and not args.smoke:
                 results["status"][name] = (f"skipped: {elapsed:.0f} s + estimated {estimate} s > "
                                            f"budget {args.budget_s:.0f} s")
                 continue
@@ -849,9 +863,9 @@ def main(argv=None) -> int:
                 results["status"][name] = "ok"
             except Skip as reason:
                 results["status"][name] = f"skipped: {reason}"
-            except Exception as error:  # noqa: BLE001 - record and go on with the other sections
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - record and go on with the other sections
                 traceback.print_exc()
-                results["status"][name] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                results["status"][name] = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
                 results["sections"][name] = dict(error=traceback.format_exc(limit=4)[-3000:])
                 if name in ("env", "setup"):
                     break
@@ -861,7 +875,7 @@ def main(argv=None) -> int:
                 free_memory()
                 if not args.dry_run:
                     write_results(ctx)
-        if args.dry_run and results["status"].get("setup") == "ok":
+        if args.dry_run and results["status"].get("dataset") == "ok":
             ctx.batch = ctx.sizes["batch_sizes"][-1]
             for name, extra in (("full", []), ("lora", ["--use_lora", "--rank", "4"])):
                 for line in run_finetune(ctx, f"dry_{name}", extra=extra, dry_run=True)["dry_run"]:
