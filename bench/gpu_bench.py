@@ -790,7 +790,7 @@ def table(results: dict) -> str:
                          f"max k abs {n['max_k_abs']:.2e}, scaled {n['max_k_scaled']:.2e} (tol {K_ATOL}): "
                          f"{'within' if n['within_tolerance'] else 'OUTSIDE'} tolerance")
     sp = s.get("speedups", {})
-    if sp:
+    if "channels_last" in sp:
         lines.append(f"speed-ups: channels_last x{sp['channels_last']['speedup']:.3f}; SDPA vs classic "
                      f"x{sp['attention']['speedup']:.3f} (batch {sp['attention']['batch']}); allow_tf32 on fp32 "
                      f"x{sp['tf32_float32_path']['speedup_allow_tf32_vs_strict']:.3f} vs strict, "
@@ -798,6 +798,10 @@ def table(results: dict) -> str:
     c = s.get("compile", {})
     if "speedup" in c:
         lines.append(f"torch.compile ({c['backend']}): x{c['speedup']:.3f}, compile {c['compile_s']:.1f} s")
+    fc = s.get("finetune_compile", {})
+    if "speedup_vs_eager" in fc:
+        lines.append(f"finetune.py --torch_compile: x{fc['speedup_vs_eager']:.3f}, first step "
+                     f"{fc['first_step_s']:.1f} s (compile about {fc['compile_s']:.1f} s)")
     for name, status in results["status"].items():
         if status != "ok":
             lines.append(f"section {name}: {status}")
