@@ -69,18 +69,33 @@ def summarize(per_sample: pd.DataFrame, settings: dict, n_boot: int = 1000) -> d
             entry["detection"][col] = detection(values, labels)
         out["checkpoints"].setdefault(str(int(step)), {})[f"{g:g}"] = entry
     headline = per_sample[per_sample["guidance_scale"] == settings["guidance_scale"]].sort_values("checkpoint_step")
-    base = headline[headline["checkpoint_step"] == headline["checkpoint_step"].min()]["D_x"]
-    # "deviation rose": D_x left the first evaluated model's spread (mean + 3 sd across samples).
-    dx_threshold = float(base.mean() + 3 * base.std(ddof=0)) if len(base) else math.nan
+    rise_threshold, reference = deviation_rise_thresholds(headline)
     for sid, rows in headline.groupby("sample_id"):
         steps = rows["checkpoint_step"].to_numpy()
         onset = stats.onset_step(steps, rows["severity"].to_numpy(float), threshold)[0]
-        rise = stats.onset_step(steps, rows["D_x"].to_numpy(float), dx_threshold)[0]
+        excess = rows["D_x"].to_numpy(float) - rise_threshold.loc[steps].to_numpy(float)
+        rise = stats.onset_step(steps, excess, 0.0)[0]
         out["onset"][str(int(sid))] = dict(dup_factor=int(rows["dup_factor"].iloc[0]),
                                            onset_step=None if np.isnan(onset) else int(onset),
                                            deviation_rise_step=None if np.isnan(rise) else int(rise))
-    out["deviation_rise_threshold"] = dx_threshold
+    out["deviation_rise_threshold"] = {str(int(k)): float(v) for k, v in rise_threshold.items()}
+    out["deviation_rise_reference"] = reference
     return out
+
+
+def deviation_rise_thresholds(headline: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Per checkpoint step, the D_x above which a sample's deviation "rose": mean + 3 sd (across samples)
+    of the never-duplicated probe samples at that checkpoint (at least 3 of them), else of the first
+    evaluated model. The first evaluated model is a poor reference when its UNet is untrained (its
+    D_x spread is wide and every trained model's differs), hence the controls of the same checkpoint."""
+    spread = lambda v: v.mean() + 3 * v.std(ddof=0)  # noqa: E731
+    steps = sorted(headline["checkpoint_step"].unique())
+    controls = headline[headline["dup_factor"] == 1]
+    if controls["sample_id"].nunique() >= 3 and set(controls["checkpoint_step"]) == set(steps):
+        return (controls.groupby("checkpoint_step")["D_x"].agg(spread),
+                "never-duplicated probe samples at the same checkpoint")
+    base = headline[headline["checkpoint_step"] == steps[0]]["D_x"]
+    return pd.Series(float(spread(base)) if len(base) else math.nan, index=steps), "the first evaluated model"
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -271,11 +286,13 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     lines += ["", "Memorized fraction of seeds:", ""] + markdown_table(fraction)
     lines += ["", f"![severity]({'figures/' + names['severity']})", "", "## The paper's three findings, on this run", ""]
     lines += findings(summary, settings, last, table[table["checkpoint_step"] == last])
+    lines += [""] + group_lines(table[table["checkpoint_step"] == last], settings, n_boot)
     lines += ["", f"![D vs severity](figures/{names['deviation']})", "",
               f"![schedule](figures/{names['schedule']})", "", f"![losses](figures/{names['losses']})", "",
-              "## Onset of memorization", "",
-              f"First step at which a sample's severity crosses the threshold, and at which its D_x rose above "
-              f"{fmt(summary['deviation_rise_threshold'])} (first evaluated model's mean + 3 sd):", "",
+              "## Onset of memorization", ""]
+    lines += onset_summary(summary)
+    lines += ["", f"Per sample: first step at which its severity crosses the threshold, and at which its D_x rose "
+              f"above the mean + 3 sd of {summary['deviation_rise_reference']}:", "",
               "| sample_id | dup_factor | onset step | D_x rise step |", "|---|---|---|---|"]
     for sid, o in sorted(summary["onset"].items(), key=lambda kv: (-kv[1]["dup_factor"], int(kv[0]))):
         lines.append(f"| {sid} | {o['dup_factor']} | {o['onset_step'] if o['onset_step'] is not None else 'never'} | "
@@ -285,6 +302,58 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     tmp.write_text("\n".join(lines))
     os.replace(tmp, eval_dir / "report.md")
     return eval_dir / "report.md"
+
+
+def onset_summary(summary: dict) -> list[str]:
+    """Per duplication factor: how many samples crossed the severity threshold, when, and whether D_x rose first."""
+    lines = ["| dup_factor | samples | crossed | median onset step | D_x rose | rose before crossing | "
+             "rose at the crossing checkpoint | rose after |", "|---|---|---|---|---|---|---|---|"]
+    frame = pd.DataFrame(summary["onset"].values())
+    for dup, rows in sorted(frame.groupby("dup_factor"), key=lambda kv: -kv[0]):
+        onset, rise = rows["onset_step"].astype(float), rows["deviation_rise_step"].astype(float)
+        crossed = onset.notna()
+        before = int((crossed & (rise < onset)).sum())
+        same = int((crossed & (rise == onset)).sum())
+        after = int((crossed & ((rise > onset) | rise.isna())).sum())
+        median = fmt(float(onset[crossed].median()), 0) if crossed.any() else "never"
+        lines.append(f"| {dup} | {len(rows)} | {int(crossed.sum())} | {median} | {int(rise.notna().sum())} | "
+                     f"{before} | {same} | {after} |")
+    return lines
+
+
+def mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> str:
+    """'mean [low, high]': the mean with a 95% percentile-bootstrap interval (resampling the values)."""
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return "n/a (no samples)"
+    boots = np.random.default_rng(seed).choice(values, size=(n_boot, len(values))).mean(1)
+    return f"{fmt(float(values.mean()))} [{fmt(float(np.quantile(boots, 0.025)))}, {fmt(float(np.quantile(boots, 0.975)))}]"
+
+
+def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]:
+    """Finding 1 by group (memorized vs not) and k by duplication factor and guidance scale, at one checkpoint."""
+    g, hi = f"{settings['guidance_scale']:g}", settings["high_noise_timestep"]
+    memorized = (at_last["severity"] > settings["threshold"]).to_numpy()
+    lines = [f"Memorized (n = {int(memorized.sum())}) vs not (n = {int((~memorized).sum())}), mean per sample "
+             f"with a 95% bootstrap interval:", "",
+             "| quantity | memorized | not memorized |", "|---|---|---|"]
+    for col, name in ((f"loss_cfg_{g}_early", f"L_g (g = {g}), t >= {hi}"), (f"loss_cfg_{g}", f"L_g (g = {g}), all t"),
+                      ("loss_cond_early", f"L_c, t >= {hi}"), ("loss_cond", "L_c, all t"),
+                      (f"k_cfg_{g}_early", f"k_g (g = {g}), t >= {hi}"), ("k_cond_early", f"k_c, t >= {hi}")):
+        if col in at_last:
+            values = at_last[col].to_numpy(float)
+            lines.append(f"| {name} | {mean_ci(values[memorized], n_boot)} | {mean_ci(values[~memorized], n_boot)} |")
+    scales = sorted({float(c[len("k_cfg_"):-len("_early")]) for c in at_last.columns
+                     if c.startswith("k_cfg_") and c.endswith("_early") and c != "k_cfg_early"})
+    columns = [("k_cond", "1")] + [(f"k_cfg_{s:g}", f"{s:g}") for s in scales]
+    lines += ["", f"Overestimation k (centred) by duplication factor and guidance scale g, mean over samples, "
+              f"t >= {hi} / all t (k = 1: one unit of the training image; g = 1 is the conditional prediction):", "",
+              "| dup_factor | " + " | ".join(f"g = {name}" for _, name in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for dup, rows in at_last.groupby("dup_factor"):
+        cells = [f"{fmt(rows[c + '_early'].mean(), 2)} / {fmt(rows[c].mean(), 2)}" for c, _ in columns]
+        lines.append(f"| {dup} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown_table(frame: pd.DataFrame) -> list[str]:
