@@ -115,11 +115,12 @@ def tiny_study(folder: Path) -> tuple[Path, Path]:
 
 
 def test_finetune_run_record(tmp_path):
+    """A finetune.py run (channels-last, saved at the end) becomes a throughput record."""
     model, data = tiny_study(tmp_path)
     result = tmp_path / "record.json"
     flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
              "--output_dir", str(tmp_path / "run"), "--train_batch_size", "4", "--max_train_steps", "3",
-             "--checkpointing_steps", "0", "--probe_steps", "0", "--mixed_precision", "no"]
+             "--checkpointing_steps", "0", "--probe_steps", "0", "--mixed_precision", "no", "--channels_last"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared CPU: one thread avoids OpenMP spin-waits
     try:
