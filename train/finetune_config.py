@@ -83,6 +83,8 @@ FLAGS = {
     "max_grad_norm": (1.0, float, "gradient clipping norm"),
     "mixed_precision": (None, optional(str), "no, fp16 or bf16 (default: accelerate's launch setting)"),
     "allow_tf32": (False, boolean, "allow TF32 matmuls on Ampere+"),
+    "channels_last": (False, boolean, "UNet weights and activations in channels-last layout (faster convolutions)"),
+    "torch_compile": (False, boolean, "compile the UNet with torch.compile (the first step includes compilation)"),
     "prediction_type": (None, optional(str), "override the scheduler's prediction type (epsilon, v_prediction)"),
     "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
     "noise_offset": (0.0, float, "noise offset"),
