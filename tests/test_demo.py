@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 def run_demo(demo_dir: Path) -> str:
     """bash data_scripts/demo.sh on the shortened config; its stdout (fails with the log tail)."""
-    env = {**os.environ, "DEMO_CONFIG": CONFIG, "DEMO_DIR": str(demo_dir), "OMP_NUM_THREADS": "1"}  # 1: two threads thrash when the suite shares the cores
+    # One thread: two threads per process thrash when the rest of the suite shares the 2 cores.
+    env = {**os.environ, "DEMO_CONFIG": CONFIG, "DEMO_DIR": str(demo_dir), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "data_scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
