@@ -55,3 +55,14 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("datasets") / "tiny"
     build_duplicated_dataset.main(["--output_dir", str(folder), *TINY_DATASET_ARGS])
     return folder
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide state after a test, so each in-process run starts as a new process would."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -30,15 +30,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if "pretrained_model_name_or_path" in yaml.safe_load(c.read_text())]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process dry run builds its Accelerator from scratch, as a new process would."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def header(config: Path, name: str) -> list[str] | None:

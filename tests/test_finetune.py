@@ -24,15 +24,7 @@ from finetune_state import list_checkpoints, resolve_resume  # noqa: E402
 TINY_CONFIG = ROOT / "configs" / "finetune_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its Accelerator from scratch, as a new process would."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def error_lines(stderr: str) -> list[str]:
