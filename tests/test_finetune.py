@@ -175,6 +175,23 @@ def test_diverging_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tin
     assert not (run / "model_index.json").exists()
 
 
+def test_loss_read_at_logging_steps_still_names_the_failed_step(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    """With the loss read back only every 7 steps, a divergence is reported at the same step as when read every step,
+    and no checkpoint is written after it."""
+    failed = []
+    for logging_steps, checkpointing_steps in ((1, 0), (7, 7)):
+        fresh_accelerate_state_reset()
+        run = tmp_path / f"log{logging_steps}"
+        code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--learning_rate", 1e30, "--max_train_steps",
+                                 30, "--logging_steps", logging_steps, "--checkpointing_steps", checkpointing_steps,
+                                 "--probe_steps", 0))
+        err = error_lines(capsys.readouterr().err)
+        assert code == 1 and len(err) == 1 and "loss is nan" in err[0]
+        failed.append(int(err[0].split(" at step ")[1].split(";")[0]))
+    assert 1 < failed[0] < 7 and failed[1] == failed[0]  # read at step 7, yet named exactly
+    assert list_checkpoints(tmp_path / "log7") == [] and not (tmp_path / "log7" / "model_index.json").exists()
+
+
 def fresh_accelerate_state_reset() -> None:
     """Reset accelerate's process-wide singletons between two runs inside one test."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

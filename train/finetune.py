@@ -12,6 +12,9 @@ Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is n
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
 `mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (science.md M1, M2) on the
 training weights (not EMA). Each process probes a shard; rows are gathered and written once.
+The loss stays on the device between logging steps (`--logging_steps`; also read before probes,
+validation and checkpoints), so the loop does not wait for the accelerator on every micro-step;
+a non-finite loss stops the run naming its step, before any checkpoint is written after it.
 Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
 order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
 continues as the uninterrupted run would; probe rows after the resumed step are rewritten.
@@ -84,6 +87,46 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> t
     weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
+
+
+class LossWindow:
+    """Training loss summed on the device between host reads, and the first step whose loss was not finite.
+
+    Reading a device value on the host waits for all queued work, so the loop reads only at logging,
+    probe, validation and checkpoint steps; the non-finite check stays exact to the step.
+    """
+
+    def __init__(self, device, start: float):
+        self.total = torch.zeros((), device=device)
+        self.failed_step = torch.zeros((), device=device)  # 0: every loss so far was finite
+        self.failed_loss = torch.zeros((), device=device)
+        self.steps, self.start, self.excluded = 0, start, 0.0
+
+    def seconds(self, now: float) -> float:
+        """Training seconds of the window (probes, validation and checkpoints left out)."""
+        return now - self.start - self.excluded
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """Add one micro-step's loss (already divided by the accumulation steps) of optimizer step `step`."""
+        first = ~torch.isfinite(loss) & (self.failed_step == 0)
+        self.failed_step = torch.where(first, float(step), self.failed_step)
+        self.failed_loss = torch.where(first, loss.float(), self.failed_loss)
+        self.total += loss.float()
+
+    def read(self, accelerator) -> tuple[float, int, float]:
+        """(mean loss per step over processes, first non-finite step or 0, its loss), read once on the host."""
+        local = torch.stack([self.total / max(self.steps, 1), self.failed_step, self.failed_loss])
+        rows = accelerator.gather(local[None]).cpu() if accelerator.num_processes > 1 else local[None].cpu()
+        failed = rows[rows[:, 1] > 0]
+        if len(failed):
+            first = failed[failed[:, 1].argmin()]
+            return float("nan"), int(first[1]), float(first[2])
+        return float(rows[:, 0].mean()), 0, 0.0
+
+    def reset(self, start: float) -> None:
+        """Start a new logging window."""
+        self.total.zero_()
+        self.steps, self.start, self.excluded = 0, start, 0.0
 
 
 def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
@@ -227,7 +270,7 @@ def main(argv=None) -> int:
         probe_and_log(0)
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
     unet.train()
-    last_time, running_loss = time.perf_counter(), 0.0
+    window = LossWindow(accelerator.device, time.perf_counter())
     compile_reported = not args.torch_compile
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -245,13 +288,7 @@ def main(argv=None) -> int:
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
                 loss = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args)
-                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                if not math.isfinite(mean_loss):
-                    progress.close()
-                    complete = list_checkpoints(output_dir)
-                    raise TrainingError(f"loss is {mean_loss} at step {global_step + 1}; stopped. Last complete "
-                                        f"checkpoint: {complete[-1] if complete else 'none'}")
-                running_loss += mean_loss / args.gradient_accumulation_steps
+                window.add(loss.detach() / args.gradient_accumulation_steps, global_step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -263,29 +300,46 @@ def main(argv=None) -> int:
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            now = time.perf_counter()
             if not compile_reported:
                 compile_reported = True
-                accelerator.print(f"torch.compile: first step {now - last_time:.1f} s (compilation included)")
-            samples = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-            if writer is not None:
-                writer.add_scalar("train/loss", running_loss, global_step)
-                writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
-                writer.add_scalar("train/samples_per_second", samples / (now - last_time), global_step)
+                accelerator.print(f"torch.compile: first step {window.seconds(time.perf_counter()):.1f} s "
+                                  f"(compilation included)")
+            window.steps += 1
+            log_due = global_step % args.logging_steps == 0 or global_step >= max_train_steps
+            probe_due = probe is not None and global_step % args.probe_steps == 0
+            validation_due = args.validation_steps and global_step % args.validation_steps == 0 and zero_stage != 3
+            checkpoint_due = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
             progress.update(1)
-            progress.set_postfix(loss=f"{running_loss:.4f}")
-            running_loss = 0.0
-            if probe is not None and global_step % args.probe_steps == 0:
+            # The loss is read on the host only here: before anything uses or keeps the weights, and to log.
+            if log_due or probe_due or validation_due or checkpoint_due:
+                mean_loss, failed_step, failed_loss = window.read(accelerator)
+                if failed_step:
+                    progress.close()
+                    complete = list_checkpoints(output_dir)
+                    raise TrainingError(f"loss is {failed_loss} at step {failed_step}; stopped. Last complete "
+                                        f"checkpoint: {complete[-1] if complete else 'none'}")
+                if log_due:
+                    now = time.perf_counter()
+                    samples = (args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+                               * window.steps)
+                    if writer is not None:
+                        writer.add_scalar("train/loss", mean_loss, global_step)
+                        writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
+                        writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    window.reset(now)
+            paused = time.perf_counter()
+            if probe_due:
                 probe_and_log(global_step)
-            if args.validation_steps and global_step % args.validation_steps == 0 and zero_stage != 3:
+            if validation_due:
                 log_validation(accelerator, unet, ema_unet, parts, probe_split, args, global_step, resolution)
             # Probes come before the checkpoint, so a checkpoint's step already has its probe rows.
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            if checkpoint_due:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                 {"epoch": epoch, "num_processes": accelerator.num_processes,
                                  "distributed_type": str(accelerator.distributed_type),
                                  "use_lora": args.use_lora, "use_ema": args.use_ema})
-            last_time = time.perf_counter()
+            window.excluded += time.perf_counter() - paused  # samples/s counts training time only
             if global_step >= max_train_steps:
                 break
     progress.close()

@@ -99,6 +99,8 @@ FLAGS = {
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
     "logging_dir": ("logs", str, "TensorBoard folder, relative to output_dir"),
+    "logging_steps": (10, int, "log the training loss (mean since the last log) every N steps; the loss is read "
+                               "back from the device only then and before probes, validation and checkpoints"),
     "report_to": ("tensorboard", str, "tracker (tensorboard)"),
     "validation_prompts": (None, comma_list(str), "captions for validation images (default: first probe captions)"),
     "num_validation_prompts": (4, int, "probe captions used when --validation_prompts is not given"),
@@ -173,7 +175,7 @@ def check_config(config: dict) -> None:
         raise ConfigError("give exactly one of train_data_dir (study dataset folder) or dataset_name")
     if not 0.0 <= config["proportion_empty_prompts"] <= 1.0:
         raise ConfigError("proportion_empty_prompts must lie in [0, 1]")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "probe_batch_size"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "rank", "probe_batch_size", "logging_steps"):
         if config[name] < 1:
             raise ConfigError(f"{name} must be >= 1, got {config[name]}")
     for name in ("probe_steps", "checkpointing_steps", "validation_steps"):
