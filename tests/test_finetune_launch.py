@@ -1,5 +1,7 @@
 """train/finetune.py through the real `accelerate launch`: single process (with EMA), 2-process DDP
-(with LoRA), 2-process DeepSpeed ZeRO-2, probe rows and TensorBoard scalars, kill -9 + resume == uninterrupted.
+(with LoRA), 2-process DeepSpeed ZeRO-2, probe rows and TensorBoard scalars, kill -9 + resume == uninterrupted;
+two nodes on this machine (two launches, `--num_machines 2`, one process each, gloo over 127.0.0.1) sharing
+the output folder or each with its own (`--save_on_each_node`), stopped, resumed and evaluated like one node.
 
 Runs are short (tiny model, batch 4, a few steps) and shared between tests by module fixtures.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +197,143 @@ def test_kill_and_resume_latest_equals_uninterrupted(runs, tiny_model_dir, tiny_
         expected, got = unet_weights(reference / name), unet_weights(run / name)
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
     assert probe_rows(run) == probe_rows(reference)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_nodes(args_of_rank, env: dict, logs: Path) -> None:
+    """Start one `accelerate launch` per node (machine_rank 0 and 1) at once; both must succeed."""
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for rank in (0, 1):
+        with open(logs / f"node{rank}.log", "w") as log:
+            processes.append(subprocess.Popen(args_of_rank(rank), cwd=ROOT, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+    try:
+        codes = [process.wait(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    tails = "".join((logs / f"node{rank}.log").read_text()[-3000:] for rank in (0, 1))
+    assert codes == [0, 0], tails
+
+
+def on_two_nodes(launcher: list[str], mode: str, port: int) -> callable:
+    """The launcher's arguments for node `rank` of 2, one process each, rendezvous on 127.0.0.1:port."""
+    def for_rank(rank: int) -> list[str]:
+        args = list(launcher)
+        where = args.index("--num_machines")
+        args[where + 1: where + 2] = ["2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                                      "--main_process_port", str(port)]
+        if mode == "zero2":  # accelerate's default multi-node DeepSpeed launcher is pdsh over ssh
+            args[where:where] = ["--deepspeed_multinode_launcher", "standard"]
+        return args
+    return for_rank
+
+
+def train_on_two_nodes(mode: str, model, data, output_dirs: tuple[Path, Path], *extra) -> None:
+    """finetune.py on two nodes; node r writes to output_dirs[r] (the same folder when the nodes share one)."""
+    port = free_port()
+    per_node = [command(mode, model, data, folder, *extra) for folder in output_dirs]
+
+    def args_of_rank(rank):
+        return on_two_nodes(per_node[rank][0], mode, port)(rank)
+
+    launch_nodes(args_of_rank, per_node[0][1], output_dirs[0].parent / f"{output_dirs[0].name}-logs")
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    """Relative paths of the files of a checkpoint folder."""
+    return sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+
+
+def trained_weights(folder: Path, mode: str) -> dict:
+    """The trained tensors a run or checkpoint folder holds: LoRA adapters (ddp) or the UNet (zero2)."""
+    return load_file(str(folder / "pytorch_lora_weights.safetensors")) if mode == "ddp" else unet_weights(folder / "unet")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Equal tensors under the same names."""
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(runs, tiny_model_dir, tiny_dataset_dir):
+    """Lazily: mode -> a run trained on two nodes sharing its folder, stopped after checkpoint-4, then resumed."""
+    cache = {}
+
+    def get(mode: str) -> Path:
+        if mode not in cache:
+            run, flags = runs.base / f"{mode}-two-nodes", runs.extra[mode][1:]
+            train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags, "--max_train_steps", 4)
+            assert not (run / "checkpoint-6").exists() and (run / "checkpoint-4").is_dir()
+            train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags,
+                               "--resume_from_checkpoint", "latest")
+            cache[mode] = run
+        return cache[mode]
+    return get
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_two_nodes_sharing_a_folder_train_checkpoint_and_resume_like_one_node(runs, two_node_runs, mode):
+    run, reference = two_node_runs(mode), runs(mode)
+    for step in (2, 4, 6):
+        checkpoint = run / f"checkpoint-{step}"
+        # Complete and written once: the same files as the one-node run's, no leftover temporary folder.
+        assert checkpoint_files(checkpoint) == checkpoint_files(reference / f"checkpoint-{step}")
+        assert json.loads((checkpoint / "training_state.json").read_text())["num_processes"] == 2
+        assert_same_weights(trained_weights(checkpoint, mode), trained_weights(reference / f"checkpoint-{step}", mode))
+    assert not list(run.glob("*.tmp"))
+    assert_same_weights(trained_weights(run, mode), trained_weights(reference, mode))
+    assert probe_rows(run) == probe_rows(reference)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_two_node_sharded_evaluation_equals_one_process(runs, two_node_runs, mode, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    evaluate = ["eval/evaluate_checkpoints.py", "--checkpoints", "6", "--num_seeds", "2", "--num_inference_steps",
+                "2", "--bootstrap", "20"]
+    two_nodes, one = tmp_path / "two_nodes", tmp_path / "one"
+    launcher, _ = MODES["ddp"]  # evaluation is plain data parallel whatever trained the run
+    port = free_port()
+    launch_nodes(lambda rank: [*on_two_nodes(launcher, "ddp", port)(rank), *evaluate, "--run_dir",
+                               str(two_node_runs(mode)), "--output_dir", str(two_nodes), "--logging_dir",
+                               str(two_nodes / "tb")],
+                 {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, tmp_path / "logs")
+    done = subprocess.run([sys.executable, *evaluate, "--run_dir", str(runs(mode)), "--output_dir", str(one),
+                           "--logging_dir", str(one / "tb")],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for table in ("per_seed.csv", "per_sample.csv"):
+        a, b = pd.read_csv(one / table), pd.read_csv(two_nodes / table)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+        numeric = a.select_dtypes("number").columns
+        np.testing.assert_allclose(b[numeric].to_numpy(float), a[numeric].to_numpy(float), rtol=1e-3, atol=1e-4)
+
+
+def test_save_on_each_node_writes_a_checkpoint_per_node_and_resumes(runs, tiny_model_dir, tiny_dataset_dir):
+    """ZeRO-2 on two nodes that share no folder: each node's first process writes its own checkpoints
+    (its optimizer shard, its random states, and the model states DeepSpeed needs to resume)."""
+    reference = runs("zero2")
+    nodes = (runs.base / "zero2-node0", runs.base / "zero2-node1")
+    train_on_two_nodes("zero2", tiny_model_dir, tiny_dataset_dir, nodes, "--save_on_each_node", "--max_train_steps", 4)
+    for rank, node in enumerate(nodes):
+        files = checkpoint_files(node / "checkpoint-4")
+        assert {"training_state.json", "unet/diffusion_pytorch_model.safetensors", f"random_states_{rank}.pkl",
+                "pytorch_model/mp_rank_00_model_states.pt",
+                f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"} <= set(files)
+        assert f"random_states_{1 - rank}.pkl" not in files  # the other node's state is on the other node
+    train_on_two_nodes("zero2", tiny_model_dir, tiny_dataset_dir, nodes, "--save_on_each_node",
+                       "--resume_from_checkpoint", "latest")
+    for node in nodes:
+        assert_same_weights(unet_weights(node / "unet"), unet_weights(reference / "unet"))
+        assert_same_weights(unet_weights(node / "checkpoint-6" / "unet"), unet_weights(reference / "checkpoint-6" / "unet"))
+    assert probe_rows(nodes[0]) == probe_rows(reference) and not (nodes[1] / "probes.jsonl").exists()

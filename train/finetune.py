@@ -51,16 +51,33 @@ from mem_analysis.sd import encode_images, encode_prompts, load_components  # no
 
 
 def build_accelerator(args) -> Accelerator:
-    """Accelerator with TensorBoard in output_dir/logs; gloo process groups for DeepSpeed on CPU."""
+    """Accelerator with TensorBoard in output_dir/logs; gloo process groups for DeepSpeed on CPU; checkpoints
+    written once per node with save_on_each_node."""
     handlers = []
     # DeepSpeed miscounts the world size on CPU unless the process group is gloo; a plain run rejects this.
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    project = ProjectConfiguration(project_dir=args.output_dir,
+    project = ProjectConfiguration(project_dir=args.output_dir, save_on_each_node=args.save_on_each_node,
                                    logging_dir=os.path.join(args.output_dir, args.logging_dir))
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision, log_with=args.report_to,
-                       project_config=project, kwargs_handlers=handlers)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              project_config=project, kwargs_handlers=handlers)
+    if args.save_on_each_node and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Each node's first process then writes the engine's model states too: a node resumes from its own disk.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    return accelerator
+
+
+def check_same_resume(accelerator, resume_path: Path | None) -> None:
+    """Stop (one line, every process) unless all processes resume from the same checkpoint step, e.g. when
+    nodes with their own output folders (--save_on_each_node) hold different latest checkpoints."""
+    if accelerator.num_processes == 1:
+        return
+    names = gather_object([resume_path.name if resume_path else "none (fresh start)"])
+    if len(set(names)) > 1:
+        raise TrainingError(f"processes would resume from different checkpoints ({', '.join(sorted(set(names)))}); "
+                            f"give every node the same checkpoint-N, or --resume_from_checkpoint PATH")
 
 
 def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
@@ -154,6 +171,7 @@ def main(argv=None) -> int:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
+    check_same_resume(accelerator, resume_path)
     train_split, probe_split = load_splits(args)
 
     # Models: the frozen text encoder and VAE are created outside zero.Init so ZeRO-3 leaves them whole.
@@ -170,7 +188,7 @@ def main(argv=None) -> int:
     parts.vae.to(accelerator.device, dtype=weight_dtype)
     parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora:
-        add_lora(unet, args.rank, weight_dtype)
+        add_lora(unet, args.rank, weight_dtype, args.seed)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.channels_last:

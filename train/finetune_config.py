@@ -97,6 +97,8 @@ FLAGS = {
     # checkpoints and logging
     "checkpointing_steps": (500, int, "save a checkpoint every N steps (0: only at the end)"),
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
+    "save_on_each_node": (False, boolean, "nodes without a shared file system: the first process of every node "
+                                          "writes checkpoints and the final model to its own output_dir"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
     "logging_dir": ("logs", str, "TensorBoard folder, relative to output_dir"),
     "logging_steps": (10, int, "log the training loss (mean since the last log) every N steps; the loss is read "
