@@ -1,7 +1,7 @@
 """The real SD v1.5 architecture (`sd15-shape`: 860 M-parameter UNet, CLIP-L-shaped text encoder, SD VAE;
 random weights) end to end on CPU at 64 px, for LoRA and for full fine-tuning.
 
-    python bench/real_architecture_cpu.py [--modes lora,full] [--threads 1] [--work_dir DIR] [--keep]
+    python bench/real_architecture_cpu.py [--modes lora,full] [--threads 1] [--json OUT.json] [--work_dir DIR] [--keep]
 
 Every stage runs the command a user runs, in its own process:
 1. `make_base_model.py --preset sd15-shape` and a 64 px Twemoji study dataset (`build_duplicated_dataset.py`);
@@ -83,6 +83,8 @@ def weights_equal(a: Path, b: Path) -> bool:
 def bench_mode(mode: str, model: Path, data: Path, work: Path, threads: int) -> dict:
     """Uninterrupted run, resumed run and evaluation of one mode; figures and the resume check."""
     straight, resumed = work / f"{mode}-uninterrupted", work / f"{mode}-resumed"
+    for folder in (straight, resumed):
+        shutil.rmtree(folder, ignore_errors=True)
     result = {"train": run(finetune_command(model, data, straight, mode), work / f"{mode}-train.log", threads)}
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2", copy_function=os.link)
@@ -105,25 +107,32 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads of every process")
     parser.add_argument("--work_dir", default=None, help="default: a new temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (models, runs, logs)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="real_arch_"))
     work.mkdir(parents=True, exist_ok=True)
     model, data = work / "sd15-shape", work / "data"
-    results = {"resolution": RESOLUTION, "batch": BATCH, "threads": args.threads}
+    # The load average says how much other work shared the cores (the figures are wall-clock).
+    results = {"resolution": RESOLUTION, "batch": BATCH, "threads": args.threads, "cpus": os.cpu_count(),
+               "torch": torch.__version__, "load_average_at_start": [round(x, 1) for x in os.getloadavg()]}
     try:
-        results["build_model"] = run([sys.executable, "data_scripts/make_base_model.py", "--output_dir", model,
-                                      "--preset", "sd15-shape", "--seed", 0], work / "model.log", args.threads)
-        results["build_data"] = run([sys.executable, "data_scripts/build_duplicated_dataset.py", "--source",
-                                     "twemoji", "--output_dir", data, "--max_images", 8, "--dup_factors", "1,2",
-                                     "--samples_per_factor", 1, "--probe_unduplicated", 1, "--resolution",
-                                     RESOLUTION, "--seed", 0], work / "data.log", args.threads)
+        if not (model / "model_index.json").is_file():  # a --work_dir of an earlier run keeps its model and data
+            results["build_model"] = run([sys.executable, "data_scripts/make_base_model.py", "--output_dir", model,
+                                          "--preset", "sd15-shape", "--seed", 0], work / "model.log", args.threads)
+            results["build_data"] = run([sys.executable, "data_scripts/build_duplicated_dataset.py", "--source",
+                                         "twemoji", "--output_dir", data, "--max_images", 8, "--dup_factors", "1,2",
+                                         "--samples_per_factor", 1, "--probe_unduplicated", 1, "--resolution",
+                                         RESOLUTION, "--seed", 0], work / "data.log", args.threads)
         for mode in args.modes.split(","):
             results[mode] = bench_mode(mode, model, data, work, args.threads)
+            results[mode]["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nsd15-shape at {RESOLUTION} px, batch {BATCH}, {args.threads} thread(s), float32 AdamW")
     for mode in args.modes.split(","):
         r = results[mode]
