@@ -87,7 +87,7 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
                         batch_size: int = 16, initial_noise: torch.Tensor | None = None,
                         forward_noised_from: torch.Tensor | None = None, noise_fn=None,
                         negative_prompt: str = "", spill_dir: str | Path | None = None,
-                        decode: bool = True) -> Trajectories:
+                        decode: bool = True, latent_shape: tuple[int, int, int] | None = None) -> Trajectories:
     """Deterministic DDIM (eta = 0) with CFG for every (prompt, seed), `batch_size` images per UNet call.
 
     Step k: `e_g = e_0 + g (e_c - e_0)` (model outputs, then the scheduler's own prediction_type),
@@ -97,7 +97,9 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     `forward_noised_from` is (*latent) or (P, *latent).
     `noise_fn(latents, t, prompt_index, seed_index) -> (out_c, out_0)` replaces the UNet
     (outputs in the scheduler's prediction space), e.g. for oracle checks.
-    `spill_dir` memory-maps the recordings to .npy files there.
+    `spill_dir` memory-maps the recordings to .npy files there. `latent_shape` (C, h, w) defaults to the
+    UNet's sample_size (the pipeline's default resolution); give the training latents' shape when the
+    model was trained at another resolution.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
@@ -112,7 +114,7 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     timesteps = scheduler.timesteps
     alpha_bar = alpha_bar_from_scheduler(scheduler)[timesteps.cpu()]
     P, N, K = len(prompts), len(seeds), len(timesteps)
-    latent_shape = latent_shape_of(unet)
+    latent_shape = tuple(latent_shape) if latent_shape is not None else latent_shape_of(unet)
 
     if initial_noise is None:
         x_T = initial_noise_for_seeds(seeds, latent_shape, dtype, device, scheduler.init_noise_sigma)

@@ -73,7 +73,7 @@ def test_batched_m1_equals_one_at_a_time(pipe):
                         "k_cfg_7.5": (x0hat * x[s]).sum() / x[s].pow(2).sum()}
             for key, value in expected.items():
                 torch.testing.assert_close(rows[key][s, j], value, rtol=1e-4, atol=1e-5)
-    summary = summarize_probe_metrics(rows, timesteps, high_noise_from=700)
+    summary = summarize_probe_metrics(rows, timesteps, high_noise_timestep=700)
     torch.testing.assert_close(summary["loss_cond_high"], rows["loss_cond"][:, 1])
     torch.testing.assert_close(summary["k_cond_mean"], rows["k_cond"].mean(1))
 
@@ -104,6 +104,15 @@ def test_sample_trajectories_equals_stable_diffusion_pipeline(pipe, components):
     assert torch.equal(traj.timesteps, pipe.scheduler.timesteps)
     dec = decompose_latents(traj.x_t[0], traj.final[0, 0], traj.x_T[0])
     assert torch.isfinite(schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar).D_x)
+
+
+def test_sample_trajectories_at_another_resolution_equals_the_pipeline_there(pipe, components):
+    """A model trained at another resolution than its sample_size (e.g. SD v1.5 at 64 px) is sampled at that one."""
+    traj = sample_trajectories(components, ["a red circle"], [3], num_inference_steps=3, latent_shape=(4, 8, 8))
+    images = pipe("a red circle", height=16, width=16, num_inference_steps=3, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert traj.final.shape == (1, 1, 4, 8, 8)
+    torch.testing.assert_close(traj.images[0, 0], images[0].float(), rtol=0, atol=1e-4)
 
 
 def test_sampler_spills_recordings_to_disk(components, tmp_path):
