@@ -112,6 +112,7 @@ FLAGS = {
     "probe_seed": (0, int, "seed of the fixed probe noise"),
     "probe_batch_size": (64, int, "(sample, timestep) pairs per probe UNet call"),
     "probe_high_noise_from": (700, int, "timesteps >= this form the high-noise window in TensorBoard"),
+    "warning_fpr": (0.01, float, "early warning: false-alarm rate per probe step on the null samples"),
     "dry_run": (False, boolean, "resolve config, build data and models, print the plan, train nothing"),
 }
 
@@ -187,6 +188,8 @@ def check_config(config: dict) -> None:
         raise ConfigError("use_ema applies to full fine-tuning; turn off use_lora or use_ema")
     if config["probe_steps"] and not config["probe_timesteps"]:
         raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
+    if not 0.0 < config["warning_fpr"] < 0.5:
+        raise ConfigError(f"warning_fpr must lie in (0, 0.5), got {config['warning_fpr']}")
 
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
