@@ -220,3 +220,43 @@ def auroc_with_ci(scores, labels, n_boot: int = 1000, confidence: float = 0.95, 
         out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(boots, [(1 - confidence) / 2,
                                                                                 (1 + confidence) / 2]))
     return out
+
+
+def evaluate_warning(warnings: list[dict], memorized: dict[int, bool], onset: dict[int, int | None],
+                     n_boot: int = 1000, seed: int = 0) -> dict:
+    """How early and how right the warning was, against what sampling found.
+
+    - `auroc_by_step`: per probe step, auroc_with_ci of that step's score for `memorized[sample]`
+      (memorized at the last checkpoint), over the samples evaluated;
+    - `lead_time`: per sample, `onset_step - first_alarm_step` (steps; None when either is missing);
+    - `false_alarms`: never-duplicated samples (dup_factor <= 1, held-out included) whose alarm ever
+      fired, and the share of their (sample, step) checks that alarmed;
+    - `earliest_auroc_0_9` / `best_auroc`: the first step whose AUROC reaches 0.9, and the step of the highest.
+    """
+    warnings = [w for w in warnings if int(w["sample_id"]) in memorized]
+    by_step: dict[int, list[dict]] = {}
+    for w in warnings:
+        by_step.setdefault(int(w["step"]), []).append(w)
+    auroc_by_step = {}
+    for step, rows in sorted(by_step.items()):
+        scores = [math.nan if w["score"] is None else w["score"] for w in rows]
+        auroc_by_step[str(step)] = auroc_with_ci(scores, [memorized[int(w["sample_id"])] for w in rows], n_boot,
+                                                 seed=seed)
+    defined = [(int(s), a) for s, a in auroc_by_step.items() if a["auroc"] is not None]
+    earliest = next((s for s, a in defined if a["auroc"] >= 0.9), None)
+    best = max(defined, key=lambda sa: (sa[1]["auroc"], -sa[0]))[0] if defined else None
+    first = first_alarms(warnings)
+    dup_of = {int(w["sample_id"]): int(w["dup_factor"]) for w in warnings}
+    lead = {}
+    for sid in sorted(dup_of):
+        alarm, crossed = first.get(sid), onset.get(sid)
+        lead[str(sid)] = dict(dup_factor=dup_of[sid], memorized=bool(memorized[sid]), first_alarm_step=alarm,
+                              onset_step=crossed,
+                              lead_time=None if alarm is None or crossed is None else int(crossed - alarm))
+    null_checks = [w for w in warnings if w["dup_factor"] <= 1 and w["score"] is not None]
+    null_ids = sorted({int(w["sample_id"]) for w in warnings if w["dup_factor"] <= 1})
+    false_ids = sorted({int(w["sample_id"]) for w in null_checks if w["alarm"]})
+    false_alarms = dict(count=len(false_ids), samples=false_ids, never_duplicated=len(null_ids),
+                        checks=len(null_checks), alarmed_checks=sum(bool(w["alarm"]) for w in null_checks))
+    return dict(auroc_by_step=auroc_by_step, lead_time=lead, false_alarms=false_alarms,
+                earliest_auroc_0_9=earliest, best_auroc=best)

@@ -112,3 +112,23 @@ def test_auroc_with_ci_on_a_hand_table():
     assert result["auroc"] == pytest.approx(4.5 / 6)
     assert result["ci_low"] <= result["auroc"] <= result["ci_high"] and result["n_positive"] == 2
     assert ew.auroc_with_ci([0.1, 0.2], [0, 0])["auroc"] is None
+
+
+def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
+    dup = {1: 64, 2: 64, 3: 1, 4: 1, 5: 16}
+    scores = {0: {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.2, 5: 0.4},
+              100: {1: 2.5, 2: 1.0, 3: 0.1, 4: 2.1, 5: 0.5},
+              200: {1: 4.0, 2: 3.0, 3: 0.0, 4: 0.2, 5: 2.5}}
+    warnings = [dict(step=step, sample_id=sid, dup_factor=dup[sid], score=score, threshold=2.0, alarm=score > 2.0)
+                for step, row in scores.items() for sid, score in row.items()]
+    memorized = {1: True, 2: True, 3: False, 4: False, 5: False}
+    onset = {1: 300, 2: None, 3: None, 4: None, 5: 200}
+    result = ew.evaluate_warning(warnings, memorized, onset, n_boot=100)
+    # step 0: 0.5 beats 0.3, 0.2, 0.4 and 0.1 beats none: 3/6; step 100: 3 + 2 (1.0 loses to 2.1) = 5/6; step 200: 6/6
+    assert [result["auroc_by_step"][s]["auroc"] for s in ("0", "100", "200")] == pytest.approx([0.5, 5 / 6, 1.0])
+    assert result["earliest_auroc_0_9"] == 200 and result["best_auroc"] == 200
+    # first alarms: 1 at 100, 2 at 200, 4 at 100, 5 at 200; onset - first alarm where both exist
+    lead = {int(s): v["lead_time"] for s, v in result["lead_time"].items()}
+    assert lead == {1: 200, 2: None, 3: None, 4: None, 5: 0}
+    assert result["lead_time"]["2"]["first_alarm_step"] == 200 and result["lead_time"]["3"]["first_alarm_step"] is None
+    assert result["false_alarms"] == dict(count=1, samples=[4], never_duplicated=2, checks=6, alarmed_checks=1)
