@@ -160,7 +160,8 @@ def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tin
     steps = [json.loads(line)["step"] for line in (run / "probes.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [0, 2, 4, 6] and all(steps.count(s) == 8 for s in (0, 2, 4, 6))
     warnings = [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
-    assert sorted((w["step"], w["sample_id"]) for w in warnings) == sorted({(w["step"], w["sample_id"]) for w in warnings})
+    keys = [(w["step"], w["sample_id"]) for w in warnings]
+    assert len(keys) == len(set(keys))  # the resumed run rewrote steps 4 and 6 without repeating them
     assert [w["step"] for w in warnings].count(4) == 8 and {w["step"] for w in warnings} == {0, 2, 4, 6}
 
 
