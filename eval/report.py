@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mem_analysis import early_warning, stats  # noqa: E402
+from mem_analysis import early_warning, run, stats  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
@@ -374,14 +374,9 @@ def markdown_table(frame: pd.DataFrame) -> list[str]:
 
 def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
     """The run's warnings.jsonl (else its probes.jsonl scored; else []) and its --warning_fpr."""
-    config_path = run_dir / "config.yaml"
-    config = {}
-    if config_path.is_file():
-        import yaml
-
-        config = yaml.safe_load(config_path.read_text()) or {}
-    fpr = float(config.get("warning_fpr") or 0.01)
-    return early_warning.run_warnings(run_dir, fpr, int(config.get("probe_high_noise_from") or 700)), fpr
+    config = run.read_config(run_dir) if (run_dir / run.CONFIG_FILE).is_file() else dict(run.RUN_DEFAULTS)
+    fpr = float(config["warning_fpr"])
+    return early_warning.run_warnings(run_dir, fpr, int(config["high_noise_timestep"])), fpr
 
 
 def warning_summary(per_sample: pd.DataFrame, warnings: list[dict], fpr: float, summary: dict, settings: dict,

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mem_analysis.probes import HIGH_NOISE_TIMESTEP
+
 FEATURES = ("k_excess", "lg_excess", "lc_fall")
 MIN_NULL = 3  # fewer reference samples than this leave the score undefined
 MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its sd
@@ -126,8 +128,8 @@ def alarm_threshold(reference_size: int, fpr: float) -> float:
     return float(np.quantile(stats, 1 - fpr))
 
 
-def score_step(rows: list[dict], baseline: dict[int, float], fpr: float = 0.01, high_noise_from: int = 700
-               ) -> list[dict]:
+def score_step(rows: list[dict], baseline: dict[int, float], fpr: float = 0.01,
+               high_noise_from: int = HIGH_NOISE_TIMESTEP) -> list[dict]:
     """Warning rows of one probe step: {step, sample_id, dup_factor, score, threshold, alarm} per sample.
 
     Null samples are scored against the other null samples (leave-one-out), every other sample against
@@ -155,7 +157,7 @@ def score_step(rows: list[dict], baseline: dict[int, float], fpr: float = 0.01, 
             for sid, dup, s, t in zip(ids, dups, scores, thresholds)]
 
 
-def score_run(probe_rows: list[dict], fpr: float = 0.01, high_noise_from: int = 700) -> list[dict]:
+def score_run(probe_rows: list[dict], fpr: float = 0.01, high_noise_from: int = HIGH_NOISE_TIMESTEP) -> list[dict]:
     """Warning rows of every probe step of a run (probes.jsonl rows), `lc_fall` against the first step."""
     by_step: dict[int, list[dict]] = {}
     for row in probe_rows:
@@ -186,7 +188,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def run_warnings(run_dir: Path, fpr: float = 0.01, high_noise_from: int = 700) -> list[dict]:
+def run_warnings(run_dir: Path, fpr: float = 0.01, high_noise_from: int = HIGH_NOISE_TIMESTEP) -> list[dict]:
     """A run's warnings: RUN/warnings.jsonl as training wrote it, else scored from RUN/probes.jsonl (else [])."""
     run_dir = Path(run_dir)
     if (run_dir / "warnings.jsonl").is_file():

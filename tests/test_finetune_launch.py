@@ -127,7 +127,7 @@ def test_single_process_run_writes_the_contract(runs, tiny_dataset_dir):
     assert all({"step", "sample_id", "dup_factor", "score", "alarm"} <= set(w) for w in warnings)
     assert all(w["dup_factor"] == dup_of[w["sample_id"]] for w in warnings)
     assert all(isinstance(w["score"], float) and isinstance(w["alarm"], bool) for w in warnings)
-    assert warnings == score_run(rows, config["warning_fpr"], config["probe_high_noise_from"])
+    assert warnings == score_run(rows, config["warning_fpr"], config["high_noise_timestep"])
 
 
 def test_probe_scalars_readable_with_event_accumulator(runs):

@@ -174,13 +174,13 @@ def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, acce
                        latents, cond, uncond, noise, mu)
 
 
-def probe_scalars(rows: list[dict], high_noise_from: int) -> dict[str, float]:
-    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_from."""
+def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float]:
+    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_timestep."""
     scalars, groups = {}, {}
     for row in rows:
         groups.setdefault(row["dup_factor"], []).append(row)
     for dup, group in sorted(groups.items()):
-        high = [row for row in group if row["timestep"] >= high_noise_from]
+        high = [row for row in group if row["timestep"] >= high_noise_timestep]
         for name in (key for key in group[0] if key not in PROBE_ROW_KEYS):
             scalars[f"probe/{name}/dup_{dup}"] = float(np.mean([row[name] for row in group]))
             if high:
@@ -223,7 +223,7 @@ class EarlyWarningLog:
     and one console line per sample the first time its alarm fires (a resumed run remembers earlier alarms)."""
 
     def __init__(self, path: Path, probe_split, args, kept_probes: list[dict], kept_warnings: list[dict]):
-        self.path, self.fpr, self.high_noise_from = path, args.warning_fpr, args.probe_high_noise_from
+        self.path, self.fpr, self.high_noise_from = path, args.warning_fpr, args.high_noise_timestep
         first = min((row["step"] for row in kept_probes), default=None)
         self.baseline = mean_loss_cond([r for r in kept_probes if r["step"] == first]) if kept_probes else None
         self.announced = {int(w["sample_id"]) for w in kept_warnings if w["alarm"]}
