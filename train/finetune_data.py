@@ -219,8 +219,8 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 class EarlyWarningLog:
-    """Per probe step: mem_analysis.early_warning scores appended to RUN/warnings.jsonl, TensorBoard scalars,
-    and one console line per sample the first time its alarm fires (a resumed run remembers earlier alarms)."""
+    """Per probe step: mem_analysis.early_warning scores appended to RUN/warnings.jsonl, and one console
+    line per sample the first time its alarm fires (a resumed run remembers the alarms before its step)."""
 
     def __init__(self, path: Path, probe_split, args, kept_probes: list[dict], kept_warnings: list[dict]):
         self.path, self.fpr, self.high_noise_from = path, args.warning_fpr, args.high_noise_timestep
