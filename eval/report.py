@@ -455,7 +455,7 @@ def warning_lines(result: dict | None, figure: str | None) -> list[str]:
               "| AUROC | " + " | ".join(fmt(a["auroc"], 2) for a in steps.values()) + " |", ""]
     lead = pd.DataFrame(result["lead_time"].values())
     lines += ["| dup_factor | samples | alarmed | first alarm (median step) | crossed severity | "
-              "crossed after an alarm | median lead time (steps) |", "|---|---|---|---|---|---|---|"]
+              "alarmed no later than the crossing | median lead time (steps) |", "|---|---|---|---|---|---|---|"]
     for dup, rows in sorted(lead.groupby("dup_factor"), key=lambda kv: -kv[0]):
         alarmed, crossed = rows["first_alarm_step"].notna(), rows["onset_step"].notna()
         leads = rows["lead_time"].dropna().astype(float)

@@ -114,7 +114,8 @@ def test_auroc_with_ci_on_a_hand_table():
     assert ew.auroc_with_ci([0.1, 0.2], [0, 0])["auroc"] is None
 
 
-def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
+def hand_table_result() -> dict:
+    """evaluate_warning on a 5-sample, 3-step table small enough to check by hand."""
     dup = {1: 64, 2: 64, 3: 1, 4: 1, 5: 16}
     scores = {0: {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.2, 5: 0.4},
               100: {1: 2.5, 2: 1.0, 3: 0.1, 4: 2.1, 5: 0.5},
@@ -123,7 +124,11 @@ def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
                 for step, row in scores.items() for sid, score in row.items()]
     memorized = {1: True, 2: True, 3: False, 4: False, 5: False}
     onset = {1: 300, 2: None, 3: None, 4: None, 5: 200}
-    result = ew.evaluate_warning(warnings, memorized, onset, n_boot=100)
+    return ew.evaluate_warning(warnings, memorized, onset, n_boot=100)
+
+
+def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
+    result = hand_table_result()
     # step 0: 0.5 beats 0.3, 0.2, 0.4 and 0.1 beats none: 3/6; step 100: 3 + 2 (1.0 loses to 2.1) = 5/6; step 200: 6/6
     assert [result["auroc_by_step"][s]["auroc"] for s in ("0", "100", "200")] == pytest.approx([0.5, 5 / 6, 1.0])
     assert result["earliest_auroc_0_9"] == 200 and result["best_auroc"] == 200
@@ -132,3 +137,15 @@ def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
     assert lead == {1: 200, 2: None, 3: None, 4: None, 5: 0}
     assert result["lead_time"]["2"]["first_alarm_step"] == 200 and result["lead_time"]["3"]["first_alarm_step"] is None
     assert result["false_alarms"] == dict(count=1, samples=[4], never_duplicated=2, checks=6, alarmed_checks=1)
+
+
+def test_report_section_prints_the_hand_table_figures():
+    from eval.report import warning_lines
+
+    result = hand_table_result()
+    text = "\n".join(warning_lines(dict(fpr=0.01, **result), None))
+    ci = result["auroc_by_step"]["200"]
+    assert f"AUROC first reaches 0.9 at probe step 200: 1.000 [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]" in text
+    assert "Median lead time for the 64x samples: 200 steps** (over the 1 of 2" in text
+    assert "False alarms: 1 of 2 never-duplicated probe samples** alarmed at some probe step (1 of 6" in text
+    assert "| 64 | 2 | 2 | 150 | 1 | 1 | 200 |" in text  # first alarms 100 and 200; one crossed, 200 steps later
