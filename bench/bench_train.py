@@ -10,7 +10,10 @@ One process, same tiny model, data, batch and threads for every figure:
    against the default `--logging_steps 10` (a CPU executes eagerly, so little change is expected there);
 2. the time of one probe pass of finetune.py (all probe samples x timesteps x guidance, timed
    around its `run_probes`), as a share of training time at the default probe interval
-   (target <= 5%).
+   (target <= 5%);
+3. the early warning's cost per probe step (scoring, warnings.jsonl, timed around its
+   `EarlyWarningLog` call) against that probe pass: the first call includes the one-off
+   simulation of the alarm threshold for the run's null size.
 """
 from __future__ import annotations
 
@@ -119,11 +122,21 @@ def main() -> None:
         return rows
 
     finetune.run_probes = timed_run_probes
+    warning_times, warn_call = [], finetune.EarlyWarningLog.__call__
+
+    def timed_warning(self, rows):
+        start = time.perf_counter()
+        out = warn_call(self, rows)
+        warning_times.append(time.perf_counter() - start)
+        return out
+
+    finetune.EarlyWarningLog.__call__ = timed_warning
     probe_every = 5
     finetune.main([*common, "--output_dir", str(work / "probe"), "--max_train_steps", str(3 * probe_every),
                    "--probe_steps", str(probe_every)])
     reset_accelerate()
     finetune.run_probes = run_probes
+    finetune.EarlyWarningLog.__call__ = warn_call
 
     default_interval = FLAGS["probe_steps"][0]
     step_s, bare_s, probe_s = statistics.median(script), statistics.median(bare), statistics.median(probe_times)
@@ -140,6 +153,9 @@ def main() -> None:
     print(f"  one probe pass ({n_probe} sample x timestep pairs, {len(FLAGS['probe_guidance_scales'][0])} "
           f"guidance scales): {probe_s * 1e3:.1f} ms = {probe_s / step_s:.1f} training steps")
     print(f"  probe share at default probe_steps={default_interval}: {100 * share:.2f} %   (target <= 5%)")
+    warning_s = statistics.median(warning_times[1:])
+    print(f"  early warning per probe step : {warning_s * 1e3:.2f} ms = {100 * warning_s / probe_s:.2f} % of a probe "
+          f"pass (first call, threshold simulation included: {warning_times[0] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -415,7 +415,7 @@ def main(args):
             writer.close()
         if timings:
             print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap)
+        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap, run_dir=run_dir)
         print(f"wrote {out_dir}/per_seed.csv, per_sample.csv, summary.json, report.md and figures/")
     accelerator.end_training()
 

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mem_analysis import stats  # noqa: E402
+from mem_analysis import early_warning, run, stats  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
@@ -257,13 +257,16 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
     return lines
 
 
-def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int = 1000) -> Path:
-    """summary.json, figures/ and report.md from the tables in `eval_dir`."""
+def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int = 1000, run_dir=None) -> Path:
+    """summary.json, figures/ and report.md from the tables in `eval_dir` (and the run's warnings, from
+    `run_dir`, by default the folder above `eval_dir`)."""
     eval_dir = Path(eval_dir)
     settings = settings or json.loads((eval_dir / "settings.json").read_text())
     per_sample = pd.read_csv(eval_dir / "per_sample.csv")
     summary = summarize(per_sample, settings, n_boot)
     summary["skipped_checkpoints"] = list(failed)
+    warnings, fpr = run_warnings(Path(run_dir) if run_dir else eval_dir.parent)
+    summary["early_warning"] = warning_summary(per_sample, warnings, fpr, summary, settings, n_boot)
     tmp = eval_dir / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, eval_dir / "summary.json")
@@ -298,6 +301,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
         lines.append(f"| {sid} | {o['dup_factor']} | {o['onset_step'] if o['onset_step'] is not None else 'never'} | "
                      f"{o['deviation_rise_step'] if o['deviation_rise_step'] is not None else 'never'} |")
     lines += ["", f"![generated next to training](figures/{names['images']})", ""]
+    lines += warning_lines(summary["early_warning"], warning_figure(eval_dir, warnings, summary["early_warning"]))
     tmp = eval_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, eval_dir / "report.md")
@@ -365,7 +369,119 @@ def markdown_table(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------
+# Early warning (mem_analysis.early_warning): training-probe scores against what sampling found.
+
+def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
+    """The run's warnings.jsonl (else its probes.jsonl scored; else []) and its --warning_fpr."""
+    config = run.read_config(run_dir) if (run_dir / run.CONFIG_FILE).is_file() else dict(run.RUN_DEFAULTS)
+    fpr = float(config["warning_fpr"])
+    return early_warning.run_warnings(run_dir, fpr, int(config["high_noise_timestep"])), fpr
+
+
+def warning_summary(per_sample: pd.DataFrame, warnings: list[dict], fpr: float, summary: dict, settings: dict,
+                    n_boot: int) -> dict | None:
+    """summary.json's `early_warning`: the warning against "memorized at the last checkpoint" (severity over
+    the threshold at the headline g, as everywhere in this report) and against each sample's onset step."""
+    if not warnings:
+        return None
+    table = per_sample[per_sample["guidance_scale"] == settings["guidance_scale"]]
+    at_last = table[table["checkpoint_step"] == table["checkpoint_step"].max()]
+    memorized = {int(s): bool(v > settings["threshold"]) for s, v in zip(at_last["sample_id"], at_last["severity"])}
+    onset = {int(s): o["onset_step"] for s, o in summary["onset"].items()}
+    return dict(fpr=fpr, **early_warning.evaluate_warning(warnings, memorized, onset, n_boot))
+
+
+def fmt_auroc(entry: dict) -> str:
+    """'0.950 [0.800, 1.000]' (95% bootstrap interval over samples)."""
+    return f"{fmt(entry['auroc'])} [{fmt(entry['ci_low'])}, {fmt(entry['ci_high'])}]"
+
+
+def warning_figure(eval_dir: Path, warnings: list[dict], result: dict | None) -> str | None:
+    """Score over training: each sample (thin) and the mean per duplication factor, the alarm threshold,
+    and each sample's severity onset step marked on its own curve."""
+    if result is None:
+        return None
+    frame = pd.DataFrame(warnings).dropna(subset=["score"])
+    frame = frame[frame["sample_id"].astype(str).isin(result["lead_time"])]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for k, (dup, rows) in enumerate(sorted(frame.groupby("dup_factor"), key=lambda kv: kv[0])):
+        colour = f"C{k}"
+        for sid, own in rows.groupby("sample_id"):
+            own = own.sort_values("step")
+            ax.plot(own["step"], own["score"], color=colour, lw=0.5, alpha=0.4)
+            onset = result["lead_time"][str(int(sid))]["onset_step"]
+            if onset is not None:
+                at = own[own["step"] <= onset].tail(1)
+                ax.plot(at["step"], at["score"], "v", color=colour, ms=6, mec="k", mew=0.5)
+        mean = rows.groupby("step")["score"].mean()
+        ax.plot(mean.index, mean.values, "-o", color=colour, ms=3, lw=1.8, label=f"dup {dup}")
+    scored = frame[frame["dup_factor"] > 1] if (frame["dup_factor"] > 1).any() else frame
+    ax.axhline(float(scored["threshold"].median()), color="grey", ls=":", label=f"alarm ({result['fpr']:g} FPR)")
+    ax.plot([], [], "v", color="grey", mec="k", mew=0.5, label="severity onset (last probe step before it)")
+    ax.set(xlabel="training step", ylabel="warning score (robust sd of the null)",
+           title="early warning from training probes")
+    ax.legend(fontsize=6)
+    name = "warning_over_training.png"
+    save_figure(fig, eval_dir / "figures" / name)
+    return name
+
+
+def warning_lines(result: dict | None, figure: str | None) -> list[str]:
+    """report.md's early-warning section: AUROC over probe steps, lead times per dup factor, false alarms."""
+    lines = ["## Early warning from training probes", ""]
+    if result is None:
+        return lines + ["The run logged no probes (probe_steps 0): no warning to evaluate.", ""]
+    lines += ["Score per probe step and sample from the training probes alone (high-noise k_g and L_g at the "
+              "largest probed g, and the fall of L_c from its start), in robust standard deviations of the null "
+              "samples of the same step (held-out images when the dataset has them, else never-duplicated ones, "
+              f"each null sample scored leave-one-out); the alarm fires at a {result['fpr']:g} false-alarm rate "
+              "per probe step (docs/science.md, \"Early warning from training probes\"). It is measured against "
+              "severity: \"memorized\" = over the threshold at the last evaluated checkpoint; lead time = onset step - "
+              "first alarm step.", ""]
+    steps = result["auroc_by_step"]
+    earliest, best = result["earliest_auroc_0_9"], result["best_auroc"]
+    n_pos = max((a["n_positive"] for a in steps.values()), default=0)
+    if best is None:
+        lines.append(f"AUROC undefined: {n_pos} of the probe samples are memorized at the last checkpoint "
+                     "(one class only).")
+    elif earliest is not None:
+        lines.append(f"**AUROC first reaches 0.9 at probe step {earliest}: {fmt_auroc(steps[str(earliest)])}** "
+                     f"({steps[str(earliest)]['n_positive']} memorized of {steps[str(earliest)]['n']}).")
+    else:
+        lines.append(f"**AUROC never reaches 0.9; best {fmt_auroc(steps[str(best)])} at probe step {best}** "
+                     f"({steps[str(best)]['n_positive']} memorized of {steps[str(best)]['n']}).")
+    lines += ["", "| probe step | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
+              "| AUROC | " + " | ".join(fmt(a["auroc"], 2) for a in steps.values()) + " |", ""]
+    lead = pd.DataFrame(result["lead_time"].values())
+    lines += ["| dup_factor | samples | alarmed | first alarm (median step) | crossed severity | "
+              "alarmed no later than the crossing | median lead time (steps) |", "|---|---|---|---|---|---|---|"]
+    for dup, rows in sorted(lead.groupby("dup_factor"), key=lambda kv: -kv[0]):
+        alarmed, crossed = rows["first_alarm_step"].notna(), rows["onset_step"].notna()
+        leads = rows["lead_time"].dropna().astype(float)
+        lines.append(f"| {dup} | {len(rows)} | {int(alarmed.sum())} | "
+                     f"{fmt(float(rows['first_alarm_step'].dropna().median()), 0) if alarmed.any() else 'never'} | "
+                     f"{int(crossed.sum())} | {int((leads >= 0).sum())} | "
+                     f"{fmt(float(leads.median()), 0) if len(leads) else 'n/a'} |")
+    top = lead[lead["dup_factor"] == lead["dup_factor"].max()]
+    leads = top["lead_time"].dropna().astype(float)
+    missed = int((top["onset_step"].notna() & top["first_alarm_step"].isna()).sum())
+    lines += ["", f"**Median lead time for the {int(lead['dup_factor'].max())}x samples: "
+              f"{fmt(float(leads.median()), 0) + ' steps' if len(leads) else 'n/a'}** (over the {len(leads)} of "
+              f"{len(top)} that both alarmed and crossed the severity threshold; {missed} crossed without an alarm)."]
+    fa = result["false_alarms"]
+    lines += ["", f"**False alarms: {fa['count']} of {fa['never_duplicated']} never-duplicated probe samples** "
+              f"alarmed at some probe step ({fa['alarmed_checks']} of {fa['checks']} (sample, step) checks, "
+              f"{fmt(fa['alarmed_checks'] / fa['checks'] if fa['checks'] else None)} against the asked "
+              f"{result['fpr']:g})" + (f": samples {', '.join(map(str, fa['samples']))}." if fa["samples"] else "."),
+              ""]
+    if figure:
+        lines += [f"![early warning](figures/{figure})", ""]
+    return lines
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Rebuild summary.json, figures and report.md from the tables")
     parser.add_argument("--eval_dir", required=True)
-    print(write_report(parser.parse_args().eval_dir))
+    parser.add_argument("--run_dir", default=None, help="the training run (warnings.jsonl); default: above --eval_dir")
+    cli_args = parser.parse_args()
+    print(write_report(cli_args.eval_dir, run_dir=cli_args.run_dir))

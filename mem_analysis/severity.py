@@ -51,14 +51,17 @@ def ssim_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.T
 
 
 def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> torch.Tensor:
-    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0."""
+    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0.
+
+    `paired_index[p] = -1`: the paired image is not in the pool (held out of training), so always 0.0.
+    """
     paired_index = torch.as_tensor(paired_index).reshape(-1)
     if paired_index.numel() != generated.shape[0]:
         raise ValueError(f"paired_index needs one pool index per prompt ({generated.shape[0]}), got {paired_index.numel()}")
     if pool.shape[1:] != generated.shape[2:]:
         raise ValueError(f"pool images {tuple(pool.shape[1:])} and generated {tuple(generated.shape[2:])} differ in shape")
-    if paired_index.min() < 0 or paired_index.max() >= len(pool):
-        raise ValueError(f"paired_index must lie in [0, {len(pool) - 1}] (the training pool)")
+    if paired_index.min() < -1 or paired_index.max() >= len(pool):
+        raise ValueError(f"paired_index must lie in [0, {len(pool) - 1}] (the training pool), or be -1 (held out)")
     P, N = generated.shape[:2]
     nearest = torch.cdist(generated.double().reshape(P * N, -1), pool.double().reshape(len(pool), -1)).argmin(1)
     return (nearest.reshape(P, N) == paired_index[:, None].to(nearest.device)).double()

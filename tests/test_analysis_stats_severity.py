@@ -72,6 +72,8 @@ def test_severity_backends_on_analytic_images():
     pool = torch.cat([torch.rand(5, 3, 16, 16), reference])
     nn = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, 6])
     assert nn.similarity[0].tolist() == [1.0, 1.0, 1.0] and nn.similarity[1, 0] == 1.0
+    heldout = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, -1])  # prompt 1 never trained
+    assert heldout.similarity[0].tolist() == [1.0, 1.0, 1.0] and heldout.similarity[1].tolist() == [0.0, 0.0, 0.0]
     latent = severity(torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 8, 8), "latent_cosine")
     assert latent.similarity.shape == (2, 4) and latent.threshold == 0.75
     with pytest.raises(ValueError, match="mean_image"):

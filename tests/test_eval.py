@@ -28,7 +28,7 @@ EVAL_ARGS = ["--num_seeds", "2", "--num_inference_steps", "4", "--guidance_scale
              "--batch_size", "16"]
 NUM_PROBE, SEEDS, SCALES, STEPS = 8, 2, 2, (0, 2, 4)
 FIGURES = ("severity_over_training.png", "deviation_vs_severity.png", "decomposition_schedule.png",
-           "losses_over_training.png", "generated_vs_training.png")
+           "losses_over_training.png", "generated_vs_training.png", "warning_over_training.png")
 
 
 def run(cmd, env_extra=None, check=True) -> subprocess.CompletedProcess:
@@ -171,6 +171,11 @@ def test_figures_and_report_numbers_equal_the_tables(single):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["checkpoints"]) == {str(s) for s in STEPS}
     assert set(summary["onset"]) == {str(s) for s in last.sample_id}
+    warning = summary["early_warning"]  # the run's warnings.jsonl against severity
+    assert set(warning["auroc_by_step"]) == {str(s) for s in STEPS}  # probes every 2 steps, as checkpoints
+    assert set(warning["lead_time"]) == {str(s) for s in last.sample_id}
+    assert warning["false_alarms"]["never_duplicated"] == int((last.dup_factor == 1).sum())
+    assert "## Early warning from training probes" in text and "**False alarms: " in text
 
 
 def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):

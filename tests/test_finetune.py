@@ -158,6 +158,10 @@ def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tin
     assert not (run / "checkpoint-4.tmp").exists()
     steps = [json.loads(line)["step"] for line in (run / "probes.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [0, 2, 4, 6] and all(steps.count(s) == 8 for s in (0, 2, 4, 6))
+    warnings = [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
+    keys = [(w["step"], w["sample_id"]) for w in warnings]
+    assert len(keys) == len(set(keys))  # the resumed run rewrote steps 4 and 6 without repeating them
+    assert [w["step"] for w in warnings].count(4) == 8 and {w["step"] for w in warnings} == {0, 2, 4, 6}
 
 
 def test_diverging_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
@@ -221,3 +225,25 @@ def test_dataset_name_without_probe_split_probes_first_rows(tiny_model_dir, tmp_
     code = finetune.cli(["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
                          "--output_dir", str(tmp_path / "run"), "--dry_run", "--probe_timesteps", "500"])
     assert code == 0 and "6 train rows, 6 probe samples, resolution 32" in capsys.readouterr().out
+
+
+def test_each_alarmed_sample_is_announced_once_with_caption_and_first_step(tiny_model_dir, tiny_dataset_dir,
+                                                                            tmp_path, capsys):
+    """A loose false-alarm rate (45 %) makes alarms fire on an untrained model; each is printed once."""
+    import datasets
+
+    run = tmp_path / "run"
+    assert finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--max_train_steps", 3, "--probe_steps", 1,
+                             "--probe_timesteps", 500, 900, "--warning_fpr", 0.45)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[early warning]")]
+    warnings = [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
+    first = {}
+    for w in warnings:
+        if w["alarm"]:
+            first.setdefault(w["sample_id"], w["step"])
+    assert first and len(lines) == len(first)
+    probe = datasets.load_from_disk(str(tiny_dataset_dir))["probe"]
+    caption_of = dict(zip(probe["sample_id"], probe["text"]))
+    for sid, step in first.items():
+        (line,) = [line for line in lines if f" sample {sid} " in line]
+        assert line.startswith(f"[early warning] step {step}: ") and repr(caption_of[sid]) in line

@@ -63,6 +63,11 @@ def probe_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "probes.jsonl").read_text().splitlines()]
 
 
+def warning_rows(run: Path) -> list[dict]:
+    """Rows of run/warnings.jsonl."""
+    return [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
+
+
 def unet_weights(folder: Path) -> dict:
     """UNet tensors of a diffusers unet/ folder."""
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
@@ -117,6 +122,16 @@ def test_single_process_run_writes_the_contract(runs, tiny_dataset_dir):
     assert all(r["dup_factor"] == dup_of[r["sample_id"]] for r in rows)
     assert all(torch.isfinite(torch.tensor([r[m] for m in METRICS])).all() for r in rows)
 
+    # Early warning: one row per probe step and sample, equal to scoring the whole probes.jsonl afterwards.
+    from mem_analysis.early_warning import score_run
+
+    warnings = warning_rows(run)
+    assert [(w["step"], w["sample_id"]) for w in warnings] == sorted({(r["step"], r["sample_id"]) for r in rows})
+    assert all({"step", "sample_id", "dup_factor", "score", "alarm"} <= set(w) for w in warnings)
+    assert all(w["dup_factor"] == dup_of[w["sample_id"]] for w in warnings)
+    assert all(isinstance(w["score"], float) and isinstance(w["alarm"], bool) for w in warnings)
+    assert warnings == score_run(rows, config["warning_fpr"], config["high_noise_timestep"])
+
 
 def test_probe_scalars_readable_with_event_accumulator(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -134,6 +149,10 @@ def test_probe_scalars_readable_with_event_accumulator(runs):
         assert len(events.Scalars(f"probe_high/k_cfg_7.5/dup_{dup}")) == len(scalars)
     assert [s.step for s in events.Scalars("train/loss")] == list(range(2, STEPS + 1, 2))  # logging_steps 2
     assert "validation/0" in events.Tags()["images"]
+    for dup in sorted({r["dup_factor"] for r in rows}):
+        assert [s.step for s in events.Scalars(f"warning/score/dup_{dup}")] == list(range(0, STEPS + 1, EVERY))
+        assert len(events.Scalars(f"warning/alarm_fraction/dup_{dup}")) == len(range(0, STEPS + 1, EVERY))
+    assert "warning/top_samples/text_summary" in events.Tags()["tensors"]
 
 
 def test_lora_run_saves_diffusers_lora_weights(runs, tiny_model_dir):
@@ -197,6 +216,7 @@ def test_kill_and_resume_latest_equals_uninterrupted(runs, tiny_model_dir, tiny_
         expected, got = unet_weights(reference / name), unet_weights(run / name)
         assert all(torch.equal(expected[k], got[k]) for k in expected), name
     assert probe_rows(run) == probe_rows(reference)
+    assert warning_rows(run) == warning_rows(reference)  # each warning once, as the uninterrupted run wrote it
 
 
 def free_port() -> int:

@@ -18,10 +18,12 @@ a non-finite loss stops the run naming its step, before any checkpoint is writte
 Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
 order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
 continues as the uninterrupted run would; probe rows after the resumed step are rewritten.
+Early warning: each probe step's rows are scored by `mem_analysis.early_warning` against the
+never-duplicated (or held-out) probe samples; scores go to RUN/warnings.jsonl and TensorBoard
+(`warning/...`), and a sample is announced once, when its alarm first fires (`--warning_fpr`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -43,8 +45,8 @@ from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config
-from train.finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows, load_splits,
-                                 probe_scalars)
+from train.finetune_data import (EarlyWarningLog, EpochSampler, TrainExamples, append_rows, build_probe_inputs,
+                                 keep_probe_rows, load_splits, probe_scalars, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
@@ -254,11 +256,15 @@ def main(argv=None) -> int:
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     probe_path = output_dir / "probes.jsonl"
+    warn = None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         run.write_config(output_dir, vars(args))
         # Rows after the resumed step belong to the interrupted run and are written again below.
-        keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
+        kept_probes = keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
+        kept_warnings = keep_probe_rows(output_dir / "warnings.jsonl", last_step=global_step if resume_path else -1)
+        if args.probe_steps:
+            warn = EarlyWarningLog(output_dir / "warnings.jsonl", probe_split, args, kept_probes, kept_warnings)
     tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
     accelerator.init_trackers("finetune", config=tracker_config,
                               init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
@@ -274,14 +280,19 @@ def main(argv=None) -> int:
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
 
     def probe_and_log(step: int) -> None:
-        """Probe rows appended to probes.jsonl and per-dup-factor means to TensorBoard (main process writes)."""
+        """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
+        warning scalars to TensorBoard (the main process writes)."""
         rows = run_probes(unet, probe, args, step, accelerator)
+        scalars = probe_scalars(rows, args.high_noise_timestep)
         if main_process:
-            with open(probe_path, "a") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-        accelerator.log(probe_scalars(rows, args.high_noise_timestep), step=step)
+            append_rows(probe_path, rows)
+            warnings, announcements = warn(rows)
+            for line in announcements:
+                tqdm.write(line)
+            warning_values, top_table = warning_scalars(warnings)
+            scalars.update(warning_values)
+            writer.add_text("warning/top_samples", top_table, step)
+        accelerator.log(scalars, step=step)
 
     if probe is not None and global_step == 0:
         probe_and_log(0)

@@ -120,6 +120,7 @@ FLAGS = {
     "probe_batch_size": (64, int, "(sample, timestep) pairs per probe UNet call"),
     "high_noise_timestep": (RUN_DEFAULTS["high_noise_timestep"], int,
                             "timesteps >= this form the high-noise window (TensorBoard probe_high/, evaluation's _early)"),
+    "warning_fpr": (RUN_DEFAULTS["warning_fpr"], float, "early warning: false-alarm rate per probe step on the null samples"),
     "dry_run": (False, boolean, "resolve config, build data and models, print the plan, train nothing"),
 }
 
@@ -195,3 +196,5 @@ def check_config(config: dict) -> None:
         raise ConfigError("use_ema applies to full fine-tuning; turn off use_lora or use_ema")
     if config["probe_steps"] and not config["probe_timesteps"]:
         raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
+    if not 0.0 < config["warning_fpr"] < 0.5:
+        raise ConfigError(f"warning_fpr must lie in (0, 0.5), got {config['warning_fpr']}")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+from mem_analysis.early_warning import mean_loss_cond, score_step
 from mem_analysis.probes import probe_noise
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
@@ -187,20 +188,78 @@ def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float
     return scalars
 
 
-def keep_probe_rows(path: Path, last_step: int) -> None:
-    """Rewrite probes.jsonl (atomically) with only its rows of step <= last_step, each (step, sample, t) once."""
+def keep_probe_rows(path: Path, last_step: int) -> list[dict]:
+    """Rewrite a run's JSON-lines file (probes.jsonl, warnings.jsonl) atomically with only its rows of
+    step <= last_step, each (step, sample, timestep) once; returns the kept rows."""
     if not path.exists():
-        return
-    kept, seen = [], set()
+        return []
+    kept, lines, seen = [], [], set()
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-        key = (row["step"], row["sample_id"], row["timestep"])
+        key = (row["step"], row["sample_id"], row.get("timestep"))
         if row["step"] <= last_step and key not in seen:
             seen.add(key)
-            kept.append(line + "\n")
+            kept.append(row)
+            lines.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_text("".join(lines))
     os.replace(tmp, path)
+    return kept
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file and sync it to disk (a kill loses at most the line being written)."""
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class EarlyWarningLog:
+    """Per probe step: mem_analysis.early_warning scores appended to RUN/warnings.jsonl, and one console
+    line per sample the first time its alarm fires (a resumed run remembers the alarms before its step)."""
+
+    def __init__(self, path: Path, probe_split, args, kept_probes: list[dict], kept_warnings: list[dict]):
+        self.path, self.fpr, self.high_noise_from = path, args.warning_fpr, args.high_noise_timestep
+        first = min((row["step"] for row in kept_probes), default=None)
+        self.baseline = mean_loss_cond([r for r in kept_probes if r["step"] == first]) if kept_probes else None
+        self.announced = {int(w["sample_id"]) for w in kept_warnings if w["alarm"]}
+        self.captions = {int(sid): pick_caption(caption, None)
+                         for sid, caption in zip(probe_split["sample_id"], probe_split[args.caption_column])}
+
+    def __call__(self, rows: list[dict]) -> tuple[list[dict], list[str]]:
+        """Warning rows of one probe step's probe rows (written to the file), and the announcements to print."""
+        if self.baseline is None:  # the first probe step of the run is the start L_c falls from
+            self.baseline = mean_loss_cond(rows)
+        warnings = score_step(rows, self.baseline, self.fpr, self.high_noise_from)
+        append_rows(self.path, warnings)
+        messages = []
+        for w in warnings:
+            if w["alarm"] and w["sample_id"] not in self.announced:
+                self.announced.add(w["sample_id"])
+                messages.append(f"[early warning] step {w['step']}: sample {w['sample_id']} (dup {w['dup_factor']}, "
+                                f"{self.captions.get(w['sample_id'], '?')!r}) crossed the memorization alarm "
+                                f"(score {w['score']:.2f} > {w['threshold']:.2f} at a {self.fpr:g} false-alarm rate)")
+        return warnings, messages
+
+
+def warning_scalars(warnings: list[dict], top: int = 5) -> tuple[dict[str, float], str]:
+    """TensorBoard scalars (mean / max score and alarm share per dup factor, the threshold) and a markdown
+    table of the `top` highest-scoring samples."""
+    scored = [w for w in warnings if w["score"] is not None]
+    scalars, groups = {}, {}
+    for w in scored:
+        groups.setdefault(w["dup_factor"], []).append(w)
+    for dup, group in sorted(groups.items()):
+        scalars[f"warning/score/dup_{dup}"] = float(np.mean([w["score"] for w in group]))
+        scalars[f"warning/max_score/dup_{dup}"] = float(max(w["score"] for w in group))
+        scalars[f"warning/alarm_fraction/dup_{dup}"] = float(np.mean([w["alarm"] for w in group]))
+    if scored:
+        scalars["warning/threshold"] = float(np.median([w["threshold"] for w in scored]))
+    best = sorted(scored, key=lambda w: -w["score"])[:top]
+    table = "| sample_id | dup_factor | score | alarm |\n|---|---|---|---|\n" + "".join(
+        f"| {w['sample_id']} | {w['dup_factor']} | {w['score']:.2f} | {w['alarm']} |\n" for w in best)
+    return scalars, table
