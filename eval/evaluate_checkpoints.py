@@ -14,12 +14,16 @@ summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints 
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
 - `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
   `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
-- M1/M2 at the run's probe noise: `loss_cond`, `loss_uncond`, `loss_cfg_<g>`, `k_cond`, `k_uncond`,
-  `k_cfg_<g>`, and `loss_cfg`, `k_cfg` at the row's own g; means over the probe grid, and with
-  `_early` over the high-noise window t >= --high_noise_timestep;
+- M1/M2 at the run's probe noise (averaged over --probe_noise_draws draws per (sample, t); draw 0 is the
+  training probes' noise): `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (epsilon space) and `loss_cond_x0`,
+  `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, L / SNR_t), `k_cond`, `k_uncond`, `k_cfg_<g>` (centred on mu)
+  and `k_..._uncentred`; `loss_cfg`, `loss_cfg_x0`, `k_cfg`, `k_cfg_uncentred` at the row's own g; means over
+  the probe grid, and with `_early` over the high-noise window t >= --high_noise_timestep;
 - M4: `D_x`, `D_T` against the `paper` schedule, `D_x_exact`, `D_T_exact` against the `exact` one,
   `_early` over the first K sampling steps (K = steps with t >= --high_noise_timestep unless
-  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one;
+  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one,
+  `D_x_centred...` on the centred basis [x - mu, mu, x_T], `D_x_mean...` per-step means instead of sums;
+  the latents summed over are --deviation_latents (inputs x_T..x_1, or outputs x_{T-1}..x_0);
 - M3/M5: `cos_*_early`, `fit_*_ratio_early` (fitted / theoretical coefficient), `wen_magnitude`
   (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`.
 """
@@ -43,12 +47,13 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mem_analysis import (alpha_bar_from_scheduler, guidance_key, prediction_type_of, probe_metrics, probe_noise,
+from mem_analysis import (alpha_bar_from_scheduler, guidance_key, prediction_type_of, probe_metrics_over_draws,
                           summarize_probe_metrics)
 from mem_analysis.data import image_to_tensor, load_study_dataset
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts, load_components
 from mem_analysis.alignment import noise_alignment, wen_magnitude
-from mem_analysis.decomposition import decompose_latents, schedule_deviation, trajectory_collapse
+from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
+                                       trajectory_latents)
 from mem_analysis.sampling import sample_trajectories
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd, severity
 
@@ -97,6 +102,10 @@ def parse_args(argv=None):
                    help="t >= this is the high-noise window (default: the run's probe_high_noise_from, else 700)")
     p.add_argument("--early_steps", type=int, default=None,
                    help="sampling steps counted as early (default: steps with t >= --high_noise_timestep)")
+    p.add_argument("--probe_noise_draws", type=int, default=4,
+                   help="noise draws per (sample, timestep) averaged in the probes (draw 0 = the training probes')")
+    p.add_argument("--deviation_latents", choices=("inputs", "outputs"), default="inputs",
+                   help="latents D sums over: each step's input x_T..x_1, or its output x_{T-1}..x_0")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N probe samples")
     p.add_argument("--batch_size", type=int, default=64, help="images sampled and decoded per batch")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="override the run's base model")
@@ -110,6 +119,8 @@ def parse_args(argv=None):
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
     if args.num_seeds < 2:
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
+    if args.probe_noise_draws < 1:
+        raise EvalError("--probe_noise_draws must be >= 1")
     return args
 
 
@@ -237,23 +248,25 @@ def severity_scores(traj, probe, batch, settings, sscd) -> dict[str, object]:
     return scores
 
 
-def prompt_measurements(traj, p: int, x: torch.Tensor, mu: torch.Tensor, early: int) -> tuple[dict, list, dict]:
+def prompt_measurements(traj, p: int, x: torch.Tensor, mu: torch.Tensor, early: int,
+                        latents: str = "inputs") -> tuple[dict, list, dict]:
     """M3-M5 of one prompt's seeds: per-sample values, per-seed values and per-step curves."""
     x_t, x_T, final = traj.x_t[p], traj.x_T[p], traj.final[p]
-    decompositions = {"": decompose_latents(x_t, x, x_T),  # training latent (default)
-                      "_final": decompose_latents(x_t, x, x_T, target="final", final=final)}
-    values = {}
-    for ref in REFERENCES:
-        for window, k in (("", None), ("_early", early)):
-            suffix = ("" if ref == "paper" else "_exact") + window
-            for tag, d in decompositions.items():
-                dev = schedule_deviation(d.w_x, d.w_T, traj.alpha_bar, early_steps=k, reference=ref)
-                values[f"D_x{tag}{suffix}"], values[f"D_T{tag}{suffix}"] = float(dev.D_x), float(dev.D_T)
+    window, alpha_bar = trajectory_latents(x_t, final, traj.alpha_bar, traj.final_alpha_bar, latents)
+    a0 = float(traj.alpha_bar[0])
+    decompositions = {"": decompose_latents(window, x, x_T),  # training latent (default)
+                      "_final": decompose_latents(window, x, x_T, target="final", final=final),
+                      "_centred": decompose_latents(window, x, x_T, mu=mu)}
+    values = deviation_values(decompositions[""], alpha_bar, early, alpha_bar_start=a0)
+    values.update(deviation_values(decompositions["_final"], alpha_bar, early, "_final", reductions=("sum",),
+                                   alpha_bar_start=a0))
+    values.update(deviation_values(decompositions["_centred"], alpha_bar, early, "_centred", ("paper",),
+                                   alpha_bar_start=a0))
     dec = decompositions[""]
     collapse = trajectory_collapse(x_t, final=traj.images[p])
     wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=early)  # (seeds,)
     align = noise_alignment(traj.e_c[p][:, :early], traj.e_0[p][:, :early], x, x_t[:, :early],
-                            traj.alpha_bar[:early], mu=mu)
+                            traj.alpha_bar[:early], mu=mu, x_T=x_T)
     values.update({f"{k}_early": float(v.mean()) for k, v in align.items() if k.startswith("cos_")})
     for branch in ("c", "0"):  # fitted coefficients relative to theory (1 = exact denoiser)
         values[f"fit_a_{branch}_ratio_early"] = float((align[f"fit_a_{branch}"] / align["theory_a"]).mean())
@@ -262,10 +275,8 @@ def prompt_measurements(traj, p: int, x: torch.Tensor, mu: torch.Tensor, early: 
                   # seeds' distance once the early steps are done (step 0 is the seeds' own noise)
                   collapse_early=float(collapse.pairwise_distance[min(early, len(collapse.pairwise_distance) - 1)]),
                   residual=float(dec.residual.mean()))
-    per_seed = []
-    for j in range(x_t.shape[0]):
-        dev = schedule_deviation(dec.w_x[j:j + 1], dec.w_T[j:j + 1], traj.alpha_bar, reference="paper")
-        per_seed.append(dict(D_x=float(dev.D_x), D_T=float(dev.D_T), wen_magnitude=float(wen[j])))
+    per_seed = [dict(row, wen_magnitude=float(wen[j]))
+                for j, row in enumerate(per_seed_deviations(decompositions, alpha_bar, early, a0))]
     curves = dict(w_x=dec.w_x.mean(0).numpy(), w_T=dec.w_T.mean(0).numpy(),
                   collapse=collapse.pairwise_distance.numpy())
     return values, per_seed, curves
@@ -306,12 +317,12 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
     prediction_type = prediction_type_of(components.noise_scheduler)
     timesteps = settings["probe_timesteps"]
     clock("start")
-    noise = probe_noise(probe["sample_ids"][index], timesteps, probe["latents"].shape[1:], settings["probe_seed"])
-    m12 = probe_metrics(unet, probe["latents"][index].to(device), probe["cond"][index].to(device),
-                        probe["uncond"].to(device), timesteps, noise, probe["alpha_bar"],
-                        settings["probe_guidance_scales"], mu=probe["mu"].to(device),
-                        prediction_type=prediction_type, chunk_size=args.batch_size)
-    m12 = summarize_probe_metrics(m12, timesteps, settings["high_noise_timestep"])
+    per_t = probe_metrics_over_draws(
+        unet, probe["latents"][index].to(device), probe["cond"][index].to(device), probe["uncond"].to(device),
+        timesteps, probe["sample_ids"][index], settings["probe_seed"], probe["alpha_bar"],
+        draws=settings["probe_noise_draws"], guidance_scales=settings["probe_guidance_scales"],
+        mu=probe["mu"].to(device), prediction_type=prediction_type, chunk_size=args.batch_size)
+    m12 = summarize_probe_metrics(per_t, timesteps, settings["high_noise_timestep"])
     step_m12 = {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
     clock("probes")
 
@@ -331,7 +342,8 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
         scores = severity_scores(traj, probe, batch, settings, sscd)
         early = settings["early_steps"] or max(1, int((traj.timesteps >= settings["high_noise_timestep"]).sum()))
         for p, i in enumerate(batch):
-            values, seed_values, curve = prompt_measurements(traj, p, probe["latents"][i], probe["mu"], early)
+            values, seed_values, curve = prompt_measurements(traj, p, probe["latents"][i], probe["mu"], early,
+                                                             settings["deviation_latents"])
             sid = int(probe["sample_ids"][i])
             common = dict(sample_id=sid, dup_factor=int(probe["dup_factors"][i]), guidance_scale=g)
             for j, seed in enumerate(seeds):
@@ -339,15 +351,20 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
                                      **{f"sev_{b}": float(r.similarity[p, j]) for b, r in scores.items()}))
             pos = lo + p
             row = dict(common, **{k: float(v[pos]) for k, v in step_m12.items()})
-            row.update(loss_cfg=row[f"loss_cfg_{gk}"], k_cfg=row[f"k_cfg_{gk}"],
-                       loss_cfg_early=row[f"loss_cfg_{gk}_early"], k_cfg_early=row[f"k_cfg_{gk}_early"])
+            aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
+                       "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
+            for name, column in aliases.items():  # the values at the row's own g
+                row[name], row[f"{name}_early"] = row[column], row[f"{column}_early"]
             headline = scores[settings["severity_backend"]]
             row.update(severity=float(headline.severity[p]),
                        memorized_fraction=float(headline.memorized_fraction[p]),
                        **{f"sev_{b}": float(r.severity[p]) for b, r in scores.items()}, **values)
             per_sample.append(row)
             curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=traj.alpha_bar.numpy(),
-                               timesteps=traj.timesteps.numpy(), **curve))
+                               timesteps=traj.timesteps.numpy(), probe_timesteps=np.asarray(timesteps),
+                               probe_loss_cfg=per_t[f"loss_cfg_{gk}"][pos].numpy(),
+                               probe_loss_cfg_x0=per_t[f"loss_cfg_{gk}_x0"][pos].numpy(),
+                               probe_loss_cond_x0=per_t["loss_cond_x0"][pos].numpy(), **curve))
             if g == settings["guidance_scale"]:
                 images.append((sid, (traj.images[p, 0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
         clock("metrics")
@@ -376,6 +393,7 @@ def resolve_settings(args, config) -> dict:
                 probe_guidance_scales=probe_scales, backends=backends,
                 severity_backend=args.severity_backend, threshold=threshold,
                 high_noise_timestep=args.high_noise_timestep, early_steps=args.early_steps,
+                probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents,
                 max_samples=args.max_samples, model=str(config["pretrained_model_name_or_path"]),
                 dataset=str(config["train_data_dir"]), lora=bool(config.get("use_lora")))
 
@@ -444,7 +462,7 @@ def store_checkpoint(out_dir: Path, step: int, name: str, results, settings: dic
     save_arrays(out_dir / "curves" / f"step-{step}.npz",
                 sample_id=np.array([c["sample_id"] for c in curves]),
                 guidance_scale=np.array([c["guidance_scale"] for c in curves]),
-                **{k: np.stack([c[k] for c in curves]) for k in ("w_x", "w_T", "collapse", "alpha_bar", "timesteps")})
+                **{k: np.stack([c[k] for c in curves]) for k in curves[0] if k not in ("sample_id", "guidance_scale")})
     save_arrays(out_dir / "images" / f"step-{step}.npz", sample_id=np.array([i[0] for i in images]),
                 images=np.stack([i[1] for i in images]))
     append_rows(out_dir / "per_seed.csv", per_seed, step)

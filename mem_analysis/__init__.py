@@ -12,8 +12,8 @@ from mem_analysis.probes import (
 from mem_analysis.alignment import noise_alignment, wen_magnitude
 from mem_analysis.sampling import Trajectories, initial_noise_for_seeds, sample_trajectories
 from mem_analysis.decomposition import (
-    decompose_latents, deviation_values, reference_schedule, schedule_deviation, trajectory_collapse,
-    trajectory_latents,
+    decompose_latents, deviation_values, per_seed_deviations, reference_schedule, schedule_deviation,
+    trajectory_collapse, trajectory_latents,
 )
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd, severity
 from mem_analysis.stats import (

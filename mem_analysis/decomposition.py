@@ -154,6 +154,20 @@ def deviation_values(dec: Decomposition, alpha_bar: torch.Tensor, early_steps: i
     return values
 
 
+def per_seed_deviations(decompositions: dict, alpha_bar: torch.Tensor, early_steps: int,
+                        alpha_bar_start: float | None = None) -> list[dict[str, float]]:
+    """Per seed, the paper-schedule sums `D_x<tag>`, `D_T<tag>` and their `_early` windows of each
+    decomposition in `decompositions` ({tag: Decomposition}), for reliability across seeds (the mean
+    over seeds of these equals the per-sample value, D being linear in w)."""
+    seeds = next(iter(decompositions.values())).w_x.shape[0]
+    rows = [{} for _ in range(seeds)]
+    for tag, dec in decompositions.items():
+        for j, row in enumerate(rows):
+            one = Decomposition(dec.w_x[j:j + 1], dec.w_T[j:j + 1], dec.residual[j:j + 1])
+            row.update(deviation_values(one, alpha_bar, early_steps, tag, ("paper",), ("sum",), alpha_bar_start))
+    return rows
+
+
 def mean_pairwise_distance(samples: torch.Tensor) -> torch.Tensor:
     """`mean_{i<j} ||s_i - s_j||_2 / sqrt(D)` over the first dim (per-element RMS distance)."""
     if samples.shape[0] < 2:
