@@ -496,7 +496,9 @@ def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]
     lines = [f"Memorized (n = {int(memorized.sum())}) vs not (n = {int((~memorized).sum())}), mean per sample "
              f"with a 95% bootstrap interval:", "",
              "| quantity | memorized | not memorized |", "|---|---|---|"]
-    for col, name in ((f"loss_cfg_{g}_early", f"L_g (g = {g}), t >= {hi}"), (f"loss_cfg_{g}", f"L_g (g = {g}), all t"),
+    for col, name in ((f"loss_cfg_{g}_x0_early", f"L_g x0 space (g = {g}), t >= {hi}"),
+                      (f"loss_cfg_{g}_x0", f"L_g x0 space (g = {g}), all t"),
+                      (f"loss_cfg_{g}_early", f"L_g (g = {g}), t >= {hi}"), (f"loss_cfg_{g}", f"L_g (g = {g}), all t"),
                       ("loss_cond_early", f"L_c, t >= {hi}"), ("loss_cond", "L_c, all t"),
                       (f"k_cfg_{g}_early", f"k_g (g = {g}), t >= {hi}"), ("k_cond_early", f"k_c, t >= {hi}")):
         if col in at_last:
