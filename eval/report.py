@@ -40,7 +40,7 @@ def correlation(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, seed: in
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     # Values equal up to rounding (e.g. D over a window that is pure noise) carry no ranking.
-    if len(x) < 3 or any(np.ptp(v) <= 1e-9 * max(1.0, np.abs(v).max()) for v in (x, y)):
+    if len(x) < 3 or stats.is_constant(x) or stats.is_constant(y):
         return dict(r=None, ci_low=None, ci_high=None, n=int(len(x)))
     c = stats.correlation(x, y, method=method, n_bootstrap=n_boot, seed=seed)
     return dict(r=c.r, ci_low=c.low, ci_high=c.high, n=int(c.n))
@@ -225,7 +225,7 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
     corr = lambda col: entry["correlations"].get(col, {}).get("pearson", dict(r=None))  # noqa: E731
     det = lambda col: entry["detection"].get(col, {})  # noqa: E731
     hi = settings["high_noise_timestep"]
-    K = settings.get("early_steps") or f"steps with t >= {hi}"
+    K = f"{settings['early_steps']} DDIM steps" if settings.get("early_steps") else f"DDIM steps with t >= {hi}"
     n, m = entry["n_samples"], entry["n_memorized"]
     lines = [f"At the last evaluated checkpoint (step {last}, g = {g}, {n} probe samples, {m} memorized: "
              f"severity > {settings['threshold']:g}); r is Pearson across samples with a 95% bootstrap interval. "
@@ -248,8 +248,8 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
         lines.append("")
     lines += [f"Window of finding 1: t >= {hi} of the probe grid (x0 space, averaged over "
               f"{settings.get('probe_noise_draws', 1)} noise draws per (sample, t)); early steps of findings 2-3: "
-              f"the first {K} DDIM steps; D sums over the {settings.get('deviation_latents', 'inputs')} "
-              f"latents, paper schedule unless marked `exact`.",
+              f"the first {K}; D sums over the {settings.get('deviation_latents', 'inputs')} "
+              f"latents (docs/findings.md), paper schedule unless marked `exact`.",
               f"Detection: AUROC with each score's predicted direction (lower = memorized for "
               f"{', '.join(verdicts.LOWER_IS_MEMORIZED_PREFIXES)}; higher for the rest); "
               f"{det('D_x_early').get('tpr_label') or 'TPR at low FPR'} (TPR at 1% FPR needs >= "
@@ -504,7 +504,7 @@ def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]
         if col in at_last:
             values = at_last[col].to_numpy(float)
             lines.append(f"| {name} | {mean_ci(values[memorized], n_boot)} | {mean_ci(values[~memorized], n_boot)} |")
-    scales = sorted({float(m.group(1)) for m in map(GUIDED_K.match, at_last.columns) if m})
+    scales = sorted({float(m.group(1)) for m in map(GUIDED_K.match, at_last.columns) if m} - {1.0})  # g = 1: k_cond
     columns = [("k_cond", "1")] + [(f"k_cfg_{s:g}", f"{s:g}") for s in scales]
     lines += ["", f"Overestimation k (centred) by duplication factor and guidance scale g, mean over samples, "
               f"t >= {hi} / all t (k = 1: one unit of the training image; g = 1 is the conditional prediction):", "",

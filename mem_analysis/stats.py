@@ -127,6 +127,13 @@ def detection(scores, labels, direction: str = "higher") -> dict:
                 n_positives=int(labels.sum()), n_negatives=n_neg)
 
 
+def is_constant(values) -> bool:
+    """True when the finite values are equal up to rounding (`ptp <= 1e-9 max(1, max |v|)`): they rank nothing."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return values.size == 0 or np.ptp(values) <= 1e-9 * max(1.0, np.abs(values).max())
+
+
 def split_half_reliability(values) -> dict:
     """Split-half reliability across seeds of a per-sample mean, with the Spearman-Brown step-up.
 
@@ -139,7 +146,7 @@ def split_half_reliability(values) -> dict:
         raise ValueError(f"values must be (samples, seeds) with at least 2 seeds, got shape {values.shape}")
     values = values[~np.isnan(values).any(1)]
     a, b = values[:, 0::2].mean(1), values[:, 1::2].mean(1)
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    if len(a) < 3 or is_constant(a) or is_constant(b):
         return dict(r_half=None, reliability=None, n_samples=int(len(a)), n_seeds=int(values.shape[1]))
     r = float(pearson_rows(a, b))
     return dict(r_half=r, reliability=spearman_brown(r), n_samples=int(len(a)), n_seeds=int(values.shape[1]))
