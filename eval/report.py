@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 
 from mem_analysis import stats, verdicts  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
+from mem_analysis.io import write_text_atomic  # noqa: E402
 
 GUIDED_K = re.compile(r"^k_cfg_(\d+(?:\.\d+)?)_early$")  # k_cfg_<g>_early, not the _uncentred variants
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
@@ -438,13 +439,6 @@ def headline_lines(summary: dict, settings: dict, at_last: pd.DataFrame, last: i
         lines.append(f"- Reliability across seeds: D_x_early {fmt(rel['D_x_early']['reliability'], 2)}, "
                      f"D_T {fmt(rel['D_T']['reliability'], 2)}, severity {fmt(rel['severity']['reliability'], 2)}.")
     return lines
-
-
-def write_text_atomic(path: Path, text: str):
-    """Write text to a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
