@@ -14,12 +14,16 @@ summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints 
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
 - `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
   `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
-- M1/M2 at the run's probe noise: `loss_cond`, `loss_uncond`, `loss_cfg_<g>`, `k_cond`, `k_uncond`,
-  `k_cfg_<g>`, and `loss_cfg`, `k_cfg` at the row's own g; means over the probe grid, and with
-  `_early` over the high-noise window t >= --high_noise_timestep;
+- M1/M2 at the run's probe noise (averaged over --probe_noise_draws draws per (sample, t); draw 0 is the
+  training probes' noise): `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (epsilon space) and `loss_cond_x0`,
+  `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, L / SNR_t), `k_cond`, `k_uncond`, `k_cfg_<g>` (centred on mu)
+  and `k_..._uncentred`; `loss_cfg`, `loss_cfg_x0`, `k_cfg`, `k_cfg_uncentred` at the row's own g; means over
+  the probe grid, and with `_early` over the high-noise window t >= --high_noise_timestep;
 - M4: `D_x`, `D_T` against the `paper` schedule, `D_x_exact`, `D_T_exact` against the `exact` one,
   `_early` over the first K sampling steps (K = steps with t >= --high_noise_timestep unless
-  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one;
+  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one,
+  `D_x_centred...` on the centred basis [x - mu, mu, x_T], `D_x_mean...` per-step means instead of sums;
+  the latents summed over are --deviation_latents (inputs x_T..x_1, or outputs x_{T-1}..x_0);
 - M3/M5: `cos_*_early`, `fit_*_ratio_early` (fitted / theoretical coefficient), `wen_magnitude`
   (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`.
 """
@@ -40,7 +44,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from eval import report
-from mem_analysis import guidance_key, prediction_type_of, probe_metrics, probe_noise, run, summarize_probe_metrics
+from mem_analysis import guidance_key, prediction_type_of, probe_metrics_over_draws, run, summarize_probe_metrics
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.sd import compute_dtype, load_components
@@ -63,6 +67,7 @@ class EvalSettings(MeasureSettings):
     guidance_scales: tuple[float, ...]
     probe_timesteps: tuple[int, ...]
     probe_guidance_scales: tuple[float, ...]
+    probe_noise_draws: int
     max_samples: int | None
     model: str
     dataset: str
@@ -125,6 +130,10 @@ def parse_args(argv=None):
                    help="t >= this is the high-noise window (default: the run's high_noise_timestep)")
     p.add_argument("--early_steps", type=int, default=None,
                    help="sampling steps counted as early (default: steps with t >= --high_noise_timestep)")
+    p.add_argument("--probe_noise_draws", type=int, default=4,
+                   help="noise draws per (sample, timestep) averaged in the probes (draw 0 = the training probes')")
+    p.add_argument("--deviation_latents", choices=("inputs", "outputs"), default="inputs",
+                   help="latents D sums over: each step's input x_T..x_1, or its output x_{T-1}..x_0")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N probe samples")
     p.add_argument("--batch_size", type=int, default=64, help="images sampled and decoded per batch")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="override the run's base model")
@@ -138,6 +147,8 @@ def parse_args(argv=None):
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
     if args.num_seeds < 2:
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
+    if args.probe_noise_draws < 1:
+        raise EvalError("--probe_noise_draws must be >= 1")
     return args
 
 
@@ -210,17 +221,19 @@ class Stopwatch:
         self.last = now
 
 
-def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int) -> dict:
-    """M1/M2 at the run's probe noise for samples `index`: per-sample means over the grid and `_early` ones."""
+def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int
+               ) -> tuple[dict, dict]:
+    """M1/M2 at the run's probe noise (averaged over `probe_noise_draws` draws) for samples `index`:
+    per-sample means over the grid and `_early` ones, and the per-timestep values (S, T)."""
     device = unet.device
     timesteps = list(settings.probe_timesteps)
-    noise = probe_noise(probe.sample_ids[index], timesteps, probe.latents.shape[1:], settings.probe_seed)
-    m12 = probe_metrics(unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device),
-                        timesteps, noise, probe.alpha_bar, list(settings.probe_guidance_scales),
-                        mu=probe.mu.to(device), prediction_type=prediction_type_of(components.noise_scheduler),
-                        chunk_size=batch_size)
-    m12 = summarize_probe_metrics(m12, timesteps, settings.high_noise_timestep)
-    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
+    per_t = probe_metrics_over_draws(
+        unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
+        probe.sample_ids[index], settings.probe_seed, probe.alpha_bar, draws=settings.probe_noise_draws,
+        guidance_scales=list(settings.probe_guidance_scales), mu=probe.mu.to(device),
+        prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
+    m12 = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
+    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}, per_t
 
 
 def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int, sscd=None,
@@ -235,7 +248,7 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
         return result
     components = replace(components, unet=unet)
     clock("start")
-    step_m12 = probe_rows(unet, components, probe, index, settings, batch_size)
+    step_m12, per_t = probe_rows(unet, components, probe, index, settings, batch_size)
     clock("probes")
 
     chunk = prompts_per_call(settings, batch_size, probe.latents[0].numel())
@@ -252,13 +265,19 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
                 result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
                                             **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
             row = dict(common, **{k: float(v[lo + p]) for k, v in step_m12.items()})
-            row.update(loss_cfg=row[f"loss_cfg_{gk}"], k_cfg=row[f"k_cfg_{gk}"],
-                       loss_cfg_early=row[f"loss_cfg_{gk}_early"], k_cfg_early=row[f"k_cfg_{gk}_early"])
+            aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
+                       "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
+            for name, column in aliases.items():  # the values at the row's own g
+                row[name], row[f"{name}_early"] = row[column], row[f"{column}_early"]
             row.update(severity=float(headline.severity[p]), memorized_fraction=float(headline.memorized_fraction[p]),
                        **{f"sev_{b}": float(r.severity[p]) for b, r in measured.scores.items()}, **measured.values[p])
             result.per_sample.append(row)
             result.curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=measured.traj.alpha_bar.numpy(),
-                                      timesteps=measured.traj.timesteps.numpy(), **measured.curves[p]))
+                                      timesteps=measured.traj.timesteps.numpy(),
+                                      probe_timesteps=np.asarray(settings.probe_timesteps),
+                                      probe_loss_cfg=per_t[f"loss_cfg_{gk}"][lo + p].numpy(),
+                                      probe_loss_cfg_x0=per_t[f"loss_cfg_{gk}_x0"][lo + p].numpy(),
+                                      probe_loss_cond_x0=per_t["loss_cond_x0"][lo + p].numpy(), **measured.curves[p]))
             if g == settings.guidance_scale:
                 image = measured.traj.images[p, 0].permute(1, 2, 0).numpy()
                 result.images.append((sid, (image * 255).round().astype(np.uint8)))
@@ -283,6 +302,7 @@ def resolve_settings(args, config) -> EvalSettings:
         guidance_scale=args.guidance_scale, guidance_scales=tuple(guidance_scales),
         probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
         probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + guidance_scales))),
+        probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents,
         backends=SEVERITY_BACKENDS + (("sscd",) if args.sscd_path else ()),
         severity_backend=args.severity_backend,
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
@@ -349,7 +369,7 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
     save_arrays(out_dir / "curves" / f"step-{step}.npz",
                 sample_id=np.array([c["sample_id"] for c in curves]),
                 guidance_scale=np.array([c["guidance_scale"] for c in curves]),
-                **{k: np.stack([c[k] for c in curves]) for k in ("w_x", "w_T", "collapse", "alpha_bar", "timesteps")})
+                **{k: np.stack([c[k] for c in curves]) for k in curves[0] if k not in ("sample_id", "guidance_scale")})
     save_arrays(out_dir / "images" / f"step-{step}.npz", sample_id=np.array([i[0] for i in images]),
                 images=np.stack([i[1] for i in images]))
     append_rows(out_dir / "per_seed.csv", result.per_seed, step)

@@ -9,7 +9,7 @@ and the benches call it, so what is benchmarked is what users run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,8 @@ import torch
 
 from mem_analysis.alignment import noise_alignment, wen_magnitude
 from mem_analysis.data import image_to_tensor, load_study_dataset
-from mem_analysis.decomposition import decompose_latents, schedule_deviation, trajectory_collapse
+from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
+                                       trajectory_latents)
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
@@ -25,7 +26,6 @@ from mem_analysis.severity import Severity, severity
 
 # Weight-free back ends of M6; `sscd` joins when an SSCD model is given.
 SEVERITY_BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
-REFERENCES = ("paper", "exact")
 
 
 @dataclass
@@ -58,7 +58,8 @@ class ProbeSet:
 class MeasureSettings:
     """What shapes the per-prompt measurement: the seeds, DDIM steps, severity back ends (`severity_backend`
     is the headline one, judged at `threshold`) and the early window (`early_steps`, else the sampling
-    steps with t >= `high_noise_timestep`)."""
+    steps with t >= `high_noise_timestep`), and the latents D sums over (`deviation_latents`: 'inputs'
+    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md)."""
 
     seeds: tuple[int, ...]
     num_inference_steps: int
@@ -67,6 +68,7 @@ class MeasureSettings:
     threshold: float
     high_noise_timestep: int
     early_steps: int | None
+    deviation_latents: str = field(default="inputs", kw_only=True)
 
 
 @dataclass
@@ -143,23 +145,28 @@ def severity_scores(traj: Trajectories, probe: ProbeSet, batch, settings: Measur
 
 
 def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.Tensor,
-                        early: int) -> tuple[dict, list, dict]:
-    """M3-M5 of prompt `p`'s seeds (training latent `x`): per-sample values, per-seed values, per-step curves."""
+                        early: int, latents: str = "inputs") -> tuple[dict, list, dict]:
+    """M3-M5 of prompt `p`'s seeds (training latent `x`): per-sample values, per-seed values, per-step curves.
+
+    D sums over `latents` ('inputs' x_T..x_1 or 'outputs' x_{T-1}..x_0) of the training-latent, final-latent
+    and centred decompositions; per-seed rows hold each decomposition's paper-schedule D (for reliability).
+    """
     x_t, x_T, final = traj.x_t[p], traj.x_T[p], traj.final[p]
-    decompositions = {"": decompose_latents(x_t, x, x_T),  # training latent (default)
-                      "_final": decompose_latents(x_t, x, x_T, target="final", final=final)}
-    values = {}
-    for ref in REFERENCES:
-        for window, k in (("", None), ("_early", early)):
-            suffix = ("" if ref == "paper" else "_exact") + window
-            for tag, d in decompositions.items():
-                dev = schedule_deviation(d.w_x, d.w_T, traj.alpha_bar, early_steps=k, reference=ref)
-                values[f"D_x{tag}{suffix}"], values[f"D_T{tag}{suffix}"] = float(dev.D_x), float(dev.D_T)
+    window, alpha_bar = trajectory_latents(x_t, final, traj.alpha_bar, traj.final_alpha_bar, latents)
+    a0 = float(traj.alpha_bar[0])
+    decompositions = {"": decompose_latents(window, x, x_T),  # training latent (default)
+                      "_final": decompose_latents(window, x, x_T, target="final", final=final),
+                      "_centred": decompose_latents(window, x, x_T, mu=mu)}
+    values = deviation_values(decompositions[""], alpha_bar, early, alpha_bar_start=a0)
+    values.update(deviation_values(decompositions["_final"], alpha_bar, early, "_final", reductions=("sum",),
+                                   alpha_bar_start=a0))
+    values.update(deviation_values(decompositions["_centred"], alpha_bar, early, "_centred", ("paper",),
+                                   alpha_bar_start=a0))
     dec = decompositions[""]
     collapse = trajectory_collapse(x_t, final=traj.images[p])
     wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=early)  # (seeds,)
     align = noise_alignment(traj.e_c[p][:, :early], traj.e_0[p][:, :early], x, x_t[:, :early],
-                            traj.alpha_bar[:early], mu=mu)
+                            traj.alpha_bar[:early], mu=mu, x_T=x_T)
     values.update({f"{k}_early": float(v.mean()) for k, v in align.items() if k.startswith("cos_")})
     for branch in ("c", "0"):  # fitted coefficients relative to theory (1 = exact denoiser)
         values[f"fit_a_{branch}_ratio_early"] = float((align[f"fit_a_{branch}"] / align["theory_a"]).mean())
@@ -168,10 +175,8 @@ def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.T
                   # seeds' distance once the early steps are done (step 0 is the seeds' own noise)
                   collapse_early=float(collapse.pairwise_distance[min(early, len(collapse.pairwise_distance) - 1)]),
                   residual=float(dec.residual.mean()))
-    per_seed = []
-    for j in range(x_t.shape[0]):
-        dev = schedule_deviation(dec.w_x[j:j + 1], dec.w_T[j:j + 1], traj.alpha_bar, reference="paper")
-        per_seed.append(dict(D_x=float(dev.D_x), D_T=float(dev.D_T), wen_magnitude=float(wen[j])))
+    per_seed = [dict(row, wen_magnitude=float(wen[j]))
+                for j, row in enumerate(per_seed_deviations(decompositions, alpha_bar, early, a0))]
     curves = dict(w_x=dec.w_x.mean(0).numpy(), w_T=dec.w_T.mean(0).numpy(),
                   collapse=collapse.pairwise_distance.numpy())
     return values, per_seed, curves
@@ -199,7 +204,8 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
     early = settings.early_steps or max(1, int((traj.timesteps >= settings.high_noise_timestep).sum()))
     values, per_seed, curves = [], [], []
     for p, i in enumerate(batch):
-        value, seed_values, curve = prompt_measurements(traj, p, probe.latents[i], probe.mu, early)
+        value, seed_values, curve = prompt_measurements(traj, p, probe.latents[i], probe.mu, early,
+                                                        settings.deviation_latents)
         values.append(value)
         per_seed.append(seed_values)
         curves.append(curve)

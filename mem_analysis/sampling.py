@@ -27,7 +27,8 @@ class Trajectories:
     `timesteps` (K,) and `alpha_bar` (K,) float64: the timestep and `abar_t` of each step;
     `x_T` (P, N, *latent): initial noise; `x_t`, `e_c`, `e_0` (P, N, K, *latent): the latent
     entering step k and the conditional / unconditional noise predictions there;
-    `final` (P, N, *latent): the sampler's output latents; `images` (P, N, 3, H, W) in [0, 1] or None.
+    `final` (P, N, *latent): the sampler's output latents; `images` (P, N, 3, H, W) in [0, 1] or None;
+    `final_alpha_bar`: the `abar` DDIM gives its last output (its `final_alpha_cumprod`).
     """
 
     prompts: list[str]
@@ -41,6 +42,7 @@ class Trajectories:
     e_0: torch.Tensor
     final: torch.Tensor
     images: torch.Tensor | None
+    final_alpha_bar: float = 1.0
 
     def e_guided(self) -> torch.Tensor:
         """`e_g = e_0 + g (e_c - e_0)` at the sampling guidance scale, (P, N, K, *latent)."""
@@ -172,4 +174,5 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
 
     return Trajectories(prompts, seeds, float(guidance_scale), timesteps.cpu(), alpha_bar,
                         per_prompt(x_T.float().cpu()), per_prompt(x_rec), per_prompt(ec_rec), per_prompt(e0_rec),
-                        per_prompt(final), per_prompt(torch.cat(images)) if decode else None)
+                        per_prompt(final), per_prompt(torch.cat(images)) if decode else None,
+                        float(scheduler.final_alpha_cumprod))

@@ -1,4 +1,5 @@
-"""M7 relations: correlations with bootstrap intervals, detection AUROC / TPR at low FPR, onset step."""
+"""M7 relations: correlations with bootstrap intervals, detection AUROC / TPR at low FPR, onset step,
+split-half reliability across seeds and the correlation corrected for it."""
 from __future__ import annotations
 
 from collections import namedtuple
@@ -77,9 +78,23 @@ def check_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-def auroc(scores, labels) -> float:
-    """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)), higher score = positive."""
-    scores, labels = check_labels(scores, labels)
+DIRECTIONS = ("higher", "lower")
+MIN_NEGATIVES_FOR_1PCT_FPR = 100
+
+
+def oriented(scores, direction: str) -> np.ndarray:
+    """Scores turned so that higher = memorized: `s` for direction 'higher', `-s` for 'lower'."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS} (which way a memorized sample's score goes), "
+                         f"got {direction!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores if direction == "higher" else -scores
+
+
+def auroc(scores, labels, direction: str = "higher") -> float:
+    """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)) with `s` oriented by
+    `direction`: 'higher' (a memorized sample scores higher) or 'lower' (it scores lower, e.g. diversity)."""
+    scores, labels = check_labels(oriented(scores, direction), labels)
     ranks = average_ranks(scores)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -94,6 +109,60 @@ def tpr_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
     tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
     allowed = fpr <= max_fpr
     return float(tpr[allowed].max()) if allowed.any() else 0.0
+
+
+def detection(scores, labels, direction: str = "higher") -> dict:
+    """AUROC in the stated direction and the TPR at low FPR that the number of negatives supports.
+
+    With at least 100 negatives: TPR at 1% FPR. With fewer, 1% FPR means less than one false
+    positive, so the reported figure is the TPR at zero false positives, labelled with n negatives.
+    """
+    scores, labels = check_labels(oriented(scores, direction), labels)
+    n_neg = int((~labels).sum())
+    if n_neg >= MIN_NEGATIVES_FOR_1PCT_FPR:
+        label, tpr = "TPR at 1% FPR", tpr_at_fpr(scores, labels, 0.01)
+    else:
+        label, tpr = f"TPR at 0 FP ({n_neg} negatives)", tpr_at_fpr(scores, labels, 0.0)
+    return dict(auroc=auroc(scores, labels), direction=direction, tpr=float(tpr), tpr_label=label,
+                n_positives=int(labels.sum()), n_negatives=n_neg)
+
+
+def is_constant(values) -> bool:
+    """True when the finite values are equal up to rounding (`ptp <= 1e-9 max(1, max |v|)`): they rank nothing."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return values.size == 0 or np.ptp(values) <= 1e-9 * max(1.0, np.abs(values).max())
+
+
+def split_half_reliability(values) -> dict:
+    """Split-half reliability across seeds of a per-sample mean, with the Spearman-Brown step-up.
+
+    `values` (S samples, N seeds): `r_half` = Pearson across samples between the means over the
+    even-indexed and the odd-indexed seeds; `reliability = 2 r_half / (1 + r_half)` (Spearman-Brown),
+    the reliability of the mean over all N seeds. Samples with a NaN are dropped; None when undefined.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ValueError(f"values must be (samples, seeds) with at least 2 seeds, got shape {values.shape}")
+    values = values[~np.isnan(values).any(1)]
+    a, b = values[:, 0::2].mean(1), values[:, 1::2].mean(1)
+    if len(a) < 3 or is_constant(a) or is_constant(b):
+        return dict(r_half=None, reliability=None, n_samples=int(len(a)), n_seeds=int(values.shape[1]))
+    r = float(pearson_rows(a, b))
+    return dict(r_half=r, reliability=spearman_brown(r), n_samples=int(len(a)), n_seeds=int(values.shape[1]))
+
+
+def spearman_brown(r_half: float, factor: float = 2.0) -> float:
+    """Reliability of a measure `factor` times longer: `factor r / (1 + (factor - 1) r)`."""
+    return float(factor * r_half / (1 + (factor - 1) * r_half))
+
+
+def disattenuated(r_xy: float, reliability_x: float, reliability_y: float = 1.0) -> float | None:
+    """Correlation corrected for measurement noise (Spearman 1904): `r_xy / sqrt(rel_x rel_y)`; None when
+    a reliability is not positive. It can exceed 1 when the reliabilities are themselves noisy."""
+    if r_xy is None or reliability_x is None or reliability_y is None or reliability_x <= 0 or reliability_y <= 0:
+        return None
+    return float(r_xy / np.sqrt(reliability_x * reliability_y))
 
 
 def onset_step(steps, severity, threshold: float) -> np.ndarray:

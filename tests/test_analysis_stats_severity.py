@@ -74,8 +74,19 @@ def test_severity_backends_on_analytic_images():
     assert nn.similarity[0].tolist() == [1.0, 1.0, 1.0] and nn.similarity[1, 0] == 1.0
     heldout = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, -1])  # prompt 1 never trained
     assert heldout.similarity[0].tolist() == [1.0, 1.0, 1.0] and heldout.similarity[1].tolist() == [0.0, 0.0, 0.0]
-    latent = severity(torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 8, 8), "latent_cosine")
-    assert latent.similarity.shape == (2, 4) and latent.threshold == 0.75
+    # SSIM of constant images a, b (no variance): (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * data_range)^2
+    flat = severity(torch.full((1, 1, 3, 16, 16), 0.3), torch.full((1, 3, 16, 16), 0.6), "ssim")
+    assert flat.similarity.item() == pytest.approx((0.36 + 1e-4) / (0.45 + 1e-4), rel=1e-9)
+    # latent cosine (centred on mu when given) on constructed latents: a scaled copy, the negation, an orthogonal one
+    ref = torch.zeros(1, 4, 8, 8)
+    ref[0, 0, 0, 0] = 1.0
+    other = torch.zeros(4, 8, 8)
+    other[1, 0, 0] = 1.0
+    mu = 0.5 * other
+    generated_latents = torch.stack([mu + 3 * ref[0], mu - ref[0], mu + other])[None]
+    latent = severity(generated_latents, mu + ref, "latent_cosine", mean_image=mu)
+    torch.testing.assert_close(latent.similarity, torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64))
+    assert latent.threshold == 0.75 and latent.memorized_fraction.item() == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="mean_image"):
         severity(generated, reference, "pixel_cosine")
     with pytest.raises(ValueError, match="reference must be"):

@@ -103,7 +103,14 @@ def test_sample_trajectories_equals_stable_diffusion_pipeline(pipe, components):
     torch.testing.assert_close(traj.x_t[:, :, 0], traj.x_T)
     assert torch.equal(traj.timesteps, pipe.scheduler.timesteps)
     dec = decompose_latents(traj.x_t[0], traj.final[0, 0], traj.x_T[0])
-    assert torch.isfinite(schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar).D_x)
+    # step 0's input is the seed's own noise, which is in the basis: w_x = 0, w_T = 1, no residual
+    torch.testing.assert_close(dec.w_x[:, 0], torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dec.w_T[:, 0], torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert dec.residual[:, 0].max() < 1e-6 and dec.residual[:, 1:].min() > 0  # a real UNet leaves a residual later
+    # so step 0 adds -sqrt(abar_t0) to D_x and -(1 - sqrt(1 - abar_t0)) to D_T, whatever the network
+    first = schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar, early_steps=1)
+    assert float(first.D_x) == pytest.approx(-float(traj.alpha_bar[0].sqrt()), abs=1e-6)
+    assert float(first.D_T) == pytest.approx(float((1 - traj.alpha_bar[0]).sqrt()) - 1, abs=1e-6)
 
 
 def test_sample_trajectories_at_another_resolution_equals_the_pipeline_there(pipe, components):

@@ -32,7 +32,9 @@ MODES = {
 }
 GUIDANCE = ["1.5", "3", "7.5"]
 METRICS = (["loss_cond", "loss_uncond"] + [f"loss_cfg_{g}" for g in GUIDANCE]
-           + ["k_cond", "k_uncond"] + [f"k_cfg_{g}" for g in GUIDANCE])
+           + ["loss_cond_x0", "loss_uncond_x0"] + [f"loss_cfg_{g}_x0" for g in GUIDANCE]
+           + ["k_cond", "k_uncond"] + [f"k_cfg_{g}" for g in GUIDANCE]
+           + ["k_cond_uncentred", "k_uncond_uncentred"] + [f"k_cfg_{g}_uncentred" for g in GUIDANCE])
 TIMESTEPS = [100, 500, 750, 900]  # configs/finetune_tiny.yaml
 STEPS, EVERY = 6, 2
 
@@ -121,6 +123,15 @@ def test_single_process_run_writes_the_contract(runs, tiny_dataset_dir):
     assert {r["step"] for r in rows} == set(range(0, STEPS + 1, EVERY))
     assert all(r["dup_factor"] == dup_of[r["sample_id"]] for r in rows)
     assert all(torch.isfinite(torch.tensor([r[m] for m in METRICS])).all() for r in rows)
+    # the x0-space loss is the epsilon-space loss over SNR_t (science.md identity), row by row
+    from diffusers import DDPMScheduler
+
+    from mem_analysis import alpha_bar_from_scheduler, snr
+
+    snr_t = snr(alpha_bar_from_scheduler(DDPMScheduler.from_pretrained(run, subfolder="scheduler")))
+    for key in ("loss_cond", "loss_uncond", "loss_cfg_7.5"):
+        eps_space, x0_space = (torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in (key, f"{key}_x0"))
+        torch.testing.assert_close(x0_space * snr_t[[r["timestep"] for r in rows]], eps_space, rtol=1e-3, atol=1e-6)
 
     # Early warning: one row per probe step and sample, equal to scoring the whole probes.jsonl afterwards.
     from mem_analysis.early_warning import score_run
