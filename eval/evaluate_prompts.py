@@ -355,6 +355,12 @@ def main(args):
     accelerator = Accelerator(**({"mixed_precision": args.mixed_precision} if args.mixed_precision else {}))
     is_main, device = accelerator.is_main_process, accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    try:
+        sscd = load_sscd(args.sscd_path).to(device) if args.sscd_path else None
+    except (FileNotFoundError, ValueError) as err:
+        raise EvalError(str(err)) from err
+    components = load_model(source, device, dtype)
+    pool = reference_set(settings, source, components, args.batch_size, device)
     accelerator.wait_for_everyone()  # every process has read the done set before main appends
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,12 +369,6 @@ def main(args):
         os.replace(tmp, out_dir / "settings.json")
         if done:
             print(f"skipping {len(done)} prompts already evaluated in {out_dir}")
-    try:
-        sscd = load_sscd(args.sscd_path).to(device) if args.sscd_path else None
-    except (FileNotFoundError, ValueError) as err:
-        raise EvalError(str(err)) from err
-    components = load_model(source, device, dtype)
-    pool = reference_set(settings, source, components, args.batch_size, device)
     items = work_items(sets, pool, done)
     order = {(name, p): k for k, (name, p) in enumerate((n, p) for n, ps in sets.items() for p in ps)}
     chunk = ev.prompts_per_call(args, args.num_seeds, components.unet.config.in_channels
