@@ -166,9 +166,10 @@ def self_similarity(generated: torch.Tensor, backend: str = "ssim", threshold: f
         model = load_sscd(sscd_model) if isinstance(sscd_model, (str, Path)) else sscd_model
         e = sscd_embed(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, sscd_input_size).reshape(P, N, -1)
         pairwise = (e @ e.transpose(1, 2)).double()
-    else:
-        for i in range(N):
-            pairwise[:, :, i] = severity(generated, generated[:, i], backend=backend, mean_image=mean_image).similarity
+    else:  # every back end here is symmetric: compute each pair once
+        for i in range(N - 1):
+            sim = severity(generated[:, i + 1:], generated[:, i], backend=backend, mean_image=mean_image).similarity
+            pairwise[:, i + 1:, i], pairwise[:, i, i + 1:] = sim, sim
     off_diagonal = ~torch.eye(N, dtype=torch.bool)
     similarity = pairwise[:, off_diagonal].reshape(P, N, N - 1).mean(-1)
     threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)

@@ -1,7 +1,8 @@
 """eval/evaluate_prompts.py: prompt sets on a tiny run trained in the test (real subprocesses and launches).
 
-Prompt files are written from the run's own dataset: captions of its most duplicated images (8x in the
-shared tiny dataset), captions of Twemoji never seen in training, and the probe captions, in each format.
+Prompt files are written from the run's own dataset (data_scripts/write_prompt_sets.py): captions of its
+most duplicated images (8x in the shared tiny dataset), captions of Twemoji never seen in training, and the
+probe captions, in each format.
 """
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ def write_formats(folder: Path, stem: str, prompts: list[str]) -> dict[str, Path
 @pytest.fixture(scope="module")
 def prompt_files(tiny_dataset_dir, tmp_path_factory) -> dict:
     """{'duplicated' | 'unseen' | 'probe': {format: path}} written from the tiny dataset."""
-    from mem_analysis.data import load_study_dataset, twemoji_images
+    import write_prompt_sets  # data_scripts/, on the path from conftest
 
-    dataset = load_study_dataset(tiny_dataset_dir)
-    probe, seen = dataset["probe"], set(dataset["train"]["text"])
-    top = max(probe["dup_factor"])
-    duplicated = [t for t, f in zip(probe["text"], probe["dup_factor"]) if f == top]
-    unseen = [im.caption for im in twemoji_images() if im.caption not in seen][:3]
+    from mem_analysis.data import load_study_dataset
+
+    sets = write_prompt_sets.prompt_sets(tiny_dataset_dir, max_prompts=3)
+    duplicated = sets[max(sets, key=lambda name: int(name[3:]) if name.startswith("dup") else 0)]
+    unseen = sets["unseen"]
+    probe = load_study_dataset(tiny_dataset_dir)["probe"]
     folder = tmp_path_factory.mktemp("prompts")
     return {name: write_formats(folder, name, prompts)
             for name, prompts in (("duplicated", duplicated), ("unseen", unseen), ("probe", list(probe["text"])))}
