@@ -18,11 +18,12 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-import bench_eval  # bench/: build_inputs, plain_generation (it puts eval/ and data_scripts/ on the path)
+from bench import bench_eval  # build_inputs, plain_generation
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     cli = parser.parse_args()
 
-    import evaluate_prompts as ep
+    from eval import evaluate_prompts as ep
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from mem_analysis.data import load_study_dataset
@@ -50,39 +51,37 @@ def main():
         t0 = time.perf_counter()
         sets = ep.read_prompt_sets(args)
         source = ep.model_source(args)
-        with_refs = ep.resolve_settings(args, source, sets)
-        free = dict(with_refs, references=None, severity_backend="ssim", threshold=0.75)
+        with_refs = ep.resolve_settings(args, source)
+        free = replace(with_refs, references=None, severity_backend="ssim", threshold=0.75)
         components = ep.load_model(source, torch.device("cpu"), torch.float32)
-        pool = ep.reference_set(with_refs, source, components, cli.batch_size, torch.device("cpu"))
+        pool, refs = ep.reference_pool(with_refs, source, components, cli.batch_size, torch.device("cpu"))
         setup = time.perf_counter() - t0
         pipe = StableDiffusionPipeline.from_pretrained(source.base, unet=components.unet, safety_checker=None)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
         per_call = max(1, cli.batch_size // cli.num_seeds)
-        matched = ep.work_items(sets, pool, set())
+        matched = ep.work_items(sets, refs, set())
         unmatched = [(name, p, -1) for name, p, _ in matched]
         # warm-up of every path on one prompt (first-call allocations)
-        bench_eval.plain_generation(pipe, captions[:1], free["seeds"], 2, cli.guidance_scale, cli.batch_size)
-        warm = argparse.Namespace(**{**vars(args), "num_inference_steps": 2})
-        ep.measure_chunk(components, None, unmatched[:1], free, warm, None, torch.device("cpu"))
-        ep.measure_chunk(components, pool, matched[:1], with_refs, warm, None, torch.device("cpu"))
+        bench_eval.plain_generation(pipe, captions[:1], free.seeds, 2, cli.guidance_scale, cli.batch_size)
+        ep.measure_chunk(components, None, unmatched[:1], replace(free, num_inference_steps=2), cli.batch_size)
+        ep.measure_chunk(components, pool, matched[:1], replace(with_refs, num_inference_steps=2), cli.batch_size)
 
         seconds = dict(plain=0.0, free=0.0, refs=0.0)
-        plain_images, free_rows = [], []
+        plain_images = []
         for k, lo in enumerate(range(0, len(captions), per_call)):
             sides = ("plain", "free", "refs")
             for side in sides[k % 3:] + sides[:k % 3]:  # rotate who goes first
                 start = time.perf_counter()
                 if side == "plain":
-                    _, images = bench_eval.plain_generation(pipe, captions[lo:lo + per_call], free["seeds"], cli.steps,
+                    _, images = bench_eval.plain_generation(pipe, captions[lo:lo + per_call], free.seeds, cli.steps,
                                                             cli.guidance_scale, cli.batch_size)
                     plain_images.append(images)
                 elif side == "free":
-                    free_rows.append(ep.measure_chunk(components, None, unmatched[lo:lo + per_call], free, args, None,
-                                                      torch.device("cpu")))
+                    ep.measure_chunk(components, None, unmatched[lo:lo + per_call], free, cli.batch_size)
                 else:
-                    ep.measure_chunk(components, pool, matched[lo:lo + per_call], with_refs, args, None, torch.device("cpu"))
+                    ep.measure_chunk(components, pool, matched[lo:lo + per_call], with_refs, cli.batch_size)
                 seconds[side] += time.perf_counter() - start
 
     plain_images = torch.cat(plain_images)
@@ -96,7 +95,7 @@ def main():
         print(f"{name:36s} {seconds[side]:7.2f} s ({seconds[side] / n * 1000:.1f} ms/image)")
     print(f"ratio reference-free / plain: {seconds['free'] / seconds['plain']:.3f} (target <= 1.15)")
     print(f"ratio with references / plain: {seconds['refs'] / seconds['plain']:.3f} (adds M1/M2 probes: "
-          f"{len(with_refs['probe_timesteps'])} timesteps x {len(with_refs['probe_guidance_scales'])} scales)")
+          f"{len(with_refs.probe_timesteps)} timesteps x {len(with_refs.probe_guidance_scales)} scales)")
     print(f"same images: max |evaluation seed images - pipeline images| = {same:.2e}")
 
 
@@ -104,7 +103,7 @@ def check_same_images(components, settings, cli, captions, plain_images) -> floa
     """Largest pixel difference between the evaluation's sampler (decoded) and the pipeline on the same prompts."""
     from mem_analysis.sampling import sample_trajectories
 
-    traj = sample_trajectories(components, captions, settings["seeds"], cli.steps, cli.guidance_scale,
+    traj = sample_trajectories(components, captions, list(settings.seeds), cli.steps, cli.guidance_scale,
                                batch_size=cli.batch_size, decode=True)
     return (traj.images - plain_images).abs().max().item()
 

@@ -210,8 +210,10 @@ class Stopwatch:
         self.last = now
 
 
-def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int) -> dict:
-    """M1/M2 at the run's probe noise for samples `index`: per-sample means over the grid and `_early` ones."""
+def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int,
+               per_timestep: dict | None = None) -> dict:
+    """M1/M2 at the run's probe noise for samples `index`: per-sample means over the grid and `_early` ones
+    (`per_timestep`, when given, receives the (samples, timesteps) values they average)."""
     device = unet.device
     timesteps = list(settings.probe_timesteps)
     noise = probe_noise(probe.sample_ids[index], timesteps, probe.latents.shape[1:], settings.probe_seed)
@@ -219,6 +221,8 @@ def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings,
                         timesteps, noise, probe.alpha_bar, list(settings.probe_guidance_scales),
                         mu=probe.mu.to(device), prediction_type=prediction_type_of(components.noise_scheduler),
                         chunk_size=batch_size)
+    if per_timestep is not None:
+        per_timestep.update(m12)
     m12 = summarize_probe_metrics(m12, timesteps, settings.high_noise_timestep)
     return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import report  # eval/report.py: figure saving, number formats, correlation with undefined cases
+from eval import report  # figure saving, number formats, correlation with undefined cases
 from mem_analysis import stats
 from mem_analysis.decomposition import reference_schedule
+from mem_analysis.io import write_text_atomic
 
 plt = report.plt
 NOT_SCORES = {"reference", "order", "seed"}
@@ -210,15 +210,12 @@ def write_report(out_dir, settings: dict | None = None, n_boot: int = 1000, tens
     """summary.json, figures/ and report.md from the tables in `out_dir`."""
     out_dir = Path(out_dir)
     settings = settings or json.loads((out_dir / "settings.json").read_text())
-    per_prompt = pd.read_csv(out_dir / "per_prompt.csv", keep_default_na=False, na_values=[""], dtype={"prompt": str, "prompt_set": str})
+    per_prompt = pd.read_csv(out_dir / "per_prompt.csv", keep_default_na=False, na_values=[""],
+                             dtype={"prompt": str, "prompt_set": str})
     summary = summarize(per_prompt, settings, n_boot)
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / "summary.json")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
     files = figures(out_dir, per_prompt, settings)
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(report_lines(summary, files)))
-    os.replace(tmp, out_dir / "report.md")
+    write_text_atomic(out_dir / "report.md", "\n".join(report_lines(summary, files)))
     if tensorboard_dir:
         log_scalars(tensorboard_dir, summary, step)
     return out_dir / "report.md"

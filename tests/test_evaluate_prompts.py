@@ -6,7 +6,6 @@ probe captions, in each format.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -175,18 +174,9 @@ def test_reference_free_severity_and_rerun_skips_done_prompts(trained_run, promp
     assert summary["severity_kind"].startswith("reference-free")
 
 
-def load_script():
-    """evaluate_prompts as a module, for fast in-process bad-input checks."""
-    sys.path.insert(0, str(ROOT / "eval"))
-    spec = importlib.util.spec_from_file_location("evaluate_prompts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evaluate_prompts"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_input_gives_one_line_errors(prompt_files, tmp_path, capsys):
-    ev = load_script()
+    from eval import evaluate_prompts as ev
+
     good = f"a={prompt_files['probe']['txt']}"
     cases = [(["--model", str(tmp_path / "nowhere"), "--prompts", good], "does not exist"),
              (["--model", str(tmp_path), "--prompts", f"a={tmp_path / 'none.txt'}"], "does not exist"),
