@@ -480,11 +480,8 @@ def onset_summary(summary: dict) -> list[str]:
 
 def mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> str:
     """'mean [low, high]': the mean with a 95% percentile-bootstrap interval (resampling the values)."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return "n/a (no samples)"
-    boots = np.random.default_rng(seed).choice(values, size=(n_boot, len(values))).mean(1)
-    return f"{fmt(float(values.mean()))} [{fmt(float(np.quantile(boots, 0.025)))}, {fmt(float(np.quantile(boots, 0.975)))}]"
+    mean, low, high = stats.mean_interval(values, n_boot, seed=seed)
+    return "n/a (no samples)" if np.isnan(mean) else f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
 
 
 def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]:

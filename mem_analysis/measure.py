@@ -22,7 +22,7 @@ from mem_analysis.decomposition import (decompose_latents, deviation_values, per
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
-from mem_analysis.severity import Severity, severity
+from mem_analysis.severity import Severity, self_similarity, severity
 
 # Weight-free back ends of M6; `sscd` joins when an SSCD model is given.
 SEVERITY_BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
@@ -144,24 +144,42 @@ def severity_scores(traj: Trajectories, probe: ProbeSet, batch, settings: Measur
     return scores
 
 
-def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.Tensor,
+def reference_free_scores(traj: Trajectories, probe: ProbeSet, settings: MeasureSettings, sscd=None) -> dict[str, Severity]:
+    """M6 without a paired image: each seed's similarity to the prompt's other seeds, for every back end that
+    needs no training pool (pixel_cosine only with `probe.mean_image`, latent_cosine only with `probe.mu`)."""
+    scores = {}
+    for backend in settings.backends:
+        threshold = settings.threshold if backend == settings.severity_backend else None
+        if backend == "latent_cosine" and probe.mu is not None:
+            scores[backend] = self_similarity(traj.final, backend, threshold, probe.mu)
+        elif backend in ("ssim", "l2", "sscd") or (backend == "pixel_cosine" and probe.mean_image is not None):
+            scores[backend] = self_similarity(traj.images, backend, threshold, probe.mean_image, sscd)
+    return scores
+
+
+def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.Tensor | None,
                         early: int, latents: str = "inputs") -> tuple[dict, list, dict]:
-    """M3-M5 of prompt `p`'s seeds (training latent `x`): per-sample values, per-seed values, per-step curves.
+    """M3-M5 of prompt `p`'s seeds (training latent `x`, or (seeds, *latent) one per seed): per-sample values,
+    per-seed values, per-step curves.
 
     D sums over `latents` ('inputs' x_T..x_1 or 'outputs' x_{T-1}..x_0) of the training-latent, final-latent
-    and centred decompositions; per-seed rows hold each decomposition's paper-schedule D (for reliability).
+    and (with `mu`) centred decompositions; per-seed rows hold each decomposition's paper-schedule D (for
+    reliability). `wen_magnitude_first` is Wen et al.'s score at the first step of the first seed's
+    generation, `wen_magnitude` its mean over the early steps and all seeds.
     """
     x_t, x_T, final = traj.x_t[p], traj.x_T[p], traj.final[p]
     window, alpha_bar = trajectory_latents(x_t, final, traj.alpha_bar, traj.final_alpha_bar, latents)
     a0 = float(traj.alpha_bar[0])
     decompositions = {"": decompose_latents(window, x, x_T),  # training latent (default)
-                      "_final": decompose_latents(window, x, x_T, target="final", final=final),
-                      "_centred": decompose_latents(window, x, x_T, mu=mu)}
+                      "_final": decompose_latents(window, x, x_T, target="final", final=final)}
+    if mu is not None:
+        decompositions["_centred"] = decompose_latents(window, x, x_T, mu=mu)
     values = deviation_values(decompositions[""], alpha_bar, early, alpha_bar_start=a0)
     values.update(deviation_values(decompositions["_final"], alpha_bar, early, "_final", reductions=("sum",),
                                    alpha_bar_start=a0))
-    values.update(deviation_values(decompositions["_centred"], alpha_bar, early, "_centred", ("paper",),
-                                   alpha_bar_start=a0))
+    if mu is not None:
+        values.update(deviation_values(decompositions["_centred"], alpha_bar, early, "_centred", ("paper",),
+                                       alpha_bar_start=a0))
     dec = decompositions[""]
     collapse = trajectory_collapse(x_t, final=traj.images[p])
     wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=early)  # (seeds,)
@@ -171,7 +189,9 @@ def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.T
     for branch in ("c", "0"):  # fitted coefficients relative to theory (1 = exact denoiser)
         values[f"fit_a_{branch}_ratio_early"] = float((align[f"fit_a_{branch}"] / align["theory_a"]).mean())
         values[f"fit_b_{branch}_ratio_early"] = float((align[f"fit_b_{branch}"] / align["theory_b"]).mean())
-    values.update(wen_magnitude=float(wen.mean()), diversity=float(collapse.final_diversity),
+    first = wen_magnitude(traj.e_c[p][:1], traj.e_0[p][:1], first_steps=1)
+    values.update(wen_magnitude=float(wen.mean()), wen_magnitude_first=float(first[0]),
+                  diversity=float(collapse.final_diversity),
                   # seeds' distance once the early steps are done (step 0 is the seeds' own noise)
                   collapse_early=float(collapse.pairwise_distance[min(early, len(collapse.pairwise_distance) - 1)]),
                   residual=float(dec.residual.mean()))
@@ -183,8 +203,13 @@ def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.T
 
 
 def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, settings: MeasureSettings,
-                    batch_size: int = 64, sscd=None, clock: Callable[[str], None] | None = None) -> PromptBatch:
+                    batch_size: int = 64, sscd=None, clock: Callable[[str], None] | None = None,
+                    reference_free: bool = False) -> PromptBatch:
     """M3-M6 for probe samples `batch` (indices into `probe`) at one guidance scale, from `settings.seeds`.
+
+    `reference_free`: the prompts have no paired training image (their `latents` and `pixels` are not
+    read): severity is `reference_free_scores` and the decomposition and alignment use each seed's own
+    generated latent (the authors' exploratory variant) in place of the training latent.
 
     Sampling runs `batch_size` images per UNet call and decoding as many per VAE call; `clock(name)`,
     when given, is called after the "sampling", "decoding" and "metrics" phases (for timings).
@@ -200,12 +225,13 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
     pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu() for chunk in latents.split(batch_size)])
     traj = replace(traj, images=pixels.reshape(traj.final.shape[:2] + pixels.shape[1:]))
     clock("decoding")
-    scores = severity_scores(traj, probe, batch, settings, sscd)
+    scores = (reference_free_scores(traj, probe, settings, sscd) if reference_free
+              else severity_scores(traj, probe, batch, settings, sscd))
     early = settings.early_steps or max(1, int((traj.timesteps >= settings.high_noise_timestep).sum()))
     values, per_seed, curves = [], [], []
     for p, i in enumerate(batch):
-        value, seed_values, curve = prompt_measurements(traj, p, probe.latents[i], probe.mu, early,
-                                                        settings.deviation_latents)
+        x = traj.final[p] if reference_free else probe.latents[i]
+        value, seed_values, curve = prompt_measurements(traj, p, x, probe.mu, early, settings.deviation_latents)
         values.append(value)
         per_seed.append(seed_values)
         curves.append(curve)

@@ -86,22 +86,24 @@ def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, inp
                     batch_size: int = 64) -> torch.Tensor:
     """Cosine of L2-normalized SSCD descriptors of images resized to `input_size`^2, ImageNet-normalized."""
     model = load_sscd(model) if isinstance(model, (str, Path)) else model
+    P, N = generated.shape[:2]
+    g = sscd_embed(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, input_size, batch_size)
+    r = sscd_embed(reference, model, input_size, batch_size)
+    return (g.reshape(P, N, -1) * r[:, None]).sum(-1).double()
+
+
+@torch.no_grad()
+def sscd_embed(images: torch.Tensor, model, input_size: int = 288, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalized SSCD descriptors (M, D) of images (M, 3, H, W) in [0, 1], resized to `input_size`^2."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        chunks = []
-        for lo in range(0, len(images), batch_size):
-            batch = F.interpolate(images[lo:lo + batch_size].float().cpu(), size=(input_size, input_size),
-                                  mode="bilinear", align_corners=False, antialias=True)
-            chunks.append(F.normalize(model(((batch - mean) / std).to(device)).float().cpu(), dim=-1))
-        return torch.cat(chunks)
-
-    P, N = generated.shape[:2]
-    g = embed(generated.reshape((P * N,) + tuple(generated.shape[2:]))).reshape(P, N, -1)
-    r = embed(reference)
-    return (g * r[:, None]).sum(-1).double()
+    chunks = []
+    for lo in range(0, len(images), batch_size):
+        batch = F.interpolate(images[lo:lo + batch_size].float().cpu(), size=(input_size, input_size),
+                              mode="bilinear", align_corners=False, antialias=True)
+        chunks.append(F.normalize(model(((batch - mean) / std).to(device)).float().cpu(), dim=-1))
+    return torch.cat(chunks)
 
 
 def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, backend: str = "pixel_cosine",
@@ -143,5 +145,35 @@ def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, bac
         if sscd_model is None:
             raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
         similarity = sscd_similarity(generated, reference, sscd_model, sscd_input_size)
+    threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
+    return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)
+
+
+def self_similarity(generated: torch.Tensor, backend: str = "ssim", threshold: float | None = None,
+                    mean_image: torch.Tensor | None = None, sscd_model=None, sscd_input_size: int = 288) -> Severity:
+    """Reference-free M6 (no training image known): seed j's similarity is its mean similarity to the
+    prompt's other seeds, `s_j = mean_{i != j} sim(g_j, g_i)`; severity = `mean_j s_j`, memorized
+    fraction = `mean_j [s_j > threshold]`. `generated` (P, N >= 2, ...); back ends as `severity`
+    but `nn_identity` (it needs a training pool). SSCD descriptors are computed once per image.
+    """
+    if backend == "nn_identity" or backend not in BACKENDS:
+        raise ValueError(f"reference-free severity has no back end {backend!r}; choose one of "
+                         f"{tuple(b for b in BACKENDS if b != 'nn_identity')}")
+    if generated.ndim < 3 or generated.shape[1] < 2:
+        raise ValueError(f"generated must be (prompts, seeds >= 2, ...), got {tuple(generated.shape)}")
+    P, N = generated.shape[:2]
+    pairwise = torch.empty(P, N, N, dtype=torch.float64)  # [p, j, i] = sim(g_j, g_i)
+    if backend == "sscd":
+        if sscd_model is None:
+            raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
+        model = load_sscd(sscd_model) if isinstance(sscd_model, (str, Path)) else sscd_model
+        e = sscd_embed(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, sscd_input_size).reshape(P, N, -1)
+        pairwise = (e @ e.transpose(1, 2)).double()
+    else:  # every back end here is symmetric: compute each pair once
+        for i in range(N - 1):
+            sim = severity(generated[:, i + 1:], generated[:, i], backend=backend, mean_image=mean_image).similarity
+            pairwise[:, i + 1:, i], pairwise[:, i, i + 1:] = sim, sim
+    off_diagonal = ~torch.eye(N, dtype=torch.bool)
+    similarity = pairwise[:, off_diagonal].reshape(P, N, N - 1).mean(-1)
     threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
     return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)

@@ -179,3 +179,49 @@ def onset_step(steps, severity, threshold: float) -> np.ndarray:
     over = severity > threshold
     first = over.argmax(-1)
     return np.where(over.any(-1), steps[first], np.nan)
+
+
+Detection = namedtuple("Detection", ["direction", "auroc", "low", "high", "tpr_at_fpr", "n_pos", "n_neg"])
+
+
+def detection(positives, negatives, max_fpr: float = 0.01, n_bootstrap: int = 1000, confidence: float = 0.95,
+              seed: int = 0) -> Detection:
+    """How well a score separates two sets (e.g. memorized vs normal prompts), in its better direction.
+
+    `direction` is 'higher' when `auroc(score)` >= 0.5 with the positives labelled 1, else 'lower'
+    (the score is negated); `auroc` and `tpr_at_fpr` (TPR at FPR <= `max_fpr`) are in that direction.
+    The interval is a percentile bootstrap resampling each set separately (NaN scores dropped).
+    """
+    pos = np.asarray(positives, dtype=np.float64).reshape(-1)
+    neg = np.asarray(negatives, dtype=np.float64).reshape(-1)
+    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"need scores in both sets, got {pos.size} and {neg.size}")
+    labels = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+    sign = 1.0 if auroc(np.r_[pos, neg], labels) >= 0.5 else -1.0
+    pos, neg = sign * pos, sign * neg
+    value = auroc(np.r_[pos, neg], labels)
+    tpr = tpr_at_fpr(np.r_[pos, neg], labels, max_fpr)
+    low = high = float("nan")
+    if n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        boot = np.concatenate([pos[rng.integers(0, pos.size, (n_bootstrap, pos.size))],
+                               neg[rng.integers(0, neg.size, (n_bootstrap, neg.size))]], 1)
+        ranks = average_ranks(boot)
+        values = (ranks[:, :pos.size].sum(1) - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+        low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Detection("higher" if sign > 0 else "lower", float(value), float(low), float(high), float(tpr),
+                     int(pos.size), int(neg.size))
+
+
+def mean_interval(values, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the finite values with a percentile bootstrap interval (NaN when empty)."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    if n_bootstrap <= 0:
+        return float(values.mean()), float("nan"), float("nan")
+    boots = values[np.random.default_rng(seed).integers(0, values.size, (n_bootstrap, values.size))].mean(1)
+    low, high = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(values.mean()), float(low), float(high)

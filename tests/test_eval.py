@@ -7,7 +7,6 @@ single process with checkpoint-4 corrupted, again once it is repaired (a resume)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ACCELERATE, run
 
 from eval import evaluate_checkpoints as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_checkpoints.py"
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
 # Tiny settings: 2 seeds, 4 DDIM steps, a g sweep of two scales, few bootstrap resamples; one probe noise
 # draw (draw 0, the training probes' noise) so evaluation and training probes can be compared exactly.
 EVAL_ARGS = ["--num_seeds", "2", "--num_inference_steps", "4", "--guidance_scales", "1,7.5", "--bootstrap", "50",
@@ -33,31 +31,10 @@ FIGURES = ("severity_over_training.png", "deviation_vs_severity.png", "decomposi
            "loss_per_timestep.png")
 
 
-def run(cmd, env_extra=None, check=True) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; show its output when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # 2 threads spin badly on a loaded machine
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def evaluate(run_dir, out_dir, *extra, check=True) -> subprocess.CompletedProcess:
     """Single-process evaluation of `run_dir` into `out_dir` (TensorBoard beside it)."""
     return run([sys.executable, SCRIPT, "--run_dir", run_dir, "--output_dir", out_dir,
                 "--logging_dir", Path(out_dir) / "tb", *EVAL_ARGS, *extra], check=check)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> Path:
-    """A 4-step full fine-tuning run with checkpoints at steps 2 and 4 and probes on."""
-    out = tmp_path_factory.mktemp("eval") / "run"
-    run(ACCELERATE + ["--num_processes", "1", ROOT / "train" / "finetune.py", "--config",
-                      ROOT / "configs" / "finetune_tiny.yaml", "--pretrained_model_name_or_path", tiny_model_dir,
-                      "--train_data_dir", tiny_dataset_dir, "--output_dir", out, "--max_train_steps", "4",
-                      "--checkpointing_steps", "2", "--probe_steps", "2", "--learning_rate", "1e-3"])
-    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
-    return out
 
 
 @pytest.fixture(scope="module")
