@@ -236,8 +236,8 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
                   "the spread of severity alone, and detection scores (AUROC) are undefined.", ""]
     for key, number in (("i", 1), ("ii", 2), ("iii", 3)):
         spec, decided = verdicts.FINDINGS[key], summary["findings"][key]
-        measures = "; ".join(f"{col} {fmt_corr(corr(col))} ({'+' if sign > 0 else '-'} predicted): {decided['measures'][col]}"
-                             for col, sign in spec["decide"])
+        measures = "; ".join(f"{col} {fmt_corr(corr(col))} ({'+' if sign > 0 else '-'} predicted): "
+                             f"{decided['measures'][col]}" for col, sign in spec["decide"])
         lines += [f"**{number}. {spec['title']}** -- {decided['verdict']}.",
                   f"- Decided by {measures}. Why these: {spec['why']}.",
                   "- Secondary: " + "; ".join(f"{col} {fmt_corr(corr(col))}" for col in spec["secondary"]
@@ -291,7 +291,8 @@ def anchor_lines(summary: dict, settings: dict, last: int) -> list[str]:
               f"Conditions that differ: model (this run: `{settings['model']}`, fine-tuned here, vs pretrained SD "
               f"v1.4 / v2.1 / Realistic Vision); prompts (the probe captions of a dataset with controlled duplication, "
               f"vs the paper's prompt sets); severity (`{settings['severity_backend']}` vs SSCD); seeds "
-              f"({len(settings['seeds'])} vs the paper's); sampler steps (DDIM {settings['num_inference_steps']} vs 50, "
+              f"({len(settings['seeds'])} vs the paper's); sampler steps "
+              f"(DDIM {settings['num_inference_steps']} vs 50, "
               f"so a sum D is not comparable: the per-step D_x_mean is). D_x_early and D_T are other measures and "
               f"are not set beside these figures."]
     return lines
@@ -312,7 +313,7 @@ def reliability_lines(rel: dict) -> list[str]:
 
 
 def loss_curve_figure(eval_dir: Path, at_last: pd.DataFrame, settings: dict, last: int) -> str | None:
-    """Per-timestep L_g (x0 and epsilon space) at the last checkpoint, memorized vs not: the curve finding 1 is about."""
+    """Per-timestep L_g (x0 and epsilon space) at the last checkpoint, memorized vs not (finding 1's curve)."""
     curves = np.load(eval_dir / "curves" / f"step-{last}.npz")
     g = settings["guidance_scale"]
     if "probe_loss_cfg_x0" not in curves:
@@ -634,8 +635,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Rebuild summary.json, figures and report.md from the tables")
     parser.add_argument("--eval_dir", required=True)
     parser.add_argument("--run_dir", default=None, help="the training run (warnings.jsonl); default: above --eval_dir")
-    parser.add_argument("--publish", default=None, help="also copy headline.md to this file (e.g. docs/demo_headline.md)")
-    parser.add_argument("--readme", default=None, help="with --publish: put the headline into this README's marked block")
+    parser.add_argument("--publish", default=None,
+                        help="also copy headline.md to this file (e.g. docs/demo_headline.md)")
+    parser.add_argument("--readme", default=None,
+                        help="with --publish: put the headline into this README's marked block")
     cli_args = parser.parse_args()
     print(write_report(cli_args.eval_dir, run_dir=cli_args.run_dir))
     if cli_args.publish:

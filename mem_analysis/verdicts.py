@@ -122,5 +122,6 @@ def reliability(per_seed: pd.DataFrame, per_sample: pd.DataFrame, columns, sever
         rel = stats.split_half_reliability(matrix(col).to_numpy())
         x, y = table[col].to_numpy(float), table["severity"].to_numpy(float)
         r = None if len(x) < 3 or stats.is_constant(x) or stats.is_constant(y) else float(np.corrcoef(x, y)[0, 1])
-        out[col] = dict(rel, r_severity=r, r_disattenuated=stats.disattenuated(r, rel["reliability"], sev["reliability"]))
+        out[col] = dict(rel, r_severity=r,
+                        r_disattenuated=stats.disattenuated(r, rel["reliability"], sev["reliability"]))
     return out
