@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from mem_analysis import early_warning, run, stats, verdicts  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
-from mem_analysis.io import write_text_atomic  # noqa: E402
+from mem_analysis.io import atomic_path, write_text_atomic  # noqa: E402
 
 GUIDED_K = re.compile(r"^k_cfg_(\d+(?:\.\d+)?)_early$")  # k_cfg_<g>_early, not the _uncentred variants
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
@@ -123,10 +122,9 @@ def verdict(c: dict, sign: int) -> str:
 
 def save_figure(fig, path: Path):
     """Save a PNG atomically and close the figure."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def by_dup_over_steps(ax, table: pd.DataFrame, column: str, label_fmt: str = "dup {}", style: str = "-o"):
@@ -350,9 +348,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     per_seed_path = eval_dir / "per_seed.csv"
     summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
                                  settings))
-    tmp = eval_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, eval_dir / "summary.json")
+    write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     names = figures(eval_dir, per_sample, summary, settings)
 
     g = settings["guidance_scale"]
@@ -393,9 +389,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
                      f"{o['deviation_rise_step'] if o['deviation_rise_step'] is not None else 'never'} |")
     lines += ["", f"![generated next to training](figures/{names['images']})", ""]
     lines += warning_lines(summary["early_warning"], warning_figure(eval_dir, warnings, summary["early_warning"]))
-    tmp = eval_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, eval_dir / "report.md")
+    write_text_atomic(eval_dir / "report.md", "\n".join(lines))
     write_text_atomic(eval_dir / "headline.md", "\n".join(headline_lines(summary, settings, at_last, last)) + "\n")
     return eval_dir / "report.md"
 

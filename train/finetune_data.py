@@ -19,6 +19,7 @@ from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
 from mem_analysis.early_warning import mean_loss_cond, score_step
+from mem_analysis.io import write_text_atomic
 from mem_analysis.probes import probe_noise
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
@@ -204,9 +205,7 @@ def keep_probe_rows(path: Path, last_step: int) -> list[dict]:
             seen.add(key)
             kept.append(row)
             lines.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(lines))
     return kept
 
 
