@@ -39,7 +39,7 @@ def write_formats(folder: Path, stem: str, prompts: list[str]) -> dict[str, Path
 @pytest.fixture(scope="module")
 def prompt_files(tiny_dataset_dir, tmp_path_factory) -> dict:
     """{'duplicated' | 'unseen' | 'probe': {format: path}} written from the tiny dataset."""
-    import write_prompt_sets  # data_scripts/, on the path from conftest
+    from data_scripts import write_prompt_sets
 
     from mem_analysis.data import load_study_dataset
 
