@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from eval import evaluate_checkpoints as ev
+from eval.evaluate_checkpoints import EvalError  # one bad-input error: one line, exit status 2
 from eval import prompt_report
 from mem_analysis import guidance_key, run
 from mem_analysis.io import atomic_path, write_text_atomic
@@ -44,10 +45,6 @@ from mem_analysis.severity import BACKENDS, DEFAULT_THRESHOLDS, load_sscd, self_
 KEY = ["prompt_set", "prompt"]
 # Measures that need no reference image (kept for prompts without one when other prompts have one).
 REFERENCE_FREE = {"wen_magnitude", "wen_magnitude_first", "diversity", "collapse_early"}
-
-
-class EvalError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -143,12 +140,9 @@ def model_source(args) -> ModelSource:
         if not Path(args.model).exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
             raise EvalError(f"--model {args.model} does not exist; give a diffusers pipeline folder or a hub name")
         return ModelSource(args.model, dict(run.RUN_DEFAULTS), None, "raw", args.model)
-    try:
-        config = ev.read_run(argparse.Namespace(run_dir=args.run_dir, pretrained_model_name_or_path=None,
-                                                train_data_dir=None))
-        (step, folder), = ev.find_checkpoints(Path(args.run_dir), str(args.checkpoint))
-    except ev.EvalError as err:
-        raise EvalError(str(err)) from err
+    config = ev.read_run(argparse.Namespace(run_dir=args.run_dir, pretrained_model_name_or_path=None,
+                                            train_data_dir=None))
+    (step, folder), = ev.find_checkpoints(Path(args.run_dir), str(args.checkpoint))
     weights = args.weights or ("ema" if config["use_ema"] else "raw")
     if weights == "ema" and not config["use_ema"]:
         raise EvalError("--weights ema but the run was trained without --use_ema; use --weights raw")
@@ -309,13 +303,7 @@ def done_prompts(out_dir: Path, settings: PromptSettings) -> set:
     """(set, prompt) pairs already in per_prompt.csv; refuses to mix tables made with other settings."""
     if not (out_dir / "per_prompt.csv").is_file():
         return set()
-    saved = out_dir / "settings.json"
-    if saved.is_file():
-        previous, current = json.loads(saved.read_text()), settings.as_dict()
-        changed = sorted(k for k in current if previous.get(k) != current[k])
-        if changed:
-            raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
-                            "use another --output_dir or the same settings")
+    ev.check_same_settings(out_dir, settings)
     table = pd.read_csv(out_dir / "per_prompt.csv", usecols=KEY, keep_default_na=False, dtype=str)
     return set(zip(table["prompt_set"], table["prompt"]))
 
