@@ -279,6 +279,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
         if pool is not None and not matched:  # only what needs no reference, so sets compare like with like
             values = {k: v for k, v in values.items() if k.startswith(("D_x_final", "D_T_final")) or k in REFERENCE_FREE}
             seed_values = [{k: v for k, v in sv.items() if k in REFERENCE_FREE} for sv in seed_values]
+            curve = {k: v for k, v in curve.items() if k not in ("w_x", "w_T")}  # regressed on their own latents
         key = dict(prompt_set=name, prompt=prompt)
         for j, seed in enumerate(settings.seeds):
             per_seed.append(dict(key, seed=seed, **seed_values[j],
