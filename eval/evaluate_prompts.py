@@ -35,6 +35,7 @@ from eval import evaluate_checkpoints as ev
 from eval.evaluate_checkpoints import EvalError  # one bad-input error: one line, exit status 2
 from eval import prompt_report
 from mem_analysis import guidance_key, run
+from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.measure import MeasureSettings, ProbeSet, measure_prompts
 from mem_analysis.prompts import PromptFileError, load_references, parse_prompt_set, read_prompts
@@ -168,8 +169,8 @@ def resolve_settings(args, source: ModelSource) -> PromptSettings:
         high_noise_timestep=int(high), early_steps=args.early_steps, model=source.name, weights=source.weights,
         references=str(references) if references else None, guidance_scale=args.guidance_scale,
         probe_seed=int(config["probe_seed"]),
-        probe_timesteps=tuple(ev.parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
-        probe_guidance_scales=tuple(sorted(set(ev.parse_list(config["probe_guidance_scales"]) + [args.guidance_scale]))))
+        probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
+        probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + [args.guidance_scale]))))
 
 
 def load_model(source: ModelSource, device, dtype):
@@ -392,13 +393,9 @@ def main(args):
 
 
 def cli(argv=None) -> int:
-    """Entry point: bad input is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except (EvalError, PromptFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point: bad input is one line on stderr and exit status 2 (mem_analysis.cli)."""
+    return run_command(lambda given: main(parse_args(given)), "evaluate_prompts.py", argv,
+                       bad_input=(EvalError, PromptFileError))
 
 
 if __name__ == "__main__":

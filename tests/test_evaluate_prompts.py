@@ -195,7 +195,7 @@ def test_bad_input_gives_one_line_errors(prompt_files, tmp_path, capsys):
     for argv, message in cases:
         code = ev.cli(argv + ["--output_dir", str(tmp_path / "out")])
         err = capsys.readouterr().err
-        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert code == 2 and err.startswith("evaluate_prompts.py: error: ") and err.count("\n") == 1, (argv, err)
         if message:
             assert message in err, (argv, err)
     assert not (tmp_path / "out").exists()
