@@ -14,7 +14,6 @@ pixel difference between the pipeline's images and the evaluation's seed-0 image
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -27,13 +26,7 @@ from bench import bench_eval  # build_inputs, plain_generation
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num_prompts", type=int, default=48)
-    parser.add_argument("--num_seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--batch_size", type=int, default=64)
-    cli = parser.parse_args()
+    cli = bench_eval.bench_flags(__doc__.split("\n")[0], num_prompts=48)
 
     from eval import evaluate_prompts as ep
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mem_analysis.cli import run_command
 from mem_analysis.data import load_study_dataset, twemoji_images
 
 
@@ -41,11 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_prompts", type=int, default=None, help="at most N prompts a file")
     args = parser.parse_args(argv)
-    try:
-        sets = prompt_sets(Path(args.dataset), args.max_prompts)
-    except ValueError as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    sets = prompt_sets(Path(args.dataset), args.max_prompts)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, captions in sets.items():
@@ -55,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "write_prompt_sets.py"))

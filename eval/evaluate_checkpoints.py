@@ -303,17 +303,22 @@ def resolve_settings(args, config) -> EvalSettings:
         lora=bool(config["use_lora"]))
 
 
-def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
-    """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
+def check_same_settings(out_dir: Path, settings) -> None:
+    """Refuse to append to tables in `out_dir` whose settings.json differs from `settings` (as_dict)."""
     saved = out_dir / "settings.json"
-    if not (out_dir / "per_sample.csv").is_file():
-        return set()
     if saved.is_file():
         previous, current = json.loads(saved.read_text()), settings.as_dict()
         changed = sorted(k for k in current if previous.get(k) != current[k])
         if changed:
             raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
                             "use another --output_dir or the same settings")
+
+
+def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
+    """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
+    if not (out_dir / "per_sample.csv").is_file():
+        return set()
+    check_same_settings(out_dir, settings)
     return set(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].tolist())
 
 

@@ -32,8 +32,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from eval import evaluate_checkpoints as ev
+from eval.evaluate_checkpoints import EvalError  # one bad-input error: one line, exit status 2
 from eval import prompt_report
 from mem_analysis import guidance_key, run
+from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.measure import MeasureSettings, ProbeSet, measure_prompts
 from mem_analysis.prompts import PromptFileError, load_references, parse_prompt_set, read_prompts
@@ -44,10 +46,6 @@ from mem_analysis.severity import BACKENDS, DEFAULT_THRESHOLDS, load_sscd, self_
 KEY = ["prompt_set", "prompt"]
 # Measures that need no reference image (kept for prompts without one when other prompts have one).
 REFERENCE_FREE = {"wen_magnitude", "wen_magnitude_first", "diversity", "collapse_early"}
-
-
-class EvalError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -150,12 +148,9 @@ def model_source(args) -> ModelSource:
         if not Path(args.model).exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
             raise EvalError(f"--model {args.model} does not exist; give a diffusers pipeline folder or a hub name")
         return ModelSource(args.model, dict(run.RUN_DEFAULTS), None, "raw", args.model)
-    try:
-        config = ev.read_run(argparse.Namespace(run_dir=args.run_dir, pretrained_model_name_or_path=None,
-                                                train_data_dir=None))
-        (step, folder), = ev.find_checkpoints(Path(args.run_dir), str(args.checkpoint))
-    except ev.EvalError as err:
-        raise EvalError(str(err)) from err
+    config = ev.read_run(argparse.Namespace(run_dir=args.run_dir, pretrained_model_name_or_path=None,
+                                            train_data_dir=None))
+    (step, folder), = ev.find_checkpoints(Path(args.run_dir), str(args.checkpoint))
     weights = args.weights or ("ema" if config["use_ema"] else "raw")
     if weights == "ema" and not config["use_ema"]:
         raise EvalError("--weights ema but the run was trained without --use_ema; use --weights raw")
@@ -181,8 +176,8 @@ def resolve_settings(args, source: ModelSource) -> PromptSettings:
         high_noise_timestep=int(high), early_steps=args.early_steps, model=source.name, weights=source.weights,
         references=str(references) if references else None, guidance_scale=args.guidance_scale,
         probe_seed=int(config["probe_seed"]),
-        probe_timesteps=tuple(ev.parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
-        probe_guidance_scales=tuple(sorted(set(ev.parse_list(config["probe_guidance_scales"]) + [args.guidance_scale]))),
+        probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
+        probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + [args.guidance_scale]))),
         probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents)
 
 
@@ -292,6 +287,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
         if pool is not None and not matched:  # only what needs no reference, so sets compare like with like
             values = {k: v for k, v in values.items() if k.startswith(("D_x_final", "D_T_final")) or k in REFERENCE_FREE}
             seed_values = [{k: v for k, v in sv.items() if k in REFERENCE_FREE} for sv in seed_values]
+            curve = {k: v for k, v in curve.items() if k not in ("w_x", "w_T")}  # regressed on their own latents
         key = dict(prompt_set=name, prompt=prompt)
         for j, seed in enumerate(settings.seeds):
             per_seed.append(dict(key, seed=seed, **seed_values[j],
@@ -316,13 +312,7 @@ def done_prompts(out_dir: Path, settings: PromptSettings) -> set:
     """(set, prompt) pairs already in per_prompt.csv; refuses to mix tables made with other settings."""
     if not (out_dir / "per_prompt.csv").is_file():
         return set()
-    saved = out_dir / "settings.json"
-    if saved.is_file():
-        previous, current = json.loads(saved.read_text()), settings.as_dict()
-        changed = sorted(k for k in current if previous.get(k) != current[k])
-        if changed:
-            raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
-                            "use another --output_dir or the same settings")
+    ev.check_same_settings(out_dir, settings)
     table = pd.read_csv(out_dir / "per_prompt.csv", usecols=KEY, keep_default_na=False, dtype=str)
     return set(zip(table["prompt_set"], table["prompt"]))
 
@@ -410,13 +400,9 @@ def main(args):
 
 
 def cli(argv=None) -> int:
-    """Entry point: bad input is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except (EvalError, PromptFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point: bad input is one line on stderr and exit status 2 (mem_analysis.cli)."""
+    return run_command(lambda given: main(parse_args(given)), "evaluate_prompts.py", argv,
+                       bad_input=(EvalError, PromptFileError))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from eval import report  # figure saving, number formats, correlation with undefined cases
-from mem_analysis import stats
+from mem_analysis import stats, verdicts
 from mem_analysis.decomposition import reference_schedule
 from mem_analysis.io import write_text_atomic
 
@@ -44,13 +44,14 @@ def set_means(rows: pd.DataFrame, columns: list[str], n_boot: int) -> dict:
 
 
 def pair_detection(a: pd.DataFrame, b: pd.DataFrame, col: str, n_boot: int) -> dict | None:
-    """AUROC [CI] and TPR at 1% FPR of a score for set a (positive) vs set b, in its better direction."""
+    """AUROC [CI] and TPR at low FPR of a score for set a (positive) vs set b, in its stated direction."""
     pos, neg = a[col].to_numpy(float), b[col].to_numpy(float)
     if not (np.isfinite(pos).any() and np.isfinite(neg).any()):
         return None
-    d = stats.detection(pos[np.isfinite(pos)], neg[np.isfinite(neg)], 0.01, n_boot)
+    d = stats.set_detection(pos[np.isfinite(pos)], neg[np.isfinite(neg)], verdicts.direction(col), n_boot)
     return dict(direction=d.direction, auroc=d.auroc, ci_low=None if np.isnan(d.low) else d.low,
-                ci_high=None if np.isnan(d.high) else d.high, tpr_at_1fpr=d.tpr_at_fpr, n_pos=d.n_pos, n_neg=d.n_neg)
+                ci_high=None if np.isnan(d.high) else d.high, tpr=d.tpr, tpr_label=d.tpr_label,
+                n_pos=d.n_pos, n_neg=d.n_neg)
 
 
 def summarize(per_prompt: pd.DataFrame, settings: dict, n_boot: int = 1000) -> dict:
@@ -92,7 +93,7 @@ def detection_cell(d: dict | None) -> str:
     if d is None:
         return "n/a | n/a | n/a"
     ci = f" [{report.fmt(d['ci_low'])}, {report.fmt(d['ci_high'])}]" if d["ci_low"] is not None else ""
-    return f"{report.fmt(d['auroc'])}{ci} | {d['direction']} | {report.fmt(d['tpr_at_1fpr'])}"
+    return f"{report.fmt(d['auroc'])}{ci} | {d['direction']} | {report.fmt(d['tpr'])} ({d['tpr_label']})"
 
 
 def figures(out_dir: Path, per_prompt: pd.DataFrame, settings: dict) -> dict[str, str]:
@@ -171,14 +172,18 @@ def report_lines(summary: dict, files: dict) -> list[str]:
         lines.append(f"| {name} | {entry['n_prompts']} | {entry['n_with_reference']} | {entry['n_memorized']} | "
                      + " | ".join(mean_cell(entry["means"].get(c)) for c in cols) + " |")
     lines += ["", "## Detection: each score separating the sets (Wen et al.'s figure)", "",
-              "AUROC with its 95% bootstrap interval and TPR at 1% FPR; the direction (higher or lower in the first "
-              "set) is the better one, chosen on these data. For comparison only like with like: " + WEN + ".", ""]
+              "AUROC with its 95% bootstrap interval, in the direction each score is predicted to move for the first "
+              "set, stated in advance (mem_analysis.verdicts.direction: lower for diversity and collapse), never "
+              "chosen on these data; TPR at 1% FPR only with at least 100 negatives, else TPR at 0 false positives. "
+              "For comparison only like with like: " + WEN + ".", ""]
     for pair, scores in summary["detection"].items():
-        lines += [f"**{pair}**", "", "| score | AUROC [95% CI] | direction | TPR at 1% FPR |", "|---|---|---|---|"]
+        lines += [f"**{pair}**", "", "| score | AUROC [95% CI] | direction | TPR |", "|---|---|---|---|"]
         lines += [f"| {c} | {detection_cell(scores.get(c))} |" for c in HEADLINE if c in scores]
         lines.append("")
     lines += ["## Relations with severity across prompts (the paper's figure)", "",
-              "The paper reports Pearson " + report.PAPER_PEARSON + " between D_x and SSCD severity.", "",
+              "The paper reports one Pearson per model between its schedule deviation and SSCD severity: "
+              + ", ".join(f"{r:.2f} ({m})" for m, r in verdicts.PAPER_ANCHORS) + " (the mapping of numbers to models "
+              "comes from the paper's text).", "",
               "| score | Pearson | Spearman |", "|---|---|---|"]
     for col in HEADLINE:
         c = summary["correlations"].get(col)

@@ -164,16 +164,16 @@ def onset_step(steps, severity, threshold: float) -> np.ndarray:
     return np.where(over.any(-1), steps[first], np.nan)
 
 
-Detection = namedtuple("Detection", ["direction", "auroc", "low", "high", "tpr_at_fpr", "n_pos", "n_neg"])
+SetDetection = namedtuple("SetDetection", ["direction", "auroc", "low", "high", "tpr", "tpr_label", "n_pos", "n_neg"])
 
 
-def detection(positives, negatives, max_fpr: float = 0.01, n_bootstrap: int = 1000, confidence: float = 0.95,
-              seed: int = 0) -> Detection:
-    """How well a score separates two sets (e.g. memorized vs normal prompts), in its better direction.
+def set_detection(positives, negatives, direction: str = "higher", n_bootstrap: int = 1000,
+                  confidence: float = 0.95, seed: int = 0) -> SetDetection:
+    """`detection` of two sets (e.g. memorized vs normal prompts) with a percentile bootstrap interval of the AUROC.
 
-    `direction` is 'higher' when `auroc(score)` >= 0.5 with the positives labelled 1, else 'lower'
-    (the score is negated); `auroc` and `tpr_at_fpr` (TPR at FPR <= `max_fpr`) are in that direction.
-    The interval is a percentile bootstrap resampling each set separately (NaN scores dropped).
+    `direction` is stated in advance ('lower' when a memorized prompt's score is predicted lower, e.g. diversity;
+    mem_analysis.verdicts.direction), never chosen from the data. The TPR follows `detection`'s rule (1% FPR with
+    at least 100 negatives, else at 0 false positives). The interval resamples each set separately; NaNs dropped.
     """
     pos = np.asarray(positives, dtype=np.float64).reshape(-1)
     neg = np.asarray(negatives, dtype=np.float64).reshape(-1)
@@ -181,20 +181,18 @@ def detection(positives, negatives, max_fpr: float = 0.01, n_bootstrap: int = 10
     if pos.size == 0 or neg.size == 0:
         raise ValueError(f"need scores in both sets, got {pos.size} and {neg.size}")
     labels = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
-    sign = 1.0 if auroc(np.r_[pos, neg], labels) >= 0.5 else -1.0
-    pos, neg = sign * pos, sign * neg
-    value = auroc(np.r_[pos, neg], labels)
-    tpr = tpr_at_fpr(np.r_[pos, neg], labels, max_fpr)
+    d = detection(np.r_[pos, neg], labels, direction)
     low = high = float("nan")
     if n_bootstrap > 0:
+        pos, neg = oriented(pos, direction), oriented(neg, direction)
         rng = np.random.default_rng(seed)
         boot = np.concatenate([pos[rng.integers(0, pos.size, (n_bootstrap, pos.size))],
                                neg[rng.integers(0, neg.size, (n_bootstrap, neg.size))]], 1)
         ranks = rankdata(boot, axis=1)
         values = (ranks[:, :pos.size].sum(1) - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
         low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Detection("higher" if sign > 0 else "lower", float(value), float(low), float(high), float(tpr),
-                     int(pos.size), int(neg.size))
+    return SetDetection(direction, d["auroc"], float(low), float(high), d["tpr"], d["tpr_label"],
+                        d["n_positives"], d["n_negatives"])
 
 
 def mean_interval(values, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:

@@ -161,20 +161,23 @@ def test_self_similarity_on_analytic_seeds(tmp_path):
         self_similarity(generated, "nn_identity")
 
 
-def test_detection_direction_interval_and_tpr():
-    from mem_analysis.stats import detection
+def test_set_detection_stated_direction_interval_and_tpr():
+    from mem_analysis.stats import set_detection
 
     rng = np.random.default_rng(3)
     memorized, normal = rng.normal(2.0, 1.0, 60), rng.normal(0.0, 1.0, 200)
-    higher = detection(memorized, normal, n_bootstrap=300)
+    higher = set_detection(memorized, normal, "higher", n_bootstrap=300)
     labels = np.r_[np.ones(60), np.zeros(200)]
     assert higher.direction == "higher"
     assert math.isclose(higher.auroc, roc_auc_score(labels, np.r_[memorized, normal]), rel_tol=1e-12)
     assert higher.low < higher.auroc < higher.high and (higher.n_pos, higher.n_neg) == (60, 200)
     fpr, tpr, _ = roc_curve(labels, np.r_[memorized, normal], drop_intermediate=False)
-    assert math.isclose(higher.tpr_at_fpr, tpr[fpr <= 0.01].max())
-    lower = detection(-memorized, -normal, n_bootstrap=300)  # a score that is lower for memorized prompts
+    assert math.isclose(higher.tpr, tpr[fpr <= 0.01].max()) and higher.tpr_label == "TPR at 1% FPR"
+    lower = set_detection(-memorized, -normal, "lower", n_bootstrap=300)  # lower for memorized prompts, as stated
     assert lower.direction == "lower" and math.isclose(lower.auroc, higher.auroc)
     assert math.isclose(lower.low, higher.low) and math.isclose(lower.high, higher.high)
-    separated = detection([5.0, 6.0, 7.0], [0.0, 1.0, np.nan], n_bootstrap=50)
-    assert (separated.auroc, separated.tpr_at_fpr, separated.n_neg) == (1.0, 1.0, 2)
+    wrong_way = set_detection(-memorized, -normal, "higher", n_bootstrap=0)  # the direction is not flipped to fit
+    assert math.isclose(wrong_way.auroc, 1 - higher.auroc)
+    separated = set_detection([5.0, 6.0, 7.0], [0.0, 1.0, np.nan], n_bootstrap=50)
+    assert (separated.auroc, separated.tpr, separated.n_neg) == (1.0, 1.0, 2)
+    assert separated.tpr_label == "TPR at 0 FP (2 negatives)"
