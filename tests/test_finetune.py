@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "train"))
 
 import finetune  # noqa: E402
 import finetune_data  # noqa: E402
-from finetune_config import FLAGS, ConfigError, resolve_config  # noqa: E402
+from finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config  # noqa: E402
 from finetune_state import list_checkpoints, resolve_resume  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "finetune_tiny.yaml"
@@ -47,6 +47,20 @@ def test_flags_override_yaml_and_lists_parse(tmp_path):
     assert args.learning_rate == 0.25 and args.probe_timesteps == [10, 20]
     assert args.probe_guidance_scales == [2.0, 4.5] and args.use_ema is False
     assert args.train_batch_size == FLAGS["train_batch_size"][0]
+
+
+def test_auto_train_steps_are_passes_over_the_rows_to_the_checkpoint_interval():
+    # the Twemoji demo (1,385 rows, batch 32): 35 passes are 1,514.8 steps, 1,500 at interval 300
+    assert auto_train_steps(1385, 32, 300) == 1500
+    assert auto_train_steps(2448, 32, 300) == 2700  # 2,677.5 steps
+    assert auto_train_steps(2448, 32, 0) == 2678  # no checkpoints: ceil(35 * 2448 / 32)
+    assert auto_train_steps(1385, 64, 300) == 900  # twice the batch: 758 steps
+    assert auto_train_steps(68, 32, 300) == 300  # at least one interval
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+    assert resolve_config([*base, "--max_train_steps", "auto"]).max_train_steps == "auto"
+    assert resolve_config([*base, "--max_train_steps", "7"]).max_train_steps == 7
+    with pytest.raises(ConfigError, match="max_train_steps"):
+        resolve_config([*base, "--max_train_steps", "automatic"])
 
 
 @pytest.mark.parametrize("content, message", [

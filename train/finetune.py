@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_config import ConfigError, TrainingError, resolve_config, save_config  # noqa: E402
+from finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps, save_config  # noqa: E402
 from finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows,  # noqa: E402
                            load_splits, probe_scalars)
 from finetune_state import (add_lora, list_checkpoints, log_validation, register_hooks,  # noqa: E402
@@ -157,6 +157,10 @@ def main(argv=None) -> int:
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.train_batch_size * accelerator.num_processes))
                                 / args.gradient_accumulation_steps)
+    auto_line = resolve_train_steps(args, train_split, args.train_batch_size * accelerator.num_processes
+                                    * args.gradient_accumulation_steps)
+    if auto_line:
+        accelerator.print(auto_line)
     max_train_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
     # The prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
