@@ -50,14 +50,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-for folder in ("train", "data_scripts", "bench"):
-    sys.path.insert(0, str(ROOT / folder))
+from mem_analysis.presets import PRESETS, build_pipeline
+from mem_analysis.probes import probe_metrics, probe_noise
+from mem_analysis.schedule import alpha_bar_from_scheduler
+from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
-from mem_analysis.presets import PRESETS, build_pipeline  # noqa: E402
-from mem_analysis.probes import probe_metrics, probe_noise  # noqa: E402
-from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
-from mem_analysis.sd import encode_images, encode_prompts, tokenize  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # bf16 dense tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by device-name substring.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
@@ -358,7 +356,7 @@ def run_finetune(ctx: Context, name: str, extra=(), launcher=None, dry_run: bool
 
 def finetune_has(flag: str) -> bool:
     """Whether train/finetune.py has this flag (--channels_last and --torch_compile came later)."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
 
     return flag in FLAGS
 
@@ -366,7 +364,7 @@ def finetune_has(flag: str) -> bool:
 # ------------------------------------------------------------------------------------------- numerics
 def probe_inputs(ctx: Context, samples: int) -> dict:
     """probe_metrics inputs as finetune.py builds them: posterior-mean latents, captions, fixed noise."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
 
     pipe = ctx.pipe
     latents = encode_images(pipe.vae, ctx.pixels[:samples].to(ctx.device)).float()
@@ -491,7 +489,7 @@ def section_setup(ctx: Context) -> dict:
 
 def section_dataset(ctx: Context) -> dict:
     """The synthetic images as an image folder, then a study dataset built from it by build_duplicated_dataset.py."""
-    import build_duplicated_dataset
+    from data_scripts import build_duplicated_dataset
 
     source = ctx.work / "images"
     source.mkdir(exist_ok=True)
@@ -540,7 +538,7 @@ def section_finetune_full(ctx: Context) -> dict:
 def section_lora(ctx: Context) -> dict:
     """LoRA (r=4 on the attention projections, as finetune.py adds it): bare loop and FLOPs."""
     from diffusers import UNet2DConditionModel
-    from finetune_state import add_lora
+    from train.finetune_state import add_lora
 
     unet = UNet2DConditionModel.from_pretrained(ctx.model_dir, subfolder="unet").to(ctx.device)
     add_lora(unet, rank=4, weight_dtype=torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
@@ -568,7 +566,7 @@ def section_finetune_lora(ctx: Context) -> dict:
 def section_probe_cost(ctx: Context) -> dict:
     """One probe pass as finetune.py runs it (bf16 autocast, default grid and guidance scales, all probe
     samples of the dataset) against training time at the default --probe_steps."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
     from mem_analysis.data import load_study_dataset
 
     samples = len(load_study_dataset(ctx.data_dir)["probe"]) if ctx.data_dir else 8
@@ -596,7 +594,7 @@ def section_numerics(ctx: Context) -> dict:
 
 def section_eval(ctx: Context) -> dict:
     """Trajectory capture + M1-M6 (bench_analysis.analysis) vs the plain pipeline, bf16, best of 2 alternations."""
-    from bench_analysis import analysis, plain_pipeline, timed
+    from bench.bench_analysis import analysis, plain_pipeline, synthetic_probe_set, timed
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from mem_analysis.sd import SDComponents
 
@@ -614,10 +612,10 @@ def section_eval(ctx: Context) -> dict:
     train_pixels = pool[:len(prompts)]
     train_latents = encode_images(pipe.vae, train_pixels * 2 - 1).float().cpu()
     settings = argparse.Namespace(steps=s["eval_steps"], batch_size=s["eval_batch"], probe_timesteps=10)
+    probe = synthetic_probe_set(components, prompts, train_pixels, train_latents, pool)
     plain_times, ours_times = [], []
     for _ in range(2):
-        t_ours, (traj, _, _) = timed(lambda: analysis(components, prompts, seeds, settings, train_pixels,
-                                                      train_latents, pool))
+        t_ours, (traj, _, _) = timed(lambda: analysis(components, probe, seeds, settings))
         t_plain, images = timed(lambda: plain_pipeline(pipe, prompts, traj.x_T.to(dtype), s["eval_steps"],
                                                        s["eval_batch"]))
         ours_times.append(t_ours)

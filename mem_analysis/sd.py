@@ -31,6 +31,11 @@ class SDComponents:
         return self
 
 
+def compute_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The networks' dtype under accelerate's `mixed_precision` ("fp16", "bf16", else float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def load_components(
     pretrained_model_name_or_path: str,
     revision: str | None = None,

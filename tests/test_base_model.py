@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-import make_base_model
+from data_scripts import make_base_model
 from conftest import TINY_MODEL_ARGS
 from mem_analysis.data import image_to_tensor, list_source_images, load_source_image, subsample
 from mem_analysis.presets import build_pipeline

@@ -84,7 +84,7 @@ def swapped_caption_loss_ratio(parts, text_encoder, captions: list[str], pixels:
 def clip_trained_model_dir(tmp_path_factory):
     """A tiny base model whose text encoder was trained as make_base_model.py does, on 1,024 Twemoji names
     (the VAE only briefly: the check is about the text path)."""
-    import make_base_model
+    from data_scripts import make_base_model
 
     folder = tmp_path_factory.mktemp("models") / "clip"
     make_base_model.main(["--output_dir", str(folder), "--seed", "0", "--max_images", "1024", "--vae_steps", "30",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import build_duplicated_dataset
+from data_scripts import build_duplicated_dataset
 from mem_analysis.data import image_hash, list_source_images, load_study_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
+from mem_analysis.run import list_checkpoints
+from train import finetune, finetune_data
+from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
+from train.finetune_state import resolve_resume
 
-import finetune  # noqa: E402
-import finetune_data  # noqa: E402
-from finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config  # noqa: E402
-from finetune_state import list_checkpoints, resolve_resume  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG = ROOT / "configs" / "finetune_tiny.yaml"
 
@@ -101,7 +100,7 @@ def test_keep_probe_rows_drops_later_steps_duplicates_and_cut_lines(tmp_path):
 def test_probe_scalars_are_means_per_dup_factor_and_high_noise_window():
     rows = [{"step": 1, "sample_id": s, "dup_factor": d, "timestep": t, "loss_cond": float(s * 10 + t)}
             for s, d in ((0, 1), (1, 4), (2, 4)) for t in (100, 800)]
-    scalars = finetune_data.probe_scalars(rows, high_noise_from=700)
+    scalars = finetune_data.probe_scalars(rows, high_noise_timestep=700)
     assert scalars["probe/loss_cond/dup_1"] == pytest.approx(450.0)
     assert scalars["probe/loss_cond/dup_4"] == pytest.approx((110 + 810 + 120 + 820) / 4)
     assert scalars["probe_high/loss_cond/dup_4"] == pytest.approx(815.0)

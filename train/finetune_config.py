@@ -1,7 +1,7 @@
 """The flags of train/finetune.py and their merging: defaults < `--config` YAML < command line.
 
 Every YAML key must be a flag name (an unknown key is an error), and the resolved
-configuration is what `finetune.py` saves as `output_dir/config.yaml`.
+configuration is what `finetune.py` saves as `output_dir/config.yaml` (mem_analysis.run.write_config).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 import yaml
+
+from mem_analysis.run import RUN_DEFAULTS
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,8 @@ def steps_or_auto(value):
 AUTO_EPOCHS = 35
 
 
-# name: (default, parser, help). Names follow the diffusers text_to_image examples.
+# name: (default, parser, help). Names follow the diffusers text_to_image examples. The defaults of the
+# fields evaluation reads from config.yaml come from mem_analysis.run.RUN_DEFAULTS.
 FLAGS = {
     # model and data
     "pretrained_model_name_or_path": (None, str, "diffusers SD pipeline folder or hub name (required)"),
@@ -79,7 +82,7 @@ FLAGS = {
     "max_train_samples": (None, optional(int), "truncate the train split (debugging)"),
     # training
     "output_dir": ("finetune-output", str, "run folder"),
-    "seed": (0, int, "seed of data order, noise, timesteps and caption dropout"),
+    "seed": (RUN_DEFAULTS["seed"], int, "seed of data order, noise, timesteps and caption dropout"),
     "train_batch_size": (8, int, "batch size per process"),
     "num_train_epochs": (1, int, "epochs (ignored when --max_train_steps is set)"),
     "max_train_steps": (None, steps_or_auto, "optimizer steps in total, or 'auto': AUTO_EPOCHS passes over the "
@@ -103,16 +106,16 @@ FLAGS = {
     "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
     "noise_offset": (0.0, float, "noise offset"),
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
-    "use_lora": (False, boolean, "train LoRA adapters (peft) instead of the full UNet"),
+    "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
-    "use_ema": (False, boolean, "keep an EMA of the UNet weights"),
+    "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),
     "ema_decay": (0.9999, float, "EMA decay"),
     "dataloader_num_workers": (0, int, "dataloader worker processes"),
     # checkpoints and logging
     "checkpointing_steps": (500, int, "save a checkpoint every N steps (0: only at the end)"),
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
-    "logging_dir": ("logs", str, "TensorBoard folder, relative to output_dir"),
+    "logging_dir": (RUN_DEFAULTS["logging_dir"], str, "TensorBoard folder, relative to output_dir"),
     "report_to": ("tensorboard", str, "tracker (tensorboard)"),
     "validation_prompts": (None, comma_list(str), "captions for validation images (default: first probe captions)"),
     "num_validation_prompts": (4, int, "probe captions used when --validation_prompts is not given"),
@@ -121,11 +124,12 @@ FLAGS = {
     "validation_guidance_scale": (7.5, float, "CFG scale of validation images"),
     # probes
     "probe_steps": (500, int, "probe every N steps and at step 0 (0: off)"),
-    "probe_timesteps": ([50, 150, 250, 350, 450, 550, 650, 750, 850, 950], comma_list(int), "probe timestep grid"),
-    "probe_guidance_scales": ([1.5, 3.0, 7.5], comma_list(float), "CFG scales of the probe losses"),
-    "probe_seed": (0, int, "seed of the fixed probe noise"),
+    "probe_timesteps": (RUN_DEFAULTS["probe_timesteps"], comma_list(int), "probe timestep grid"),
+    "probe_guidance_scales": (RUN_DEFAULTS["probe_guidance_scales"], comma_list(float), "CFG scales of the probe losses"),
+    "probe_seed": (RUN_DEFAULTS["probe_seed"], int, "seed of the fixed probe noise"),
     "probe_batch_size": (64, int, "(sample, timestep) pairs per probe UNet call"),
-    "probe_high_noise_from": (700, int, "timesteps >= this form the high-noise window in TensorBoard"),
+    "high_noise_timestep": (RUN_DEFAULTS["high_noise_timestep"], int,
+                            "timesteps >= this form the high-noise window (TensorBoard probe_high/, evaluation's _early)"),
     "dry_run": (False, boolean, "resolve config, build data and models, print the plan, train nothing"),
 }
 
@@ -201,13 +205,6 @@ def check_config(config: dict) -> None:
         raise ConfigError("use_ema applies to full fine-tuning; turn off use_lora or use_ema")
     if config["probe_steps"] and not config["probe_timesteps"]:
         raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
-
-
-def save_config(args: argparse.Namespace, path: Path) -> None:
-    """Write the resolved configuration (keys = flag names) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
-    tmp.replace(path)
 
 
 def auto_train_steps(train_rows: int, global_batch: int, interval: int, epochs: float = AUTO_EPOCHS) -> int:

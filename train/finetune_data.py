@@ -173,13 +173,13 @@ def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, acce
                        latents, cond, uncond, noise, mu)
 
 
-def probe_scalars(rows: list[dict], high_noise_from: int) -> dict[str, float]:
-    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_from."""
+def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float]:
+    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_timestep."""
     scalars, groups = {}, {}
     for row in rows:
         groups.setdefault(row["dup_factor"], []).append(row)
     for dup, group in sorted(groups.items()):
-        high = [row for row in group if row["timestep"] >= high_noise_from]
+        high = [row for row in group if row["timestep"] >= high_noise_timestep]
         for name in (key for key in group[0] if key not in PROBE_ROW_KEYS):
             scalars[f"probe/{name}/dup_{dup}"] = float(np.mean([row[name] for row in group]))
             if high:

@@ -1,0 +1,1 @@
+"""data_scripts: see ARCHITECTURE.md."""
