@@ -122,6 +122,17 @@ def batches(num_items: int, batch_size: int, steps: int, generator: torch.Genera
         order = order[batch_size:]
 
 
+def take_step(optimizer, loss: torch.Tensor, step: int, steps: int, what: str, schedule=None) -> None:
+    """One optimizer (and lr schedule) step on `loss`; prints the loss every fifth of `steps` and at the last."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    if step % max(steps // 5, 1) == 0 or step == steps - 1:
+        print(f"  {what} step {step:4d}/{steps}  loss {loss.item():.4f}")
+
+
 def train_vae(vae, pixels: torch.Tensor, args: argparse.Namespace, generator: torch.Generator) -> None:
     """Fit the VAE on `pixels`: mean squared reconstruction error + kl_weight * KL(posterior || N(0, I))."""
     vae.train().requires_grad_(True)
@@ -132,12 +143,7 @@ def train_vae(vae, pixels: torch.Tensor, args: argparse.Namespace, generator: to
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = F.mse_loss(reconstruction, x) + args.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(args.vae_steps // 5, 1) == 0 or step == args.vae_steps - 1:
-            print(f"  vae step {step:4d}/{args.vae_steps}  loss {loss.item():.4f}")
+        take_step(optimizer, loss, step, args.vae_steps, "vae", schedule)
     vae.eval().requires_grad_(False)
 
 
@@ -173,11 +179,7 @@ def train_text_encoder(pipe, latents: torch.Tensor, captions: list[str], args: a
     for step, index in enumerate(batches(len(ids), args.text_encoder_batch_size, steps, generator)):
         text = text_encoder(ids[index]).last_hidden_state.mean(1)
         loss = clip_loss(text, image_head(latents[index].flatten(1)), logit_scale.clamp(max=math.log(100)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % max(steps // 5, 1) == 0 or step == steps - 1:
-            print(f"  text encoder step {step:4d}/{steps}  contrastive loss {loss.item():.4f}")
+        take_step(optimizer, loss, step, steps, "text encoder (contrastive)")
     text_encoder.eval().requires_grad_(False)
 
 
@@ -221,11 +223,7 @@ def pretrain_unet(pipe, latents: torch.Tensor, captions: list[str], args: argpar
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % max(steps // 5, 1) == 0 or step == steps - 1:
-            print(f"  unet step {step:4d}/{steps}  loss {loss.item():.4f}")
+        take_step(optimizer, loss, step, steps, "unet")
     unet.eval().requires_grad_(False)
 
 
