@@ -2,8 +2,10 @@
 
 - `tiny_model_dir`: a `tiny` base model folder written by data_scripts/make_base_model.py
   (StableDiffusionPipeline.save_pretrained layout, safetensors; 32 px images, 16x16x4 latents)
-  whose VAE was trained for a few seconds on 128 Twemoji images (seed 0) and whose
-  `vae.config.scaling_factor` is 1/std of their latents. The UNet is untrained.
+  whose VAE was trained for a few seconds on 128 Twemoji images (seed 0), whose
+  `vae.config.scaling_factor` is 1/std of their latents, and whose text encoder was trained
+  contrastively on those images' names for only 20 steps (tests/test_conditioning.py trains one
+  fully). The UNet is untrained.
   Load it with `mem_analysis.sd.load_components(tiny_model_dir)`.
 - `tiny_dataset_dir`: a study dataset written by data_scripts/build_duplicated_dataset.py:
   48 Twemoji images at 32 px, `--dup_factors 1,4,8 --samples_per_factor 2`, fixed captions,
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DATASET_ARGS = ["--source", "twemoji", "--max_images", "48", "--dup_factors", "1,4,8",
                      "--samples_per_factor", "2", "--resolution", "32", "--seed", "0"]
 TINY_MODEL_ARGS = ["--preset", "tiny", "--seed", "0", "--max_images", "128", "--vae_steps", "30",
-                   "--train_batch_size", "16"]
+                   "--train_batch_size", "16", "--text_encoder_steps", "20"]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import yaml
 
 from mem_analysis.run import list_checkpoints
 from train import finetune, finetune_data
-from train.finetune_config import FLAGS, ConfigError, resolve_config
+from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
 from train.finetune_state import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,20 @@ def test_flags_override_yaml_and_lists_parse(tmp_path):
     assert args.learning_rate == 0.25 and args.probe_timesteps == [10, 20]
     assert args.probe_guidance_scales == [2.0, 4.5] and args.use_ema is False
     assert args.train_batch_size == FLAGS["train_batch_size"][0]
+
+
+def test_auto_train_steps_are_passes_over_the_rows_to_the_checkpoint_interval():
+    # the Twemoji demo (1,385 rows, batch 32): 35 passes are 1,514.8 steps, 1,500 at interval 300
+    assert auto_train_steps(1385, 32, 300) == 1500
+    assert auto_train_steps(2448, 32, 300) == 2700  # 2,677.5 steps
+    assert auto_train_steps(2448, 32, 0) == 2678  # no checkpoints: ceil(35 * 2448 / 32)
+    assert auto_train_steps(1385, 64, 300) == 900  # twice the batch: 758 steps
+    assert auto_train_steps(68, 32, 300) == 300  # at least one interval
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+    assert resolve_config([*base, "--max_train_steps", "auto"]).max_train_steps == "auto"
+    assert resolve_config([*base, "--max_train_steps", "7"]).max_train_steps == 7
+    with pytest.raises(ConfigError, match="max_train_steps"):
+        resolve_config([*base, "--max_train_steps", "automatic"])
 
 
 @pytest.mark.parametrize("content, message", [

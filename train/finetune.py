@@ -45,7 +45,7 @@ from mem_analysis.cli import run_command
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
-from train.finetune_config import ConfigError, TrainingError, resolve_config
+from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
 from train.finetune_data import (EarlyWarningLog, EpochSampler, TrainExamples, append_rows, build_probe_inputs,
                                  keep_probe_rows, load_splits, probe_scalars, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
@@ -220,6 +220,10 @@ def main(argv=None) -> int:
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.train_batch_size * accelerator.num_processes))
                                 / args.gradient_accumulation_steps)
+    auto_line = resolve_train_steps(args, train_split, args.train_batch_size * accelerator.num_processes
+                                    * args.gradient_accumulation_steps)
+    if auto_line:
+        accelerator.print(auto_line)
     max_train_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
     # The prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,

@@ -6,6 +6,7 @@ configuration is what `finetune.py` saves as `output_dir/config.yaml` (mem_analy
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import yaml
@@ -47,6 +48,18 @@ def boolean(value) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def steps_or_auto(value):
+    """Parser of max_train_steps: None, 'auto' (set from the dataset by auto_train_steps) or an int."""
+    if value is not None and str(value).strip().lower() == "auto":
+        return "auto"
+    return optional(int)(value)
+
+
+# `max_train_steps: auto` is this many passes over the train rows. Calibrated on the Twemoji demo
+# (1,385 rows of 899 distinct images, batch 32): 35 passes give its tuned 1,500 steps.
+AUTO_EPOCHS = 35
+
+
 # name: (default, parser, help). Names follow the diffusers text_to_image examples. The defaults of the
 # fields evaluation reads from config.yaml come from mem_analysis.run.RUN_DEFAULTS.
 FLAGS = {
@@ -69,7 +82,8 @@ FLAGS = {
     "seed": (RUN_DEFAULTS["seed"], int, "seed of data order, noise, timesteps and caption dropout"),
     "train_batch_size": (8, int, "batch size per process"),
     "num_train_epochs": (1, int, "epochs (ignored when --max_train_steps is set)"),
-    "max_train_steps": (None, optional(int), "optimizer steps in total"),
+    "max_train_steps": (None, steps_or_auto, "optimizer steps in total, or 'auto': AUTO_EPOCHS passes over the "
+                        "train rows (distinct images x their copies), to the nearest checkpoint interval"),
     "gradient_accumulation_steps": (1, int, "micro-batches per optimizer step"),
     "gradient_checkpointing": (False, boolean, "recompute activations in backward"),
     "learning_rate": (1e-4, float, "peak learning rate"),
@@ -185,7 +199,7 @@ def check_config(config: dict) -> None:
     for name in ("probe_steps", "checkpointing_steps", "validation_steps"):
         if config[name] < 0:
             raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {config[name]}")
-    if config["max_train_steps"] is not None and config["max_train_steps"] < 0:
+    if config["max_train_steps"] not in (None, "auto") and config["max_train_steps"] < 0:
         raise ConfigError("max_train_steps must be >= 0")
     if config["report_to"] != "tensorboard":
         raise ConfigError(f"report_to {config['report_to']!r}: only 'tensorboard' is supported")
@@ -195,3 +209,28 @@ def check_config(config: dict) -> None:
         raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
     if not 0.0 < config["warning_fpr"] < 0.5:
         raise ConfigError(f"warning_fpr must lie in (0, 0.5), got {config['warning_fpr']}")
+
+
+def auto_train_steps(train_rows: int, global_batch: int, interval: int, epochs: float = AUTO_EPOCHS) -> int:
+    """Steps for `max_train_steps: auto`: `ceil(epochs * train_rows / global_batch)` rounded to the nearest
+    multiple of `interval` (the checkpoint interval, so the last step is evaluated; at least one interval).
+
+    Memorization sets in later on more distinct images (Bonnaire et al. 2025), and how often a duplicated
+    image is seen is its copies x passes, so the budget is a number of passes over the rows.
+    """
+    steps = math.ceil(epochs * train_rows / global_batch)
+    if interval > 0:
+        steps = max(interval, interval * round(steps / interval))
+    return steps
+
+
+def resolve_train_steps(args: argparse.Namespace, train_split, global_batch: int) -> str | None:
+    """Replace `max_train_steps: auto` in `args` by its value for this dataset; the line to print (or None)."""
+    if args.max_train_steps != "auto":
+        return None
+    rows = len(train_split)
+    distinct = len(set(train_split["sample_id"])) if "sample_id" in train_split.column_names else rows
+    args.max_train_steps = auto_train_steps(rows, global_batch, args.checkpointing_steps)
+    return (f"max_train_steps auto = {args.max_train_steps}: {AUTO_EPOCHS} passes over {rows} train rows "
+            f"({distinct} distinct images, {rows - distinct} extra copies) at {global_batch} samples per step, "
+            f"to the nearest multiple of checkpointing_steps ({args.checkpointing_steps})")
