@@ -21,10 +21,10 @@ from mem_analysis.decomposition import decompose_latents, schedule_deviation, tr
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
-from mem_analysis.severity import Severity, severity
+from mem_analysis.severity import BACKENDS, Severity, severity
 
-# Weight-free back ends of M6; `sscd` joins when an SSCD model is given.
-SEVERITY_BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
+# The weight-free back ends of M6; `sscd` joins when an SSCD model is given.
+SEVERITY_BACKENDS = tuple(backend for backend in BACKENDS if backend != "sscd")
 REFERENCES = ("paper", "exact")
 
 
