@@ -22,10 +22,11 @@ from mem_analysis.decomposition import (decompose_latents, deviation_values, per
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
-from mem_analysis.severity import Severity, self_similarity, severity
+from mem_analysis.severity import BACKENDS, Severity, self_similarity, severity
 
-# Weight-free back ends of M6; `sscd` joins when an SSCD model is given.
-SEVERITY_BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
+# The weight-free back ends of M6; `sscd` joins when an SSCD model is given.
+SEVERITY_BACKENDS = tuple(backend for backend in BACKENDS if backend != "sscd")
+REFERENCES = ("paper", "exact")
 
 
 @dataclass
