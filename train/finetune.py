@@ -40,8 +40,8 @@ from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config
-from train.finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows, load_splits,
-                                 probe_scalars)
+from train.finetune_data import (CaptionEmbeddings, EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows,
+                                 load_splits, probe_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
@@ -211,6 +211,7 @@ def main(argv=None) -> int:
         if main_process:
             run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
 
     def probe_and_log(step: int) -> None:
         """Probe rows appended to probes.jsonl and per-dup-factor means to TensorBoard (main process writes)."""
@@ -238,8 +239,7 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
             with accelerator.accumulate(unet):
                 latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
-                with torch.no_grad():
-                    hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
+                hidden = caption_embeddings(batch["input_ids"])
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
