@@ -185,6 +185,52 @@ def profile_train(config: Path, work: Path, train_steps: int) -> dict:
     return {"train": scaled}
 
 
+def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
+    """CPU-seconds of finetune's input pipeline alone (data loading, caption embeddings) over `steps` batches."""
+    from mem_analysis.sd import load_components
+    from train.finetune_config import resolve_config
+    from train.finetune_data import CaptionEmbeddings, EpochSampler, TrainExamples, load_splits
+
+    flags = ["--cache_caption_embeddings", "--cache_train_pixels"] if cached else \
+        ["--no-cache_caption_embeddings", "--no-cache_train_pixels"]
+    args = resolve_config(["--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
+                           "--train_data_dir", str(work / "data"), *flags])
+    train_split, _ = load_splits(args)
+    parts = load_components(args.pretrained_model_name_or_path)
+    data = TrainExamples(train_split, parts.tokenizer, args.resolution or 32, args)
+    sampler = EpochSampler(len(data), args.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, sampler=sampler, drop_last=False)
+    embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
+    seconds = {"data loading": 0.0, "text encoding": 0.0}
+    done, epoch = 0, 0
+    while done < steps:
+        sampler.set_epoch(epoch)
+        batches = iter(loader)
+        while done < steps:
+            start = time.process_time()
+            batch = next(batches, None)
+            seconds["data loading"] += time.process_time() - start
+            if batch is None:
+                break
+            start = time.process_time()
+            embeddings(batch["input_ids"])
+            seconds["text encoding"] += time.process_time() - start
+            done += 1
+        epoch += 1
+    return seconds
+
+
+def compare_inputs(config: Path, work: Path, uncached_steps: int) -> None:
+    """Input pipeline of the whole run with the caches on, beside --uncached_steps without them (scaled)."""
+    steps = training_counts(config)["steps"]
+    cached = input_seconds(config, work, True, steps)
+    uncached = {k: v * steps / uncached_steps for k, v in input_seconds(config, work, False, uncached_steps).items()}
+    print(f"\ninput pipeline over the run's {steps} steps, CPU-seconds (same process, one after the other):")
+    for part in cached:
+        print(f"  {part:<14} per batch {uncached[part]:7.1f}   cached {cached[part]:7.1f}   "
+              f"ratio {cached[part] / max(uncached[part], 1e-9):.3f}")
+
+
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
     """evaluate_checkpoints' main on one checkpoint and --eval_samples probe samples, scaled to the demo's."""
     from datasets import load_from_disk
@@ -241,7 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval_samples", type=int, default=8, help="probe samples evaluated (scaled to all)")
     p.add_argument("--workdir", default=None, help="keep the short run here (default: a temporary folder)")
     p.add_argument("--stages", default="dataset,base_model,train,evaluate",
-                   help="stages to profile; later ones reuse --workdir's dataset, base model and run")
+                   help="stages to profile (and `inputs`: the input pipeline with and without caches); "
+                        "later ones reuse --workdir's dataset, base model and run")
+    p.add_argument("--uncached_steps", type=int, default=150, help="steps of the uncached input pipeline (scaled)")
     args = p.parse_args(argv)
     wanted = args.stages.split(",")
     config = Path(args.config)
@@ -255,8 +303,12 @@ def main(argv=None) -> int:
                     "evaluate": lambda: profile_evaluate(config, work, args.train_steps, args.eval_samples)}
         stages = {}
         for name in wanted:
-            stages.update(profiles[name]())
-    print_table(stages)
+            if name == "inputs":
+                compare_inputs(config, work, args.uncached_steps)
+            else:
+                stages.update(profiles[name]())
+    if stages:
+        print_table(stages)
     return 0
 
 

@@ -5,7 +5,7 @@
 Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
 Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
 unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
-config.yaml, probes.jsonl, logs/finetune (TensorBoard), checkpoint-N/, the final pipeline, and
+config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F), checkpoint-N/, the final pipeline, and
 probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from mem_analysis import run
+from mem_analysis.board import FactorWriters
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
@@ -198,11 +199,12 @@ def main(argv=None) -> int:
         run.write_config(output_dir, vars(args))
         # Rows after the resumed step belong to the interrupted run and are written again below.
         keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
-    tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-    accelerator.init_trackers("finetune", config=tracker_config,
-                              init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
+    # No hparams config: it would add a TensorBoard run without scalars; config.yaml holds the configuration.
+    purge_step = global_step + 1 if resume_path else None
+    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": purge_step} if purge_step else {}})
     # Per-step scalars go straight to the writer: accelerator.log flushes the event file on every call.
     writer = accelerator.get_tracker("tensorboard", unwrap=True) if main_process else None
+    factor_writers = FactorWriters(output_dir / args.logging_dir / "finetune", purge_step) if main_process else None
     probe = None
     if args.probe_steps:
         probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
@@ -221,7 +223,9 @@ def main(argv=None) -> int:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
                 handle.flush()
                 os.fsync(handle.fileno())
-        accelerator.log(probe_scalars(rows, args.high_noise_timestep), step=step)
+        if factor_writers is not None:  # per-factor means go to the runs logs/finetune/dup_F
+            accelerator.log(factor_writers.log(probe_scalars(rows, args.high_noise_timestep), step), step=step)
+            factor_writers.flush()
 
     if probe is not None and global_step == 0:
         probe_and_log(0)
@@ -290,6 +294,8 @@ def main(argv=None) -> int:
     progress.close()
     accelerator.wait_for_everyone()
     save_final_model(accelerator, unet, ema_unet, args, output_dir, zero_stage)
+    if factor_writers is not None:
+        factor_writers.close()
     accelerator.end_training()
     return 0
 
