@@ -1,1 +1,1 @@
-"""bench: see ARCHITECTURE.md."""
+"""Benchmarks: figures and ratios measured side by side (gpu_bench.py on a GPU; bench_*.py on any device)."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
+from bench.timing import timed
 from mem_analysis import DEFAULT_THRESHOLDS, alpha_bar_from_scheduler, correlation, probe_metrics, probe_noise
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, measure_prompts
 from mem_analysis.probes import HIGH_NOISE_TIMESTEP
@@ -36,17 +37,6 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
-
-
-def timed(fn):
-    """(seconds, result) of one call, synchronising CUDA."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def plain_pipeline(pipe, prompts, x_T, steps, batch_size):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_train import reset_accelerate
+
 
 class PartTimer:
     """Exclusive CPU-seconds per named part: wrap(owner, attr, part) times every call of owner.attr."""
@@ -123,15 +125,6 @@ def profile_base_model(config: Path, work: Path, vae_steps: int) -> dict:
                               "--vae_steps", str(vae_steps), "--exclude_dataset", str(work / "data")])
     timer.seconds["VAE training"] *= wanted / vae_steps
     return {"base_model": timer.seconds}
-
-
-def reset_accelerate() -> None:
-    """Fresh accelerate singletons, as in a new process."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def training_counts(config: Path) -> dict:

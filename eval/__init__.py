@@ -1,1 +1,1 @@
-"""eval: see ARCHITECTURE.md."""
+"""Evaluation: evaluate_checkpoints.py (every checkpoint of a run) and report.py (summary, figures, report.md)."""

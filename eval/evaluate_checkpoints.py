@@ -1,4 +1,4 @@
-"""Follow memorization over a fine-tuning run: M1-M7 of science.md on the base model and every checkpoint.
+"""Follow memorization over a fine-tuning run: M1-M7 of docs/science.md on the base model and every checkpoint.
 
     python eval/evaluate_checkpoints.py --run_dir RUN [--weights ema|raw] [--num_seeds 10] ...
     accelerate launch eval/evaluate_checkpoints.py --run_dir RUN ...   # shards the probe samples
@@ -44,6 +44,7 @@ from eval import report
 from mem_analysis import guidance_key, prediction_type_of, probe_metrics, probe_noise, run, summarize_probe_metrics
 from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
+from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.sd import compute_dtype, load_components
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
@@ -92,15 +93,6 @@ class CheckpointResult:
                    curves=sorted((c for part in parts for c in part.curves),
                                  key=lambda c: (c["guidance_scale"], c["sample_id"])),
                    images=sorted((im for part in parts for im in part.images), key=lambda im: im[0]))
-
-
-def parse_list(text, cast=float):
-    """'1,3,7.5' or a YAML list -> list of `cast` values."""
-    if text is None or text == "":
-        return []
-    if isinstance(text, (list, tuple)):
-        return [cast(v) for v in text]
-    return [cast(v) for v in str(text).split(",") if v.strip()]
 
 
 def parse_args(argv=None):
@@ -457,13 +449,8 @@ def main(args):
 
 
 def cli(argv=None) -> int:
-    """Entry point: bad input is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point: bad input is one line on stderr and exit status 2 (mem_analysis.cli)."""
+    return run_command(lambda given: main(parse_args(given)), "evaluate_checkpoints.py", argv, bad_input=(EvalError,))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Files written whole or not at all: every writer of the project goes through `atomic_path`."""
+"""Files and folders written whole or not at all: every writer of the project goes through these."""
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -28,3 +29,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """`text` written to `path` through a temporary name."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_folder_atomically(write: Callable[[Path], None], output_dir: str | Path) -> None:
+    """Call `write(tmp)` on a temporary sibling folder, then rename it to `output_dir`.
+
+    A folder named `output_dir` is therefore always complete; an old one is replaced only
+    after the new one is fully written, and nothing is left behind if `write` fails.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if output_dir.exists():
+            output_dir.rename(old)
+        tmp.rename(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

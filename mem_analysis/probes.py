@@ -70,7 +70,7 @@ def summarize_probe_metrics(metrics: dict[str, torch.Tensor], timesteps, high_no
                             ) -> dict[str, torch.Tensor]:
     """Per-sample means over the timestep grid (`<key>_mean`) and over `t >= high_noise_timestep` (`<key>_high`).
 
-    science.md M1: the CFG excess shows at high noise, so the high-noise window is always
+    docs/science.md M1: the CFG excess shows at high noise, so the high-noise window is always
     reported beside the full grid. `<key>_high` is NaN when no grid timestep reaches the window.
     """
     timesteps = torch.as_tensor(timesteps).reshape(-1)

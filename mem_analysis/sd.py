@@ -89,7 +89,7 @@ def encode_images(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Gen
                   sample: bool = False) -> torch.Tensor:
     """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents `scaling_factor * E(x)`.
 
-    The posterior mean by default (the training image's latent `x` of science.md);
+    The posterior mean by default (the training image's latent `x` of docs/science.md);
     `sample=True` draws from the posterior as diffusers' training scripts do.
     """
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist

@@ -127,10 +127,10 @@ def test_bad_inputs_give_one_line_errors_and_keep_existing_output(tmp_path):
     output = tmp_path / "existing"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    with pytest.raises(SystemExit, match=r"not empty; pass --overwrite"):
+    with pytest.raises(ValueError, match=r"not empty; pass --overwrite"):
         make_base_model.main(["--output_dir", str(output), *TINY_MODEL_ARGS])
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
-    with pytest.raises(SystemExit, match=r"source folder .*missing does not exist") as info:
+    with pytest.raises((ValueError, FileNotFoundError), match=r"source folder .*missing does not exist") as info:
         make_base_model.main(["--output_dir", str(tmp_path / "new"), "--image_source", str(tmp_path / "missing")])
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

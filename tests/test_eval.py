@@ -192,7 +192,7 @@ def test_figures_and_report_numbers_equal_the_tables(single):
 def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):
     assert ev.cli(["--run_dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --run_dir") and "does not exist" in err and err.count("\n") == 1
+    assert err.startswith("evaluate_checkpoints.py: error: --run_dir") and "does not exist" in err and err.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(trained_run / "config.yaml", empty / "config.yaml")

@@ -56,7 +56,7 @@ def test_flags_override_yaml_and_lists_parse(tmp_path):
 def test_bad_config_is_one_line_error(tmp_path, capsys, content, message):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(content))
-    assert finetune.cli(["--config", str(config)]) == 1
+    assert finetune.cli(["--config", str(config)]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and message in err[0]
     with pytest.raises(ConfigError):
@@ -110,7 +110,7 @@ def test_bad_dataset_is_one_line_error(tiny_model_dir, tiny_dataset_dir, tmp_pat
     else:
         splits = datasets.DatasetDict({k: v.remove_columns("dup_factor") for k, v in splits.items()})
     splits.save_to_disk(str(tmp_path / "data"))
-    assert finetune.cli(argv(tiny_model_dir, tmp_path / "data", tmp_path / "run")) == 1
+    assert finetune.cli(argv(tiny_model_dir, tmp_path / "data", tmp_path / "run")) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and ("probe" if damage == "no_probe_split" else "dup_factor") in err[0]
 
@@ -121,7 +121,7 @@ def test_missing_resume_path_fails_and_keeps_run(tiny_model_dir, tiny_dataset_di
     (run / "probes.jsonl").write_text('{"step": 0}\n')
     code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--resume_from_checkpoint", run / "checkpoint-9"))
     err = error_lines(capsys.readouterr().err)
-    assert code == 1 and len(err) == 1 and "checkpoint-9" in err[0]
+    assert code == 2 and len(err) == 1 and "checkpoint-9" in err[0]
     assert sorted(p.name for p in run.iterdir()) == ["probes.jsonl"]
     assert (run / "probes.jsonl").read_text() == '{"step": 0}\n'
 

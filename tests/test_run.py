@@ -2,6 +2,11 @@
 config.yaml read with the training defaults."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -77,3 +82,16 @@ def test_training_defaults_are_evaluations_resolved_defaults(tmp_path):
     assert resolved.high_noise_timestep == FLAGS["high_noise_timestep"][0]
     assert resolved.probe_seed == FLAGS["probe_seed"][0] and resolved.seed == FLAGS["seed"][0]
     assert resolved.weights == "raw" and not resolved.lora
+
+
+def test_commands_run_as_scripts_and_modules_without_warnings():
+    """The packages need no sys.path edit (a script's own folder is on its path, not the repository), and
+    importing diffusers' pipelines through mem_analysis logs nothing about torchvision."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["eval/evaluate_checkpoints.py", "--help"], ["-m", "train.finetune", "--help"],
+                    ["data_scripts/make_base_model.py", "--help"]):
+        done = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
+        assert "torchvision" not in done.stderr, done.stderr[-2000:]

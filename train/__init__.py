@@ -1,1 +1,1 @@
-"""train: see ARCHITECTURE.md."""
+"""Training: train/finetune.py (accelerate launch train/finetune.py, or python -m train.finetune) and its helpers."""

@@ -10,7 +10,7 @@ probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
-`mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (science.md M1, M2) on the
+`mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (docs/science.md M1, M2) on the
 training weights (not EMA). Each process probes a shard; rows are gathered and written once.
 Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
 order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from mem_analysis import run
 from mem_analysis.board import FactorWriters
+from mem_analysis.cli import run_command
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
@@ -301,12 +302,9 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    """main() with configuration and run-time problems reported as one line and exit status 1."""
-    try:
-        return main(argv)
-    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
-        return 1
+    """main() with bad input reported as one line and exit status 2, a failed run (NaN loss) as one line and 1."""
+    return run_command(main, "finetune.py", argv, bad_input=(ConfigError, ValueError, FileNotFoundError),
+                       failures=(TrainingError,))
 
 
 if __name__ == "__main__":

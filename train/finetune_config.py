@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from mem_analysis.cli import parse_list
 from mem_analysis.run import RUN_DEFAULTS
 
 
@@ -18,17 +19,13 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """A run-time problem (missing resume checkpoint, NaN loss), reported as one line."""
+    """A failure while training (NaN loss), reported as one line."""
 
 
 def comma_list(kind):
-    """Parser of a list given as YAML list, comma-separated string, or repeated flag values."""
+    """Parser of a list given as YAML list, comma-separated string, or repeated flag values (None kept)."""
     def parse(value):
-        if value is None:
-            return None
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        return [kind(item.strip() if isinstance(item, str) else item) for item in items
-                if not (isinstance(item, str) and not item.strip())]
+        return None if value is None else parse_list(value, kind)
     return parse
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+from mem_analysis.io import write_text_atomic
 from mem_analysis.probes import probe_noise
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
@@ -238,6 +238,4 @@ def keep_probe_rows(path: Path, last_step: int) -> None:
         if row["step"] <= last_step and key not in seen:
             seen.add(key)
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 
 from mem_analysis import run
 from mem_analysis.run import list_checkpoints
-from train.finetune_config import TrainingError
+from train.finetune_config import ConfigError
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -66,14 +66,6 @@ def save_lora(unet, directory) -> None:
                                               safe_serialization=True)
 
 
-def load_lora(unet, directory) -> None:
-    """Load `pytorch_lora_weights.safetensors` of `directory` into the UNet's adapters."""
-    try:
-        run.load_lora(unet, directory)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-
-
 def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
     """Save/load hooks that keep the trained weights in diffusers format inside accelerate's checkpoints."""
 
@@ -100,7 +92,7 @@ def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
         while models:  # empty under DeepSpeed, whose engine restores its own checkpoint
             unet = accelerator.unwrap_model(models.pop())
             if args.use_lora:
-                load_lora(unet, input_dir)
+                run.load_lora(unet, input_dir)
             else:
                 loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
                 unet.load_state_dict(loaded.state_dict())
@@ -124,7 +116,7 @@ def resolve_resume(value, output_dir: Path, main_process: bool) -> Path | None:
     if not path.is_dir() and (Path(output_dir) / value).is_dir():
         path = Path(output_dir) / value
     if not (path / run.STATE_FILE).is_file():
-        raise TrainingError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
+        raise ConfigError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
                             f"checkpoint-N folder with training_state.json); give one, or 'latest'")
     return path
 
