@@ -119,7 +119,8 @@ def test_tables_hold_every_probe_sample_seed_and_checkpoint(single, tiny_dataset
         np.testing.assert_allclose([e.value for e in severity], expected.loc[list(STEPS)], rtol=1e-5)
         grids = events.Images("images/training_above_generated")
         assert [e.step for e in grids] == list(STEPS)
-        assert grids[-1].width > grids[-1].height  # the factor's samples side by side, training above generated
+        n = rows["sample_id"].nunique()  # the factor's samples side by side, training above generated (96 px each)
+        assert (grids[-1].width, grids[-1].height) == (n * 96 + (n + 1) * 2, 2 * 96 + 3 * 2)
     main_events = EventAccumulator(str(out / "tb")).Reload()
     assert main_events.Tags()["tensors"] == ["report/headline/text_summary"]
     headline = main_events.Tensors("report/headline/text_summary")[-1]  # each run writes it at its last checkpoint
