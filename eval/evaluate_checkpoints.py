@@ -8,7 +8,8 @@ M1/M2 probes at the run's fixed probe noise, DDIM sampling of every probe captio
 `--num_seeds` seeds with the trajectory recorded (M3 alignment, M4 decomposition, M5 collapse),
 decoding and every severity back end (M6). Rows are gathered on the main process, which
 appends them atomically to RUN/eval/per_seed.csv and per_sample.csv (+ parquet), writes
-TensorBoard scalars to RUN/logs/eval at the checkpoint's global_step, and at the end
+TensorBoard scalars and generated-vs-training image grids at the checkpoint's global_step (one run per
+duplication factor, RUN/logs/eval/dup_F), and at the end the report's headline as text in RUN/logs/eval,
 summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints are skipped.
 
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 
 from eval import report
 from mem_analysis import guidance_key, prediction_type_of, probe_metrics_over_draws, run, summarize_probe_metrics
+from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
 from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
@@ -344,21 +346,49 @@ def save_arrays(path: Path, **arrays):
         np.savez_compressed(tmp, **arrays)
 
 
-def log_scalars(writer, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
-    """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step."""
+def log_scalars(writer, factor_writers: FactorWriters, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
+    """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step:
+    `eval/NAME` in the run logs/eval/dup_F of each factor; the D_x-severity correlation in logs/eval."""
     rows = per_sample[per_sample["guidance_scale"] == settings.guidance_scale]
     names = ["severity", "memorized_fraction", "D_x", "D_T", "D_x_exact", "D_T_exact", "loss_cond",
              "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early", "wen_magnitude", "diversity"]
-    for dup, group in rows.groupby("dup_factor"):
-        for name in names:
-            if name in group:
-                writer.add_scalar(f"eval/{name}/dup_{dup}", float(group[name].mean()), step)
+    factor_writers.log({f"eval/{name}/dup_{dup}": float(group[name].mean())
+                        for dup, group in rows.groupby("dup_factor") for name in names if name in group}, step)
     if len(rows) > 2 and rows["severity"].std() > 0:
         writer.add_scalar("eval/pearson_D_x_severity", float(rows["D_x"].corr(rows["severity"])), step)
     writer.flush()
+    factor_writers.flush()
 
 
-def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer):
+def log_images(factor_writers: FactorWriters, probe: ProbeSet, result: CheckpointResult, step: int) -> None:
+    """Per duplication factor, the images generated at the headline g (first seed) below their training images."""
+    generated = dict(result.images)
+    for factor in sorted(set(int(d) for d in probe.dup_factors)):
+        index = [i for i, (sid, dup) in enumerate(zip(probe.sample_ids, probe.dup_factors))
+                 if dup == factor and int(sid) in generated]
+        if not index:
+            continue
+        training = (probe.pixels[index].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        made = np.stack([generated[int(probe.sample_ids[i])] for i in index])
+        factor_writers.writer(factor).add_image("images/training_above_generated", pair_grid(training, made), step,
+                                                dataformats="HWC")
+
+
+def log_headline(writer, out_dir: Path, step: int) -> None:
+    """The report's headline as TensorBoard text at the last checkpoint: headline.md, else the findings of report.md."""
+    headline = out_dir / "headline.md"
+    if headline.is_file():
+        text = headline.read_text()
+    else:
+        report_text = (out_dir / "report.md").read_text()
+        section = report_text.split("## The paper's three findings, on this run", 1)[-1]
+        text = section.split("\n## ", 1)[0].strip()
+    writer.add_text("report/headline", text, step)
+    writer.flush()
+
+
+def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer,
+                     factor_writers: FactorWriters | None = None):
     """Main process: append one model's rows (tables last: they mark the step done)."""
     for row in result.per_seed + result.per_sample:
         row.update(checkpoint_step=step, checkpoint=name)
@@ -372,7 +402,7 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
     append_rows(out_dir / "per_seed.csv", result.per_seed, step)
     append_rows(out_dir / "per_sample.csv", result.per_sample, step)
     if writer is not None:
-        log_scalars(writer, pd.DataFrame(result.per_sample), step, settings)
+        log_scalars(writer, factor_writers, pd.DataFrame(result.per_sample), step, settings)
 
 
 def main(args):
@@ -409,6 +439,7 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / "eval"))
+        factor_writers = FactorWriters(writer.log_dir)
     shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
     for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):
@@ -425,14 +456,19 @@ def main(args):
         result = evaluate_samples(unet, components, probe, shard, settings, args.batch_size, sscd, is_main, timings)
         gathered = gather_object([result])
         if is_main:
-            store_checkpoint(out_dir, step, name, CheckpointResult.merge(gathered), settings, writer)
+            merged = CheckpointResult.merge(gathered)
+            store_checkpoint(out_dir, step, name, merged, settings, writer, factor_writers)
+            log_images(factor_writers, probe, merged, step)
         accelerator.wait_for_everyone()
     if is_main:
-        if writer is not None:
-            writer.close()
         if timings:
             print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap, run_dir=run_dir)
+        if writer is not None:
+            last = int(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].max())
+            log_headline(writer, out_dir, last)
+            writer.close()
+            factor_writers.close()
         print(f"wrote {out_dir}/per_seed.csv, per_sample.csv, summary.json, report.md and figures/")
     accelerator.end_training()
 

@@ -96,8 +96,25 @@ def test_tables_hold_every_probe_sample_seed_and_checkpoint(single, tiny_dataset
     # TensorBoard scalars at each checkpoint's global_step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tb")).Reload()
-    assert [e.step for e in events.Scalars("eval/severity/dup_8")] == list(STEPS)
+    factors = sorted(per_sample["dup_factor"].unique())
+    assert sorted(p.name for p in (out / "tb").iterdir() if p.is_dir()) == [f"dup_{f}" for f in factors]
+    for factor in factors:  # one run per factor, the same tags in each
+        events = EventAccumulator(str(out / "tb" / f"dup_{factor}")).Reload()
+        rows = per_sample[(per_sample.dup_factor == factor) & (per_sample.guidance_scale == 7.5)]
+        severity = events.Scalars("eval/severity")
+        assert [e.step for e in severity] == list(STEPS)
+        expected = rows.groupby("checkpoint_step")["severity"].mean()
+        np.testing.assert_allclose([e.value for e in severity], expected.loc[list(STEPS)], rtol=1e-5)
+        grids = events.Images("images/training_above_generated")
+        assert [e.step for e in grids] == list(STEPS)
+        n = rows["sample_id"].nunique()  # the factor's samples side by side, training above generated (96 px each)
+        assert (grids[-1].width, grids[-1].height) == (n * 96 + (n + 1) * 2, 2 * 96 + 3 * 2)
+    main_events = EventAccumulator(str(out / "tb")).Reload()
+    assert main_events.Tags()["tensors"] == ["report/headline/text_summary"]
+    headline = main_events.Tensors("report/headline/text_summary")[-1]  # each run writes it at its last checkpoint
+    text = headline.tensor_proto.string_val[0].decode()
+    source = out / "headline.md" if (out / "headline.md").is_file() else out / "report.md"
+    assert headline.step == max(STEPS) and f"step {max(STEPS)}" in text.lower() and text in source.read_text()
 
 
 def test_probe_losses_equal_the_training_probes_at_the_same_step(single, trained_run):

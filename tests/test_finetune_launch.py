@@ -148,21 +148,27 @@ def test_probe_scalars_readable_with_event_accumulator(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = runs("single")
-    events = EventAccumulator(str(run / "logs" / "finetune"))
+    logs = run / "logs" / "finetune"
+    events = EventAccumulator(str(logs))
     events.Reload()
     rows = probe_rows(run)
-    for dup in sorted({r["dup_factor"] for r in rows}):
-        scalars = events.Scalars(f"probe/loss_cfg_7.5/dup_{dup}")
+    factors = sorted({r["dup_factor"] for r in rows})
+    # one TensorBoard run per duplication factor, all with the same tags: one card per quantity, a line per factor
+    assert sorted(p.name for p in logs.iterdir() if p.is_dir()) == sorted(f"dup_{dup}" for dup in factors)
+    for dup in factors:
+        factor_events = EventAccumulator(str(logs / f"dup_{dup}"))
+        factor_events.Reload()
+        scalars = factor_events.Scalars("probe/loss_cfg_7.5")
         assert [s.step for s in scalars] == list(range(0, STEPS + 1, EVERY))
         for s in scalars:
             values = [r["loss_cfg_7.5"] for r in rows if r["step"] == s.step and r["dup_factor"] == dup]
             assert s.value == pytest.approx(sum(values) / len(values), rel=1e-5)
-        assert len(events.Scalars(f"probe_high/k_cfg_7.5/dup_{dup}")) == len(scalars)
+        assert len(factor_events.Scalars("probe_high/k_cfg_7.5")) == len(scalars)
+        assert [s.step for s in factor_events.Scalars("warning/score")] == list(range(0, STEPS + 1, EVERY))
+        assert len(factor_events.Scalars("warning/alarm_fraction")) == len(range(0, STEPS + 1, EVERY))
+    assert not any(tag.startswith(("probe", "warning/score")) for tag in events.Tags()["scalars"])
     assert [s.step for s in events.Scalars("train/loss")] == list(range(2, STEPS + 1, 2))  # logging_steps 2
     assert "validation/0" in events.Tags()["images"]
-    for dup in sorted({r["dup_factor"] for r in rows}):
-        assert [s.step for s in events.Scalars(f"warning/score/dup_{dup}")] == list(range(0, STEPS + 1, EVERY))
-        assert len(events.Scalars(f"warning/alarm_fraction/dup_{dup}")) == len(range(0, STEPS + 1, EVERY))
     assert "warning/top_samples/text_summary" in events.Tags()["tensors"]
 
 

@@ -5,7 +5,7 @@
 Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
 Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
 unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
-config.yaml, probes.jsonl, logs/finetune (TensorBoard), checkpoint-N/, the final pipeline, and
+config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F), checkpoint-N/, the final pipeline, and
 probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
@@ -41,13 +41,14 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from mem_analysis import run
+from mem_analysis.board import FactorWriters
 from mem_analysis.cli import run_command
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
-from train.finetune_data import (EarlyWarningLog, EpochSampler, TrainExamples, append_rows, build_probe_inputs,
-                                 keep_probe_rows, load_splits, probe_scalars, warning_scalars)
+from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, TrainExamples, append_rows,
+                                 build_probe_inputs, keep_probe_rows, load_splits, probe_scalars, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
@@ -270,11 +271,12 @@ def main(argv=None) -> int:
         kept_warnings = keep_probe_rows(output_dir / "warnings.jsonl", last_step=global_step if resume_path else -1)
         if args.probe_steps:
             warn = EarlyWarningLog(output_dir / "warnings.jsonl", probe_split, args, kept_probes, kept_warnings)
-    tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-    accelerator.init_trackers("finetune", config=tracker_config,
-                              init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
+    # No hparams config: it would add a TensorBoard run without scalars; config.yaml holds the configuration.
+    purge_step = global_step + 1 if resume_path else None
+    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": purge_step} if purge_step else {}})
     # Per-step scalars go straight to the writer: accelerator.log flushes the event file on every call.
     writer = accelerator.get_tracker("tensorboard", unwrap=True) if main_process else None
+    factor_writers = FactorWriters(output_dir / args.logging_dir / "finetune", purge_step) if main_process else None
     probe = None
     if args.probe_steps:
         probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
@@ -283,6 +285,7 @@ def main(argv=None) -> int:
         if main_process:
             run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
 
     def probe_and_log(step: int) -> None:
         """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
@@ -297,7 +300,9 @@ def main(argv=None) -> int:
             warning_values, top_table = warning_scalars(warnings)
             scalars.update(warning_values)
             writer.add_text("warning/top_samples", top_table, step)
-        accelerator.log(scalars, step=step)
+        if factor_writers is not None:  # per-factor means go to the runs logs/finetune/dup_F
+            accelerator.log(factor_writers.log(scalars, step), step=step)
+            factor_writers.flush()
 
     if probe is not None and global_step == 0:
         probe_and_log(0)
@@ -315,8 +320,7 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
             with accelerator.accumulate(unet):
                 latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
-                with torch.no_grad():
-                    hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
+                hidden = caption_embeddings(batch["input_ids"])
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
@@ -378,6 +382,8 @@ def main(argv=None) -> int:
     progress.close()
     accelerator.wait_for_everyone()
     save_final_model(accelerator, unet, ema_unet, args, output_dir, zero_stage)
+    if factor_writers is not None:
+        factor_writers.close()
     accelerator.end_training()
     return 0
 

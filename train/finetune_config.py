@@ -76,6 +76,8 @@ FLAGS = {
     "resolution": (None, optional(int), "training resolution (default: the UNet's sample_size x VAE factor)"),
     "center_crop": (True, boolean, "centre crop (else random crop)"),
     "random_flip": (False, boolean, "random horizontal flip"),
+    "cache_train_pixels": (False, boolean, "keep each row's preprocessed pixels in memory after its first use "
+                           "(only without random crop/flip; small datasets)"),
     "max_train_samples": (None, optional(int), "truncate the train split (debugging)"),
     # training
     "output_dir": ("finetune-output", str, "run folder"),
@@ -103,6 +105,8 @@ FLAGS = {
     "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
     "noise_offset": (0.0, float, "noise offset"),
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
+    "cache_caption_embeddings": (True, boolean, "encode each distinct caption once (the text encoder is frozen); "
+                                 "off: encode every batch"),
     "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
     "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),

@@ -81,6 +81,10 @@ class TrainExamples(torch.utils.data.Dataset):
 
     def __init__(self, split, tokenizer, resolution: int, args):
         self.split, self.tokenizer, self.resolution, self.args = split, tokenizer, resolution, args
+        self.captions = split[args.caption_column]  # text only: no image is decoded
+        # Without random crop or flip a row's pixels never change, so --cache_train_pixels keeps them.
+        self.pixel_cache = {} if args.cache_train_pixels and args.center_crop and not args.random_flip else None
+        self.token_cache = {}
 
     def __len__(self) -> int:
         return len(self.split)
@@ -96,10 +100,18 @@ class TrainExamples(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, epoch = key
         rng = np.random.default_rng([self.args.seed, epoch, index])
-        row = self.split[index]  # decodes the row's image once
-        caption = pick_caption(row[self.args.caption_column], rng)
-        return {"pixel_values": self.pixels(index, rng, row[self.args.image_column]),
-                "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        caption = pick_caption(self.captions[index], rng)
+        if caption not in self.token_cache:
+            self.token_cache[caption] = tokenize(self.tokenizer, [caption])[0]
+        return {"pixel_values": self.row_pixels(index, rng), "input_ids": self.token_cache[caption]}
+
+    def row_pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Row `index`'s training pixels, decoded once per row when they are cached."""
+        if self.pixel_cache is None:
+            return self.pixels(index, rng)
+        if index not in self.pixel_cache:
+            self.pixel_cache[index] = self.pixels(index, rng)
+        return self.pixel_cache[index]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -118,6 +130,31 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
         return iter([(int(i), self.epoch) for i in order])
+
+
+class CaptionEmbeddings:
+    """Frozen text encoder outputs of token-id rows, each distinct row encoded once and then reused.
+
+    The text encoder is frozen and its output for a caption does not depend on the other captions of
+    the batch, so a lookup returns what encoding the batch would (the tests check equal losses).
+    With `cache=False` every call encodes its batch.
+    """
+
+    def __init__(self, text_encoder, cache: bool = True):
+        self.text_encoder, self.cache, self.stored = text_encoder, cache, {}
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, L, D) hidden states."""
+        input_ids = input_ids.to(self.text_encoder.device)
+        if not self.cache:
+            return self.text_encoder(input_ids, return_dict=False)[0]
+        keys = [tuple(row) for row in input_ids.tolist()]
+        missing = [row for row in dict.fromkeys(keys) if row not in self.stored]
+        if missing:
+            hidden = self.text_encoder(torch.tensor(missing, device=input_ids.device), return_dict=False)[0]
+            self.stored.update(zip(missing, hidden.unbind(0)))
+        return torch.stack([self.stored[key] for key in keys])
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Training inputs computed once (caption embeddings per distinct caption, pixels per row): same values, same losses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mem_analysis.sd import load_components, tokenize
+from train import finetune
+from train.finetune_data import CaptionEmbeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def test_cached_embeddings_equal_batch_encoding_and_encode_each_caption_once(tiny_model_dir):
+    parts = load_components(str(tiny_model_dir))
+    calls = []
+    parts.text_encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    captions = ["a red apple", "", "a cat face", "a red apple", "", "grinning face"]
+    ids = tokenize(parts.tokenizer, captions)
+    with torch.no_grad():
+        expected = parts.text_encoder(ids, return_dict=False)[0]
+    calls.clear()
+    cache = CaptionEmbeddings(parts.text_encoder)
+    first = cache(ids)
+    second = cache(ids.flip(0))
+    assert torch.equal(first, expected) and torch.equal(second, expected.flip(0))
+    assert calls == [4]  # the 4 distinct captions, in one call; the second lookup encodes nothing
+    assert torch.equal(CaptionEmbeddings(parts.text_encoder, cache=False)(ids), expected)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The `train/loss` scalars of a run, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "finetune"))
+    events.Reload()
+    return [event.value for event in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
+
+
+def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    losses = {}
+    caches = {"cached": ["--cache_caption_embeddings", "--cache_train_pixels"],
+              "encoded": ["--no-cache_caption_embeddings", "--no-cache_train_pixels"]}
+    for name, flags in caches.items():
+        run = tmp_path / name
+        code = finetune.cli(["--config", str(ROOT / "configs" / "finetune_tiny.yaml"),
+                             "--pretrained_model_name_or_path", str(tiny_model_dir),
+                             "--train_data_dir", str(tiny_dataset_dir), "--output_dir", str(run),
+                             "--max_train_steps", "5", "--probe_steps", "0", "--checkpointing_steps", "0",
+                             "--proportion_empty_prompts", "0.3", *flags])
+        assert code == 0
+        losses[name] = train_losses(run)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    cached, encoded = losses.values()
+    assert len(cached) == 5 and cached == encoded
+
+
+def test_cached_pixels_equal_decoded_ones_and_skip_decoding(tiny_model_dir, tiny_dataset_dir):
+    from train.finetune_config import resolve_config
+    from train.finetune_data import TrainExamples, load_splits
+
+    args = resolve_config(["--pretrained_model_name_or_path", str(tiny_model_dir),
+                           "--train_data_dir", str(tiny_dataset_dir), "--cache_train_pixels"])
+    train, _ = load_splits(args)
+    tokenizer = load_components(str(tiny_model_dir)).tokenizer
+    cached, decoded = TrainExamples(train, tokenizer, 32, args), TrainExamples(train, tokenizer, 32, args)
+    decoded.pixel_cache = None
+    keys = [(row, epoch) for epoch in (0, 1) for row in (0, 5, len(train) - 1)]
+    first = [cached[key] for key in keys]
+    cached.split = None  # a second epoch must not read the dataset again
+    again = [cached[key] for key in keys]
+    for a, b, c in zip(first, again, (decoded[key] for key in keys)):
+        assert torch.equal(a["pixel_values"], c["pixel_values"]) and torch.equal(b["pixel_values"], c["pixel_values"])
+        assert torch.equal(a["input_ids"], c["input_ids"])
+    flipped = resolve_config(["--pretrained_model_name_or_path", str(tiny_model_dir),
+                              "--train_data_dir", str(tiny_dataset_dir), "--cache_train_pixels", "--random_flip"])
+    assert TrainExamples(train, tokenizer, 32, flipped).pixel_cache is None  # augmented pixels are never cached
