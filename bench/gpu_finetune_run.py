@@ -2,8 +2,8 @@
 
     [accelerate launch ...] bench/gpu_finetune_run.py --result R.json [--warmup 4] -- FINETUNE FLAGS
 
-Throughput is finetune.py's own per-step log `train/samples_per_second` (time between optimizer
-steps, probes and checkpoints excluded): the median after `--warmup` steps, and the overall rate
+Throughput is finetune.py's own per-step log `train/samples_per_second` (`--logging_steps 1` unless
+given; time between optimizer steps, probes and checkpoints excluded): the median after `--warmup` steps, and the overall rate
 over those steps. The first step's seconds include start-up (and compilation with --torch_compile).
 Peak memory is this process's `torch.cuda.max_memory_allocated` / `max_memory_reserved` (CUDA only).
 """
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the steady-state figures")
     args = parser.parse_args(argv[:split])
     finetune_argv = argv[split + 1:]
+    if not any(arg.startswith("--logging_steps") for arg in finetune_argv):
+        finetune_argv += ["--logging_steps", "1"]  # one throughput scalar per step (finetune.py logs every 10 by default)
 
     from accelerate import PartialState
 

@@ -53,7 +53,7 @@ def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_
                              "--pretrained_model_name_or_path", str(tiny_model_dir),
                              "--train_data_dir", str(tiny_dataset_dir), "--output_dir", str(run),
                              "--max_train_steps", "5", "--probe_steps", "0", "--checkpointing_steps", "0",
-                             "--proportion_empty_prompts", "0.3", *flags])
+                             "--proportion_empty_prompts", "0.3", "--logging_steps", "1", *flags])
         assert code == 0
         losses[name] = train_losses(run)
         AcceleratorState._reset_state(True)

@@ -130,7 +130,7 @@ def test_probe_heldout_images_are_probed_never_trained_and_leave_the_rest_unchan
     kept = [(s, f) for s, f in zip(dataset["probe"]["sample_id"], dataset["probe"]["dup_factor"]) if f]
     assert kept == list(zip(plain["probe"]["sample_id"], plain["probe"]["dup_factor"]))
     assert len(dataset["train"]) == len(plain["train"]) - 3 and set(heldout) <= set(plain["train"]["sample_id"])
-    with pytest.raises(SystemExit, match="--probe_heldout 99"):
+    with pytest.raises(ValueError, match="--probe_heldout 99"):
         build(tmp_path / "too_many", *flags, "--probe_heldout", "99")
 
 
