@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_config import ConfigError, TrainingError, resolve_config, save_config  # noqa: E402
 from finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows,  # noqa: E402
-                           load_splits, probe_scalars)
+                           load_splits, probe_scalars, row_sampling_weights)
 from finetune_state import (add_lora, list_checkpoints, log_validation, register_hooks,  # noqa: E402
                             resolve_resume, save_checkpoint, save_final_model, zero3_init_disabled)
+from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude  # noqa: E402
+from mem_analysis.mitigations import wen_filter_weights  # noqa: E402
 from mem_analysis.probes import probe_metrics  # noqa: E402
 from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
 from mem_analysis.sd import encode_images, encode_prompts, load_components  # noqa: E402
@@ -60,14 +62,43 @@ def build_accelerator(args) -> Accelerator:
                        project_config=project, kwargs_handlers=handlers)
 
 
-def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
-    """Generator of one micro-batch's random draws, a function of (seed, process, micro-step) only."""
-    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)[0]
+def step_generator(seed: int, rank: int, micro_step: int, device, stream: int = 0) -> torch.Generator:
+    """Generator of one micro-batch's random draws, a function of (seed, process, micro-step[, stream]) only.
+
+    Stream 0 holds the training draws; a mitigation draws from its own stream so the others stay as they were.
+    """
+    entropy = [seed, rank, micro_step] + ([stream] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state))
 
 
-def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> torch.Tensor:
-    """Batch mean of ||target - prediction||^2 at uniform random t (target eps or v), Min-SNR weighted if asked."""
+def mitigate_embeddings(hidden, args, rank: int, micro_step: int) -> torch.Tensor:
+    """--text_embedding_noise: `c + sigma z` with z from stream 1 of the micro-step (before caption dropout)."""
+    if not args.text_embedding_noise:
+        return hidden
+    generator = step_generator(args.seed, rank, micro_step, hidden.device, stream=1)
+    return noisy_text_embedding(hidden, args.text_embedding_noise, generator)
+
+
+def wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args):
+    """Wen et al.'s filter: per-example losses weighted 0 where ||e_c - e_0|| > T, divided by the batch size.
+
+    `e_0` comes from one extra unconditional forward without gradients on the same noisy input;
+    returns (loss, magnitudes). Every process runs its backward even when all its weights are 0.
+    """
+    with torch.no_grad():
+        e_0 = unet(noisy, timesteps, uncond_hidden.expand(noisy.shape[0], -1, -1), return_dict=False)[0]
+    magnitudes = wen_example_magnitude(prediction.detach(), e_0)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    keep = wen_filter_weights(magnitudes, args.mitigation_wen_threshold)
+    return weighted_mean(per_sample, keep), magnitudes
+
+
+def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, uncond_hidden=None):
+    """(loss, Wen magnitudes or None): batch mean of ||target - prediction||^2 at uniform random t
+    (target eps or v), Min-SNR weighted if asked, with Wen's filter when --mitigation_wen_threshold is set."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if args.noise_offset:
         noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
@@ -78,12 +109,26 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> t
     epsilon = noise_scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    if args.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
+    weights = None
+    if args.snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
+    if args.mitigation_wen_threshold is not None:
+        return wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args)
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float()), None
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return (per_sample * weights).mean(), None
+
+
+def accumulate_wen_log(log: dict, magnitudes, args, accelerator) -> dict:
+    """Adds this micro-batch's Wen filter scalars over all processes: share of examples filtered, mean
+    magnitude ||e_c - e_0||, and the number of processes whose whole batch was filtered."""
+    share = (magnitudes > args.mitigation_wen_threshold).float().mean()
+    rows = accelerator.gather(torch.stack([share, magnitudes.float().mean()])[None])
+    values = {"wen_filtered_share": rows[:, 0].mean().item(), "wen_magnitude_mean": rows[:, 1].mean().item(),
+              "wen_fully_filtered_processes": (rows[:, 0] == 1).sum().item()}
+    return {name: log.get(name, 0.0) + value for name, value in values.items()}
 
 
 def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
@@ -145,7 +190,7 @@ def main(argv=None) -> int:
     # Data: order is a function of (seed, epoch); augmentation of (seed, epoch, row).
     resolution = args.resolution or unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     train_data = TrainExamples(train_split, parts.tokenizer, resolution, args)
-    sampler = EpochSampler(len(train_data), args.seed)
+    sampler = EpochSampler(len(train_data), args.seed, row_sampling_weights(train_split, args))
     train_dataloader = torch.utils.data.DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler,
                                                    num_workers=args.dataloader_num_workers, drop_last=False)
 
@@ -227,7 +272,7 @@ def main(argv=None) -> int:
         probe_and_log(0)
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
     unet.train()
-    last_time, running_loss = time.perf_counter(), 0.0
+    last_time, running_loss, wen_log = time.perf_counter(), 0.0, {}
     compile_reported = not args.torch_compile
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -236,15 +281,20 @@ def main(argv=None) -> int:
         if skip:
             loader.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=skip):
-            generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
+            micro_step = epoch * batches_per_epoch + batch_index
+            generator = step_generator(args.seed, rank, micro_step, accelerator.device)
             with accelerator.accumulate(unet):
                 latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
                 with torch.no_grad():
                     hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
+                hidden = mitigate_embeddings(hidden, args, rank, micro_step)
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
-                loss = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args)
+                loss, wen_magnitudes = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args,
+                                                      uncond_hidden)
+                if wen_magnitudes is not None:
+                    wen_log = accumulate_wen_log(wen_log, wen_magnitudes, args, accelerator)
                 mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 if not math.isfinite(mean_loss):
                     progress.close()
@@ -272,6 +322,9 @@ def main(argv=None) -> int:
                 writer.add_scalar("train/loss", running_loss, global_step)
                 writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
                 writer.add_scalar("train/samples_per_second", samples / (now - last_time), global_step)
+                for name, value in wen_log.items():
+                    writer.add_scalar(f"train/{name}", value / args.gradient_accumulation_steps, global_step)
+            wen_log = {}
             progress.update(1)
             progress.set_postfix(loss=f"{running_loss:.4f}")
             running_loss = 0.0
