@@ -49,6 +49,7 @@ from mem_analysis.data import image_to_tensor, load_study_dataset
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts, load_components
 from mem_analysis.alignment import noise_alignment, wen_magnitude
 from mem_analysis.decomposition import decompose_latents, schedule_deviation, trajectory_collapse
+from mem_analysis.mitigations import parse_guidance_schedule
 from mem_analysis.sampling import sample_trajectories
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd, severity
 
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5, help="headline guidance scale")
     p.add_argument("--guidance_scales", default=None, help="optional sweep, e.g. 1,3,7.5")
+    p.add_argument("--guidance_schedule", default="constant",
+                   help="per-step guidance: constant, linear, or delay:T0 (g = 1 while t >= T0, Jain et al. 2025); "
+                        "a schedule other than constant writes to RUN/eval_<schedule> by default")
     p.add_argument("--probe_timesteps", default=None, help="default: the run's probe_timesteps")
     p.add_argument("--severity_backend", default="pixel_cosine", help=f"headline back end: {', '.join(BACKENDS)}, sscd")
     p.add_argument("--sscd_path", default=None, help="TorchScript SSCD model; adds the sscd back end")
@@ -110,7 +114,16 @@ def parse_args(argv=None):
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
     if args.num_seeds < 2:
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
+    try:
+        args.guidance_schedule = parse_guidance_schedule(args.guidance_schedule)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     return args
+
+
+def schedule_suffix(schedule: str) -> str:
+    """'' for constant guidance, else '_delay700' / '_linear': the default eval folder is RUN/eval<suffix>."""
+    return "" if schedule == "constant" else "_" + schedule.replace(":", "")
 
 
 def read_run(args) -> dict:
@@ -321,7 +334,8 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
         gk = guidance_key(g)
         batch = index[lo:lo + chunk]
         traj = sample_trajectories(components, [probe["captions"][i] for i in batch], seeds,
-                                   args.num_inference_steps, g, batch_size=args.batch_size, decode=False)
+                                   args.num_inference_steps, g, batch_size=args.batch_size, decode=False,
+                                   guidance_schedule=settings["guidance_schedule"])
         clock("sampling")
         latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
         pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu()
@@ -333,7 +347,8 @@ def evaluate_samples(unet, components, probe, index, args, settings, sscd, devic
         for p, i in enumerate(batch):
             values, seed_values, curve = prompt_measurements(traj, p, probe["latents"][i], probe["mu"], early)
             sid = int(probe["sample_ids"][i])
-            common = dict(sample_id=sid, dup_factor=int(probe["dup_factors"][i]), guidance_scale=g)
+            common = dict(sample_id=sid, dup_factor=int(probe["dup_factors"][i]), guidance_scale=g,
+                          guidance_schedule=settings["guidance_schedule"])
             for j, seed in enumerate(seeds):
                 per_seed.append(dict(common, seed=seed, **seed_values[j],
                                      **{f"sev_{b}": float(r.similarity[p, j]) for b, r in scores.items()}))
@@ -372,7 +387,8 @@ def resolve_settings(args, config) -> dict:
     threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend]
     return dict(weights=weights, seed=seed, probe_seed=int(config.get("probe_seed") or 0), seeds=[seed + j for j in range(args.num_seeds)],
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                guidance_scales=guidance_scales, probe_timesteps=probe_timesteps,
+                guidance_scales=guidance_scales, guidance_schedule=args.guidance_schedule,
+                probe_timesteps=probe_timesteps,
                 probe_guidance_scales=probe_scales, backends=backends,
                 severity_backend=args.severity_backend, threshold=threshold,
                 high_noise_timestep=args.high_noise_timestep, early_steps=args.early_steps,
@@ -387,6 +403,7 @@ def done_steps(out_dir: Path, settings: dict) -> set[int]:
         return set()
     if saved.is_file():
         previous = json.loads(saved.read_text())
+        previous.setdefault("guidance_schedule", "constant")  # tables written before schedules existed
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
         if changed:
             raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
@@ -456,7 +473,8 @@ def store_checkpoint(out_dir: Path, step: int, name: str, results, settings: dic
 def main(args):
     config = read_run(args)
     run_dir = Path(args.run_dir)
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir / "eval"
+    suffix = schedule_suffix(args.guidance_schedule)
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir / f"eval{suffix}"
     models = find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config)
     done = done_steps(out_dir, settings)
@@ -490,7 +508,7 @@ def main(args):
                     images=(probe["pixels"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(args.logging_dir or str(run_dir / config.get("logging_dir", "logs") / "eval"))
+        writer = SummaryWriter(args.logging_dir or str(run_dir / config.get("logging_dir", "logs") / f"eval{suffix}"))
     shard = np.arange(len(probe["sample_ids"]))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
     for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):

@@ -277,7 +277,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     lines = [f"# Memorization over training", "",
              f"Model `{settings['model']}`, dataset `{settings['dataset']}`, {settings['weights']} weights"
              f"{' (LoRA)' if settings.get('lora') else ''}; DDIM {settings['num_inference_steps']} steps, "
-             f"{len(settings['seeds'])} seeds, g = {g:g}; severity = `{settings['severity_backend']}` "
+             f"{len(settings['seeds'])} seeds, g = {g:g} ({settings.get('guidance_schedule', 'constant')} schedule); severity = `{settings['severity_backend']}` "
              f"(threshold {settings['threshold']:g}); deviations D use the `paper` schedule unless marked `exact`.", ""]
     if failed:
         lines += [f"Skipped (could not be loaded): {', '.join(failed)}.", ""]
@@ -323,11 +323,10 @@ def onset_summary(summary: dict) -> list[str]:
 
 def mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> str:
     """'mean [low, high]': the mean with a 95% percentile-bootstrap interval (resampling the values)."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
+    mean, low, high = stats.bootstrap_mean(values, n_boot, seed=seed)
+    if math.isnan(mean):
         return "n/a (no samples)"
-    boots = np.random.default_rng(seed).choice(values, size=(n_boot, len(values))).mean(1)
-    return f"{fmt(float(values.mean()))} [{fmt(float(np.quantile(boots, 0.025)))}, {fmt(float(np.quantile(boots, 0.975)))}]"
+    return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
 
 
 def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]:
