@@ -14,7 +14,8 @@ run's last evaluated checkpoint and its headline guidance scale:
   the never-duplicated samples (the eval's seed-0 image, images/step-N.npz) and the dataset's unique
   training images, both average-pooled to 16 x 16 pixels in [0, 1]. No model is downloaded.
 Writes OUT/comparison.csv (one row per run and schedule), OUT/by_dup_factor.csv,
-OUT/memorization_vs_cost.png and OUT/report.md.
+OUT/memorization_vs_cost.png and OUT/report.md; with Wen's filter, the share of training examples it
+filtered (mean over steps of train/wen_filtered_share in the run's TensorBoard events).
 """
 from __future__ import annotations
 
@@ -134,7 +135,21 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict) -> tuple[dict
         row.update({f"{column}_1x": cost["mean"], f"{column}_1x_low": cost["low"], f"{column}_1x_high": cost["high"]})
     row["mmd_pixels"], row["mmd_n_generated"] = generated_distance(folder, step, set(never["sample_id"]),
                                                                    settings["dataset"], cache)
+    row["wen_filtered_share"] = training_mean(run / config.get("logging_dir", "logs") / "finetune",
+                                              "train/wen_filtered_share")
     return row, by_dup
+
+
+def training_mean(logdir: Path, tag: str) -> float:
+    """Mean over steps of a training scalar in the run's TensorBoard events (NaN when not logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not logdir.is_dir():
+        return math.nan
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0}).Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return math.nan
+    return float(np.mean([event.value for event in events.Scalars(tag)]))
 
 
 def generated_distance(folder: Path, step: int, sample_ids: set, dataset: str, cache: dict) -> tuple[float, int]:
@@ -199,12 +214,13 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
              f"{POOLED_SIZE}x{POOLED_SIZE} pixels (lower = closer to the training distribution). Every number "
              "is read from the run's own per_sample.csv, summary.json and images/.", "",
              f"| run | mitigation | schedule | step | memorized {top}x | crossed {top}x (median onset) | "
-             f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) | Wen filtered |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(f"| {r['run']} | {r['mitigation']} | {r['schedule']} | {r['step']} | "
                      f"{with_ci(r, f'memorized_{top}x')} | {r[f'crossed_{top}x']} ({fmt(r[f'median_onset_{top}x'], 0)}) "
                      f"| {fmt(r[f'D_x_early_{top}x'])} | {with_ci(r, 'loss_cond_1x', 4)} | {with_ci(r, 'diversity_1x')} "
-                     f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) |")
+                     f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) | {fmt(r['wen_filtered_share'])} |")
     lines += ["", "![memorization against cost](memorization_vs_cost.png)", "",
               "Memorized fraction per duplication factor (95% interval):", "",
               "| run | schedule | " + " | ".join(f"{d}x" for d in factors) + " |", "|---|---|" + "---|" * len(factors)]
