@@ -12,7 +12,9 @@ run's last evaluated checkpoint and its headline guidance scale:
   (dup_factor 1) samples, mean with a 95% interval; and `mmd_pixels`, the unbiased MMD^2 (Gaussian
   kernel, bandwidth = median pairwise distance of the training images) between the generated images of
   the never-duplicated samples (the eval's seed-0 image, images/step-N.npz) and the dataset's unique
-  training images, both average-pooled to 16 x 16 pixels in [0, 1]. No model is downloaded.
+  training images, both average-pooled to 16 x 16 pixels in [0, 1]. No model is downloaded; with
+  --feature_model (a TorchScript embedder the user supplies) also `frechet_features` (FID's formula,
+  FID itself when the embedder is Inception's pool features) and `mmd_features` in its feature space.
 Writes OUT/comparison.csv (one row per run and schedule), OUT/by_dup_factor.csv,
 OUT/memorization_vs_cost.png and OUT/report.md; with Wen's filter, the share of training examples it
 filtered (mean over steps of train/wen_filtered_share in the run's TensorBoard events).
@@ -37,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 from mem_analysis.data import load_study_dataset  # noqa: E402
-from mem_analysis.stats import bootstrap_mean, median_distance, mmd_squared  # noqa: E402
+from mem_analysis.severity import embed_images, load_sscd  # noqa: E402
+from mem_analysis.stats import bootstrap_mean, frechet_distance, median_distance, mmd_squared  # noqa: E402
 
 MITIGATION_FLAGS = {"mitigation_wen_threshold": None, "caption_augmentation": None, "text_embedding_noise": 0.0,
                     "dedup_sampling": False}
@@ -54,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="train/finetune.py output folders, each evaluated (RUN/eval*/)")
     p.add_argument("--output_dir", required=True, help="folder for the table, figure and report.md")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals")
+    p.add_argument("--feature_model", default=None,
+                   help="TorchScript image embedder (e.g. a CLIP or Inception image tower, ImageNet-normalized "
+                        "input): adds the Frechet distance and MMD^2 in its feature space")
+    p.add_argument("--feature_size", type=int, default=224, help="input size of --feature_model")
     return p.parse_args(argv)
 
 
@@ -84,18 +91,23 @@ def pooled_pixels(images: np.ndarray) -> np.ndarray:
     return F.adaptive_avg_pool2d(x, POOLED_SIZE).flatten(1).numpy()
 
 
-def training_features(dataset: str, cache: dict) -> tuple[np.ndarray, float]:
-    """Pooled pixels of the dataset's unique training images and their median pairwise distance (cached)."""
+def training_images(dataset: str, cache: dict) -> np.ndarray:
+    """The dataset's unique training images, (N, H, W, 3) uint8 (cached per dataset)."""
     if dataset not in cache:
         try:
             train = load_study_dataset(dataset)["train"]
         except (FileNotFoundError, ValueError) as err:
             raise CompareError(f"cannot open the training set {dataset} named in settings.json ({err})") from None
         _, first = np.unique(np.asarray(train["sample_id"]), return_index=True)
-        images = np.stack([np.asarray(im.convert("RGB")) for im in train.select(sorted(first.tolist()))["image"]])
-        features = pooled_pixels(images)
-        cache[dataset] = (features, median_distance(features))
+        cache[dataset] = np.stack([np.asarray(im.convert("RGB"))
+                                   for im in train.select(sorted(first.tolist()))["image"]])
     return cache[dataset]
+
+
+def model_features(images: np.ndarray, model, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, D) descriptors of the feature model."""
+    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return embed_images(pixels, model, size).double().numpy()
 
 
 def interval(values, n_boot: int) -> dict:
@@ -104,7 +116,7 @@ def interval(values, n_boot: int) -> dict:
     return dict(mean=mean, low=low, high=high)
 
 
-def compare_one(run: Path, folder: Path, n_boot: int, cache: dict) -> tuple[dict, list[dict]]:
+def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None) -> tuple[dict, list[dict]]:
     """The comparison row of one (run, eval folder) and its per-duplication-factor rows."""
     settings = json.loads((folder / "settings.json").read_text())
     summary = json.loads((folder / "summary.json").read_text())
@@ -114,7 +126,8 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict) -> tuple[dict
     step = int(table["checkpoint_step"].max())
     last = table[table["checkpoint_step"] == step]
     onset = pd.DataFrame(summary["onset"].values())
-    row = dict(run=run.name, mitigation=mitigation_label(config), schedule=settings.get("guidance_schedule", "constant"),
+    row = dict(run=run.name, mitigation=mitigation_label(config),
+               schedule=settings.get("guidance_schedule", "constant"),
                eval_dir=str(folder), guidance_scale=settings["guidance_scale"], step=step,
                max_train_steps=config.get("max_train_steps"), seeds=len(settings["seeds"]))
     by_dup = []
@@ -133,8 +146,7 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict) -> tuple[dict
     for column in ("loss_cond", "diversity"):
         cost = interval(never[column].to_numpy(float), n_boot)
         row.update({f"{column}_1x": cost["mean"], f"{column}_1x_low": cost["low"], f"{column}_1x_high": cost["high"]})
-    row["mmd_pixels"], row["mmd_n_generated"] = generated_distance(folder, step, set(never["sample_id"]),
-                                                                   settings["dataset"], cache)
+    row.update(generated_distance(folder, step, set(never["sample_id"]), settings["dataset"], cache, feature))
     row["wen_filtered_share"] = training_mean(run / config.get("logging_dir", "logs") / "finetune",
                                               "train/wen_filtered_share")
     return row, by_dup
@@ -152,17 +164,35 @@ def training_mean(logdir: Path, tag: str) -> float:
     return float(np.mean([event.value for event in events.Scalars(tag)]))
 
 
-def generated_distance(folder: Path, step: int, sample_ids: set, dataset: str, cache: dict) -> tuple[float, int]:
-    """MMD^2 between the never-duplicated samples' generated images at `step` and the unique training images."""
+def generated_distance(folder: Path, step: int, sample_ids: set, dataset: str, cache: dict, feature=None) -> dict:
+    """Distances between the never-duplicated samples' generated images at `step` and the unique training
+    images: `mmd_pixels` (16 x 16 pooled pixels) and, with `feature` = (model, size), `frechet_features`
+    and `mmd_features`; `mmd_n_generated` images were compared."""
+    out = dict(mmd_pixels=math.nan, mmd_n_generated=0)
     path = folder / "images" / f"step-{step}.npz"
     if not path.is_file():
-        return math.nan, 0
+        return out
     saved = np.load(path)
     pick = np.isin(saved["sample_id"], sorted(sample_ids))
+    out["mmd_n_generated"] = int(pick.sum())
     if pick.sum() < 2:
-        return math.nan, int(pick.sum())
-    features, bandwidth = training_features(dataset, cache)
-    return mmd_squared(pooled_pixels(saved["images"][pick]), features, bandwidth), int(pick.sum())
+        return out
+    generated, training = saved["images"][pick], training_images(dataset, cache)
+    if (dataset, "pixels") not in cache:
+        pooled = pooled_pixels(training)
+        cache[dataset, "pixels"] = pooled, median_distance(pooled)
+    pooled, bandwidth = cache[dataset, "pixels"]
+    out["mmd_pixels"] = mmd_squared(pooled_pixels(generated), pooled, bandwidth)
+    if feature is not None:
+        model, size = feature
+        if (dataset, "features") not in cache:
+            features = model_features(training, model, size)
+            cache[dataset, "features"] = features, median_distance(features)
+        reference, bandwidth = cache[dataset, "features"]
+        ours = model_features(generated, model, size)
+        out.update(frechet_features=frechet_distance(ours, reference),
+                   mmd_features=mmd_squared(ours, reference, bandwidth))
+    return out
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -218,9 +248,15 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(f"| {r['run']} | {r['mitigation']} | {r['schedule']} | {r['step']} | "
-                     f"{with_ci(r, f'memorized_{top}x')} | {r[f'crossed_{top}x']} ({fmt(r[f'median_onset_{top}x'], 0)}) "
-                     f"| {fmt(r[f'D_x_early_{top}x'])} | {with_ci(r, 'loss_cond_1x', 4)} | {with_ci(r, 'diversity_1x')} "
+                     f"{with_ci(r, f'memorized_{top}x')} | {r[f'crossed_{top}x']} "
+                     f"({fmt(r[f'median_onset_{top}x'], 0)}) | {fmt(r[f'D_x_early_{top}x'])} | "
+                     f"{with_ci(r, 'loss_cond_1x', 4)} | {with_ci(r, 'diversity_1x')} "
                      f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) | {fmt(r['wen_filtered_share'])} |")
+    if "frechet_features" in comparison:
+        lines += ["", "In the feature space of --feature_model (generated never-duplicated vs unique training images):",
+                  "", "| run | schedule | Frechet distance | MMD^2 |", "|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['schedule']} | {fmt(r['frechet_features'])} | {fmt(r['mmd_features'], 4)} |"
+                  for _, r in comparison.iterrows()]
     lines += ["", "![memorization against cost](memorization_vs_cost.png)", "",
               "Memorized fraction per duplication factor (95% interval):", "",
               "| run | schedule | " + " | ".join(f"{d}x" for d in factors) + " |", "|---|---|" + "---|" * len(factors)]
@@ -244,9 +280,13 @@ def main(args) -> Path:
     if missing:
         raise CompareError(f"run folder(s) {', '.join(missing)} do not exist")
     rows, by_dup, cache = [], [], {}
+    try:
+        feature = (load_sscd(args.feature_model), args.feature_size) if args.feature_model else None
+    except (FileNotFoundError, ValueError) as err:
+        raise CompareError(f"--feature_model: {str(err).splitlines()[0]}") from None
     for run in runs:
         for folder in eval_folders(run):
-            row, dup_rows = compare_one(run, folder, args.bootstrap, cache)
+            row, dup_rows = compare_one(run, folder, args.bootstrap, cache, feature)
             rows.append(row)
             by_dup += dup_rows
     comparison, by_dup = pd.DataFrame(rows), pd.DataFrame(by_dup)

@@ -79,25 +79,29 @@ def load_sscd(path: str | Path) -> torch.jit.ScriptModule:
 
 
 @torch.no_grad()
+def embed_images(images: torch.Tensor, model, input_size: int = 288, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalized descriptors of a TorchScript image model on (B, 3, H, W) images in [0, 1], resized to
+    `input_size`^2 and ImageNet-normalized (SSCD, or any image embedder exported the same way); (B, D) on CPU."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    chunks = []
+    for lo in range(0, len(images), batch_size):
+        batch = F.interpolate(images[lo:lo + batch_size].float().cpu(), size=(input_size, input_size),
+                              mode="bilinear", align_corners=False, antialias=True)
+        chunks.append(F.normalize(model(((batch - mean) / std).to(device)).float().cpu(), dim=-1))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
 def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, input_size: int = 288,
                     batch_size: int = 64) -> torch.Tensor:
     """Cosine of L2-normalized SSCD descriptors of images resized to `input_size`^2, ImageNet-normalized."""
     model = load_sscd(model) if isinstance(model, (str, Path)) else model
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        chunks = []
-        for lo in range(0, len(images), batch_size):
-            batch = F.interpolate(images[lo:lo + batch_size].float().cpu(), size=(input_size, input_size),
-                                  mode="bilinear", align_corners=False, antialias=True)
-            chunks.append(F.normalize(model(((batch - mean) / std).to(device)).float().cpu(), dim=-1))
-        return torch.cat(chunks)
-
     P, N = generated.shape[:2]
-    g = embed(generated.reshape((P * N,) + tuple(generated.shape[2:]))).reshape(P, N, -1)
-    r = embed(reference)
+    g = embed_images(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, input_size,
+                     batch_size).reshape(P, N, -1)
+    r = embed_images(reference, model, input_size, batch_size)
     return (g * r[:, None]).sum(-1).double()
 
 

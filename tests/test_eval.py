@@ -250,8 +250,13 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
     assert set(delayed["guidance_schedule"]) == {"delay:500"}
     assert json.loads((second / "eval_delay500" / "settings.json").read_text())["guidance_schedule"] == "delay:500"
 
+    import torch
+
+    embedder = tmp_path / "embedder.pt"  # a stand-in for a user's CLIP / Inception TorchScript file
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.Flatten())).save(str(embedder))
     out = compare_runs.main(compare_runs.parse_args([str(first), str(second), "--output_dir", str(tmp_path / "cmp"),
-                                                     "--bootstrap", "50"]))
+                                                     "--bootstrap", "50", "--feature_model", str(embedder),
+                                                     "--feature_size", "16"]))
     table = pd.read_csv(out / "comparison.csv")
     assert list(zip(table["run"], table["schedule"])) == [("first", "constant"), ("second", "delay:500")]
     for _, row in table.iterrows():
@@ -270,6 +275,7 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
         assert row["diversity_1x"] == pytest.approx(never["diversity"].mean(), abs=1e-12)
         assert row["loss_cond_1x_low"] <= row["loss_cond_1x"] <= row["loss_cond_1x_high"]
         assert np.isfinite(row["mmd_pixels"]) and row["mmd_n_generated"] == len(never)
+        assert np.isfinite(row["frechet_features"]) and np.isfinite(row["mmd_features"])
     # the same model and probe noise: the probe loss is the same under either schedule, the samples are not
     assert table["loss_cond_1x"].iloc[0] == pytest.approx(table["loss_cond_1x"].iloc[1], abs=1e-12)
     report = (out / "report.md").read_text()
