@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from mem_analysis import (
-    alpha_bar_from_scheduler, correlation, decompose_latents, noise_alignment, probe_metrics, probe_noise,
-    sample_trajectories, schedule_deviation, severity, trajectory_collapse, wen_magnitude,
-)
+from bench.timing import timed
+from mem_analysis import DEFAULT_THRESHOLDS, alpha_bar_from_scheduler, correlation, probe_metrics, probe_noise
+from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, measure_prompts
+from mem_analysis.probes import HIGH_NOISE_TIMESTEP
 from mem_analysis.presets import build_pipeline
 from mem_analysis.sd import SDComponents, encode_images, encode_prompts
 
@@ -38,17 +39,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def timed(fn):
-    """(seconds, result) of one call, synchronising CUDA."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
-
-
 def plain_pipeline(pipe, prompts, x_T, steps, batch_size):
     """The reference: StableDiffusionPipeline on the same (prompt, noise) items in the same batches."""
     P, N = x_T.shape[:2]
@@ -62,32 +52,31 @@ def plain_pipeline(pipe, prompts, x_T, steps, batch_size):
     return torch.cat(images).reshape(P, N, *images[0].shape[1:])
 
 
-def analysis(components, prompts, seeds, args, train_pixels, train_latents, pool):
-    """Trajectory capture + M1-M6 (+ one M7 correlation), as checkpoint evaluation runs them."""
-    traj = sample_trajectories(components, prompts, seeds, args.steps, 7.5, batch_size=args.batch_size)
-    alpha_bar = alpha_bar_from_scheduler(components.noise_scheduler)
-    mu = train_latents.mean(0)
-    cond = encode_prompts(components.tokenizer, components.text_encoder, prompts)
-    uncond = encode_prompts(components.tokenizer, components.text_encoder, [""])
+def synthetic_probe_set(components, prompts, train_pixels, train_latents, pool) -> ProbeSet:
+    """The prompts as a ProbeSet in which prompt p is paired with pool image p (pixels in [0, 1])."""
+    embeds = encode_prompts(components.tokenizer, components.text_encoder, list(prompts) + [""]).float().cpu()
+    count = len(prompts)
+    return ProbeSet(sample_ids=np.arange(count), dup_factors=np.ones(count, dtype=int), captions=list(prompts),
+                    cond=embeds[:-1], uncond=embeds[-1:], latents=train_latents, pixels=train_pixels,
+                    pool_pixels=pool, pool_ids=np.arange(len(pool)), pool_index=np.arange(count),
+                    mu=train_latents.mean(0), mean_image=pool.mean(0),
+                    alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler))
+
+
+def analysis(components, probe: ProbeSet, seeds, args):
+    """Trajectory capture + M1-M6 (+ one M7 correlation) by the functions checkpoint evaluation calls
+    (probe_metrics, mem_analysis.measure.measure_prompts) at g = 7.5."""
     timesteps = torch.linspace(0, 999, args.probe_timesteps).round().long()
-    noise = probe_noise(range(len(prompts)), timesteps, train_latents.shape[1:], seed=0)
-    m12 = probe_metrics(components.unet, train_latents, cond, uncond, timesteps, noise, alpha_bar, mu=mu)
-    per_prompt = []
-    for p in range(len(prompts)):
-        m3 = noise_alignment(traj.e_c[p], traj.e_0[p], train_latents[p], traj.x_t[p], traj.alpha_bar, mu=mu)
-        wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=5)
-        dec = decompose_latents(traj.x_t[p], train_latents[p], traj.x_T[p])
-        deviations = [schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar, early, ref)
-                      for early in (None, 10) for ref in ("paper", "exact")]
-        collapse = trajectory_collapse(traj.x_t[p], traj.images[p])
-        per_prompt.append((m3["cos_c_x"].mean(), wen.mean(), deviations[0].D_x, collapse.final_diversity))
-    m6 = [severity(traj.images, train_pixels, "pixel_cosine", mean_image=pool.mean(0)),
-          severity(traj.images, train_pixels, "ssim"), severity(traj.images, train_pixels, "l2"),
-          severity(traj.images, None, "nn_identity", pool=pool, paired_index=range(len(prompts))),
-          severity(traj.final, train_latents, "latent_cosine", mean_image=mu)]
-    d_x = torch.stack([row[2] for row in per_prompt])
-    correlation(d_x, m6[0].severity, n_bootstrap=1000)
-    return traj, m12, m6
+    noise = probe_noise(probe.sample_ids, timesteps, probe.latents.shape[1:], seed=0)
+    m12 = probe_metrics(components.unet, probe.latents, probe.cond, probe.uncond, timesteps, noise, probe.alpha_bar,
+                        mu=probe.mu)
+    settings = MeasureSettings(seeds=tuple(seeds), num_inference_steps=args.steps, backends=SEVERITY_BACKENDS,
+                               severity_backend="pixel_cosine", threshold=DEFAULT_THRESHOLDS["pixel_cosine"],
+                               high_noise_timestep=HIGH_NOISE_TIMESTEP, early_steps=None)
+    measured = measure_prompts(components, probe, np.arange(len(probe.captions)), 7.5, settings, args.batch_size)
+    d_x = torch.tensor([values["D_x"] for values in measured.values])
+    correlation(d_x, measured.scores["pixel_cosine"].severity, n_bootstrap=1000)
+    return measured.traj, m12, measured.scores
 
 
 def training_step(unet, optimizer, latents, cond, alpha_bar):
@@ -121,11 +110,11 @@ def main(argv=None):
     print(f"device {args.device}, threads {torch.get_num_threads()}, preset {args.preset}: "
           f"{args.prompts} prompts x {args.seeds} seeds x {args.steps} DDIM steps, batch {args.batch_size}")
 
+    probe = synthetic_probe_set(components, prompts, train_pixels, train_latents, pool)
     x_T = None
     plain_times, analysis_times = [], []
     for _ in range(args.repeats):
-        t_analysis, (traj, m12, m6) = timed(lambda: analysis(components, prompts, seeds, args, train_pixels,
-                                                              train_latents, pool))
+        t_analysis, (traj, m12, m6) = timed(lambda: analysis(components, probe, seeds, args))
         x_T = traj.x_T
         t_plain, images = timed(lambda: plain_pipeline(pipe, prompts, x_T, args.steps, args.batch_size))
         plain_times.append(t_plain)

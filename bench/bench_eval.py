@@ -15,25 +15,20 @@ sets of images (they are the same images). The once-per-run setup is printed apa
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT / "data_scripts"))
+from mem_analysis import run
 
 
 def build_inputs(work: Path, num_prompts: int) -> Path:
     """Tiny base model, dataset with `num_prompts` probe images, and a run with checkpoint-1."""
-    import build_duplicated_dataset
-    import make_base_model
     from diffusers import UNet2DConditionModel
+
+    from data_scripts import build_duplicated_dataset, make_base_model
 
     make_base_model.main(["--output_dir", str(work / "model"), "--preset", "tiny", "--seed", "0",
                           "--max_images", "64", "--vae_steps", "5", "--train_batch_size", "16"])
@@ -41,14 +36,13 @@ def build_inputs(work: Path, num_prompts: int) -> Path:
     build_duplicated_dataset.main(["--output_dir", str(work / "data"), "--source", "twemoji", "--max_images", "400",
                                    "--dup_factors", "1,4,16,64", "--samples_per_factor", str(per_factor),
                                    "--resolution", "32", "--seed", "0"])
-    run = work / "run"
-    (run / "checkpoint-1").mkdir(parents=True)
-    yaml.safe_dump(dict(pretrained_model_name_or_path=str(work / "model"), train_data_dir=str(work / "data"),
-                        seed=0, probe_seed=0, probe_timesteps=[50, 150, 250, 350, 450, 550, 650, 750, 850, 950],
-                        probe_guidance_scales=[1.5, 3.0, 7.5]), open(run / "config.yaml", "w"))
-    UNet2DConditionModel.from_pretrained(work / "model", subfolder="unet").save_pretrained(run / "checkpoint-1" / "unet")
-    (run / "checkpoint-1" / "training_state.json").write_text(json.dumps({"global_step": 1}))
-    return run
+    run_dir, checkpoint = work / "run", run.checkpoint_dir(work / "run", 1)
+    checkpoint.mkdir(parents=True)
+    # the training defaults (mem_analysis.run.RUN_DEFAULTS) for everything else
+    run.write_config(run_dir, dict(pretrained_model_name_or_path=str(work / "model"), train_data_dir=str(work / "data")))
+    UNet2DConditionModel.from_pretrained(work / "model", subfolder="unet").save_pretrained(checkpoint / "unet")
+    run.write_training_state(checkpoint, 1)
+    return run_dir
 
 
 def plain_generation(pipe, captions, seeds, steps, g, batch_size) -> tuple[float, torch.Tensor]:
@@ -74,60 +68,59 @@ def main():
     parser.add_argument("--batch_size", type=int, default=64)
     cli = parser.parse_args()
 
-    import evaluate_checkpoints as ev
+    from dataclasses import replace
+
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from eval import evaluate_checkpoints as ev
+
     with tempfile.TemporaryDirectory() as tmp:
-        run = build_inputs(Path(tmp), cli.num_prompts)
-        args = ev.parse_args(["--run_dir", str(run), "--num_seeds", str(cli.num_seeds), "--num_inference_steps",
+        run_dir = build_inputs(Path(tmp), cli.num_prompts)
+        args = ev.parse_args(["--run_dir", str(run_dir), "--num_seeds", str(cli.num_seeds), "--num_inference_steps",
                               str(cli.steps), "--guidance_scale", str(cli.guidance_scale), "--batch_size",
                               str(cli.batch_size), "--max_samples", str(cli.num_prompts)])
         config = ev.read_run(args)
-        models = ev.find_checkpoints(run, None)
+        models = ev.find_checkpoints(run_dir, None)
         settings = ev.resolve_settings(args, config)
         t0 = time.perf_counter()
         components = ev.load_components(config["pretrained_model_name_or_path"])
-        base_state = {k: v.clone() for k, v in components.unet.state_dict().items()}
-        probe = ev.load_probe_set(config, args, components, torch.device("cpu"))
+        probe = ev.read_probe_set(config, args, components, torch.device("cpu"))
         setup = time.perf_counter() - t0
-        index = torch.arange(len(probe["sample_ids"])).numpy()
+        index = torch.arange(len(probe.sample_ids)).numpy()
 
         pipe = StableDiffusionPipeline.from_pretrained(config["pretrained_model_name_or_path"], safety_checker=None)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         # warm-up of both paths on one small batch (first-call allocations)
-        plain_generation(pipe, probe["captions"][:1], settings["seeds"][:2], 2, cli.guidance_scale, cli.batch_size)
-        warm = argparse.Namespace(**{**vars(args), "num_inference_steps": 2})
-        ev.evaluate_samples(components.unet, components, probe, index[:1], warm, {**settings, "seeds": settings["seeds"][:2]},
-                            None, torch.device("cpu"), show_progress=False)
+        plain_generation(pipe, probe.captions[:1], settings.seeds[:2], 2, cli.guidance_scale, cli.batch_size)
+        warm = replace(settings, num_inference_steps=2, seeds=settings.seeds[:2])
+        ev.evaluate_samples(components.unet, components, probe, index[:1], warm, cli.batch_size, show_progress=False)
 
         # Interleaved per chunk of prompts (one UNet batch of images), alternating which goes first,
         # so that a change in machine load during the run hits both sides alike.
-        unet = ev.checkpoint_unet(models[1][1], settings["weights"], base_state, components).eval()
+        unet = run.load_checkpoint_unet(models[1][1], components.unet, settings.weights).eval()
         per_call = max(1, cli.batch_size // cli.num_seeds)
-        plain_s, eval_s, timings, plain_images, results = 0.0, 0.0, {}, [], [[], [], [], []]
+        plain_s, eval_s, timings, plain_images, parts = 0.0, 0.0, {}, [], []
         for k, lo in enumerate(range(0, len(index), per_call)):
             chunk = index[lo:lo + per_call]
             for side in ((0, 1) if k % 2 == 0 else (1, 0)):
                 if side == 0:
-                    seconds, images = plain_generation(pipe, [probe["captions"][i] for i in chunk], settings["seeds"],
+                    seconds, images = plain_generation(pipe, [probe.captions[i] for i in chunk], settings.seeds,
                                                        cli.steps, cli.guidance_scale, cli.batch_size)
                     plain_s += seconds
                     plain_images.append(images)
                 else:
                     start = time.perf_counter()
-                    part = ev.evaluate_samples(unet, components, probe, chunk, args, settings, None,
-                                               torch.device("cpu"), show_progress=False, timings=timings)
+                    parts.append(ev.evaluate_samples(unet, components, probe, chunk, settings, cli.batch_size,
+                                                     show_progress=False, timings=timings))
                     eval_s += time.perf_counter() - start
-                    for whole, piece in zip(results, part):
-                        whole.extend(piece)
         start = time.perf_counter()
-        ev.checkpoint_unet(models[1][1], settings["weights"], base_state, components)
+        run.load_checkpoint_unet(models[1][1], components.unet, settings.weights)
         timings["load"] = time.perf_counter() - start
         eval_s += timings["load"]
         plain_images = torch.cat(plain_images)
 
-    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for _, im in results[3]])
+    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for _, im in ev.CheckpointResult.merge(parts).images])
     diff = (images - plain_images[:, 0]).abs().max().item()
     n = len(plain_images) * cli.num_seeds
     print(f"tiny model, {len(plain_images)} probe prompts x {cli.num_seeds} seeds = {n} images, {cli.steps} DDIM steps, "

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-sys.path.insert(0, str(ROOT / "data_scripts"))
 
 
 def reset_accelerate() -> None:
@@ -87,10 +82,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import build_duplicated_dataset
-    import finetune
-    from finetune_config import FLAGS
+    from data_scripts import build_duplicated_dataset
     from mem_analysis.presets import build_pipeline
+    from train import finetune
+    from train.finetune_config import FLAGS
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model_dir, data_dir = work / "model", work / "data"

@@ -30,18 +30,17 @@ import argparse
 import contextlib
 import copy
 import datetime
-import gc
 import json
 import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +49,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-for folder in ("train", "data_scripts", "bench"):
-    sys.path.insert(0, str(ROOT / folder))
+from bench.gpu_table import table
+from bench.timing import free_memory, peak_gib, reset_peak, synchronize, time_steps
+from mem_analysis.io import write_text_atomic
+from mem_analysis.presets import PRESETS, build_pipeline
+from mem_analysis.probes import probe_metrics, probe_noise
+from mem_analysis.schedule import alpha_bar_from_scheduler
+from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
-from mem_analysis.presets import PRESETS, build_pipeline  # noqa: E402
-from mem_analysis.probes import probe_metrics, probe_noise  # noqa: E402
-from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
-from mem_analysis.sd import encode_images, encode_prompts, tokenize  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # bf16 dense tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by device-name substring.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
@@ -78,10 +78,6 @@ SIZES = {  # per-run settings: the GPU run, and the CPU smoke run that exercises
                   finetune_steps=3, finetune_warmup=1, finetune_timeout_s=300, workers=0, numerics_samples=2,
                   eval_prompts=3, eval_seeds=2, eval_steps=10, eval_batch=4, matmul=128, compile_backend="eager"),
 }
-# Estimated seconds of each section on an H100 (used to skip what no longer fits in --budget_s).
-SECTIONS = [("env", 5), ("setup", 15), ("dataset", 10), ("bare_full", 30), ("flops", 10), ("finetune_full", 45), ("lora", 25),
-            ("finetune_lora", 40), ("probe_cost", 8), ("numerics", 10), ("eval", 25), ("speedups", 35),
-            ("compile", 100), ("zero2", 60), ("finetune_compile", 120)]
 
 
 @dataclass
@@ -107,38 +103,16 @@ class Context:
         return self.device.type == "cuda"
 
 
+    def result(self, name: str) -> dict:
+        """The record of an earlier section that succeeded (empty otherwise); a section reads those it needs."""
+        return self.results["sections"].get(name, {}) if self.results["status"].get(name) == "ok" else {}
+
+
 class Skip(Exception):
     """A section that does not apply here (recorded as 'skipped: reason')."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory() -> None:
-    """Collect garbage and return cached device memory."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def reset_peak(device: torch.device) -> None:
-    """Start a new peak-memory window."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device: torch.device) -> dict:
-    """Peak allocated and reserved device memory since the last reset, GiB (empty on CPU)."""
-    if device.type != "cuda":
-        return {}
-    return dict(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
-
-
 @contextlib.contextmanager
 def tf32(matmul: bool, cudnn: bool):
     """TF32 for float32 matmuls / convolutions inside the block (diffusers' --allow_tf32 turns on both)."""
@@ -162,23 +136,6 @@ def off_device(ctx: Context):
         yield
     finally:
         ctx.pipe.to(ctx.device)
-
-
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> dict:
-    """Run `step` warmup + steps times; seconds of the first call and median seconds of the timed ones."""
-    first = None
-    for i in range(warmup):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        first = time.perf_counter() - start if i == 0 else first
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return dict(first_step_s=first, step_s_median=statistics.median(times), step_s=times)
 
 
 def synthetic_images(count: int, resolution: int, seed: int) -> list[Image.Image]:
@@ -358,7 +315,7 @@ def run_finetune(ctx: Context, name: str, extra=(), launcher=None, dry_run: bool
 
 def finetune_has(flag: str) -> bool:
     """Whether train/finetune.py has this flag (--channels_last and --torch_compile came later)."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
 
     return flag in FLAGS
 
@@ -366,7 +323,7 @@ def finetune_has(flag: str) -> bool:
 # ------------------------------------------------------------------------------------------- numerics
 def probe_inputs(ctx: Context, samples: int) -> dict:
     """probe_metrics inputs as finetune.py builds them: posterior-mean latents, captions, fixed noise."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
 
     pipe = ctx.pipe
     latents = encode_images(pipe.vae, ctx.pixels[:samples].to(ctx.device)).float()
@@ -491,7 +448,7 @@ def section_setup(ctx: Context) -> dict:
 
 def section_dataset(ctx: Context) -> dict:
     """The synthetic images as an image folder, then a study dataset built from it by build_duplicated_dataset.py."""
-    import build_duplicated_dataset
+    from data_scripts import build_duplicated_dataset
 
     source = ctx.work / "images"
     source.mkdir(exist_ok=True)
@@ -520,27 +477,26 @@ def section_flops(ctx: Context) -> dict:
     """UNet FLOPs per image (full fine-tuning) and the bare loop's MFU."""
     flops = unet_flops_per_image(ctx, ctx.pipe.unet)
     out = dict(per_image=flops)
-    bare = ctx.results["sections"].get("bare_full", {})
+    bare = ctx.result("bare_full")
     if "images_per_s" in bare:
-        out["bare_full_mfu"] = mfu(flops["unet_forward_backward"], bare["images_per_s"], ctx.results["sections"]["env"])
+        out["bare_full_mfu"] = mfu(flops["unet_forward_backward"], bare["images_per_s"], ctx.result("env"))
     return out
 
 
 def section_finetune_full(ctx: Context) -> dict:
     """finetune.py full fine-tuning at the bare loop's batch; ratio of its images/s to the bare loop's."""
     record = run_finetune(ctx, "finetune_full")
-    sections = ctx.results["sections"]
-    record["ratio_to_bare"] = record["images_per_s"] / sections["bare_full"]["images_per_s"]
-    if "per_image" in sections.get("flops", {}):
-        record["mfu"] = mfu(sections["flops"]["per_image"]["unet_forward_backward"], record["images_per_s"],
-                            sections["env"])
+    record["ratio_to_bare"] = record["images_per_s"] / ctx.result("bare_full")["images_per_s"]
+    if "per_image" in ctx.result("flops"):
+        record["mfu"] = mfu(ctx.result("flops")["per_image"]["unet_forward_backward"], record["images_per_s"],
+                            ctx.result("env"))
     return record
 
 
 def section_lora(ctx: Context) -> dict:
     """LoRA (r=4 on the attention projections, as finetune.py adds it): bare loop and FLOPs."""
     from diffusers import UNet2DConditionModel
-    from finetune_state import add_lora
+    from train.finetune_state import add_lora
 
     unet = UNet2DConditionModel.from_pretrained(ctx.model_dir, subfolder="unet").to(ctx.device)
     add_lora(unet, rank=4, weight_dtype=torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
@@ -551,24 +507,24 @@ def section_lora(ctx: Context) -> dict:
     free_memory()
     return dict(trainable_params=trainable, flops_per_image=flops,
                 bare=dict(bare, mfu=mfu(flops["unet_forward_backward"], bare["images_per_s"],
-                                        ctx.results["sections"]["env"])))
+                                        ctx.result("env"))))
 
 
 def section_finetune_lora(ctx: Context) -> dict:
     """finetune.py --use_lora at the same batch; ratio to the bare LoRA loop."""
     record = run_finetune(ctx, "finetune_lora", extra=["--use_lora", "--rank", "4"])
-    lora = ctx.results["sections"].get("lora", {})
+    lora = ctx.result("lora")
     if "bare" in lora:
         record["ratio_to_bare"] = record["images_per_s"] / lora["bare"]["images_per_s"]
         record["mfu"] = mfu(lora["flops_per_image"]["unet_forward_backward"], record["images_per_s"],
-                            ctx.results["sections"]["env"])
+                            ctx.result("env"))
     return record
 
 
 def section_probe_cost(ctx: Context) -> dict:
     """One probe pass as finetune.py runs it (bf16 autocast, default grid and guidance scales, all probe
     samples of the dataset) against training time at the default --probe_steps."""
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
     from mem_analysis.data import load_study_dataset
 
     samples = len(load_study_dataset(ctx.data_dir)["probe"]) if ctx.data_dir else 8
@@ -579,8 +535,7 @@ def section_probe_cost(ctx: Context) -> dict:
             probe_metrics(ctx.pipe.unet, **inputs)
 
     timing = time_steps(probe, 3, 1, ctx.device)
-    sections = ctx.results["sections"]
-    step = sections.get("finetune_full", sections["bare_full"])["step_s_median"]
+    step = (ctx.result("finetune_full") or ctx.result("bare_full"))["step_s_median"]
     interval = FLAGS["probe_steps"][0]
     pass_s = timing["step_s_median"]
     return dict(probe_samples=samples, timesteps=len(inputs["timesteps"]), guidance_scales=inputs["guidance_scales"],
@@ -596,7 +551,8 @@ def section_numerics(ctx: Context) -> dict:
 
 def section_eval(ctx: Context) -> dict:
     """Trajectory capture + M1-M6 (bench_analysis.analysis) vs the plain pipeline, bf16, best of 2 alternations."""
-    from bench_analysis import analysis, plain_pipeline, timed
+    from bench.bench_analysis import analysis, plain_pipeline, synthetic_probe_set
+    from bench.timing import timed
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from mem_analysis.sd import SDComponents
 
@@ -614,10 +570,10 @@ def section_eval(ctx: Context) -> dict:
     train_pixels = pool[:len(prompts)]
     train_latents = encode_images(pipe.vae, train_pixels * 2 - 1).float().cpu()
     settings = argparse.Namespace(steps=s["eval_steps"], batch_size=s["eval_batch"], probe_timesteps=10)
+    probe = synthetic_probe_set(components, prompts, train_pixels, train_latents, pool)
     plain_times, ours_times = [], []
     for _ in range(2):
-        t_ours, (traj, _, _) = timed(lambda: analysis(components, prompts, seeds, settings, train_pixels,
-                                                      train_latents, pool))
+        t_ours, (traj, _, _) = timed(lambda: analysis(components, probe, seeds, settings))
         t_plain, images = timed(lambda: plain_pipeline(pipe, prompts, traj.x_T.to(dtype), s["eval_steps"],
                                                        s["eval_batch"]))
         ours_times.append(t_ours)
@@ -680,7 +636,7 @@ def section_speedups(ctx: Context) -> dict:
 def section_compile(ctx: Context) -> dict:
     """torch.compile of the UNet (module.compile, as finetune.py --torch_compile), bare loop at the chosen batch."""
     unet = ctx.pipe.unet
-    speedups = ctx.results["sections"].get("speedups", {})
+    speedups = ctx.result("speedups")
     baseline = ({"images_per_s": speedups["channels_last"]["baseline_images_per_s"],
                  "peak_allocated_gib": speedups["channels_last"]["baseline_peak"]}
                 if "channels_last" in speedups else measure_training(ctx, unet, ctx.batch))
@@ -708,7 +664,7 @@ def section_zero2(ctx: Context) -> dict:
                 "--mixed_precision", precision]
     record = run_finetune(ctx, "finetune_zero2", launcher=launcher)
     record["deepspeed"] = deepspeed.__version__
-    plain = ctx.results["sections"].get("finetune_full", {})
+    plain = ctx.result("finetune_full")
     if "images_per_s" in plain:
         record["ratio_to_plain_finetune"] = record["images_per_s"] / plain["images_per_s"]
     return record
@@ -719,7 +675,7 @@ def section_finetune_compile(ctx: Context) -> dict:
     if not finetune_has("torch_compile"):
         raise Skip("train/finetune.py has no --torch_compile flag")
     record = run_finetune(ctx, "finetune_compile", extra=["--torch_compile"])
-    plain = ctx.results["sections"].get("finetune_full", {})
+    plain = ctx.result("finetune_full")
     if "images_per_s" in plain:
         record["speedup_vs_eager"] = record["images_per_s"] / plain["images_per_s"]
         record["compile_s"] = record["first_step_s"] - plain["first_step_s"]
@@ -727,6 +683,51 @@ def section_finetune_compile(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+@dataclass(frozen=True)
+class Section:
+    """One measurement: its function, its estimated seconds on an H100 (a section that would end after
+    --budget_s is skipped) and the sections it needs (run before it; it is skipped when one did not succeed)."""
+
+    name: str
+    run: Callable[[Context], dict]
+    seconds: float
+    needs: tuple[str, ...] = ()
+
+
+# In running order. env, setup and dataset always run (CORE).
+SECTIONS = [
+    Section("env", section_env, 5),
+    Section("setup", section_setup, 15, ("env",)),
+    Section("dataset", section_dataset, 10, ("setup",)),
+    Section("bare_full", section_bare_full, 30, ("setup",)),
+    Section("flops", section_flops, 10, ("env", "setup")),
+    Section("finetune_full", section_finetune_full, 45, ("env", "dataset", "bare_full")),
+    Section("lora", section_lora, 25, ("env", "bare_full")),
+    Section("finetune_lora", section_finetune_lora, 40, ("env", "dataset", "bare_full")),
+    Section("probe_cost", section_probe_cost, 8, ("dataset", "bare_full")),
+    Section("numerics", section_numerics, 10, ("setup",)),
+    Section("eval", section_eval, 25, ("setup",)),
+    Section("speedups", section_speedups, 35, ("bare_full",)),
+    Section("compile", section_compile, 100, ("bare_full",)),
+    Section("zero2", section_zero2, 60, ("dataset", "bare_full")),
+    Section("finetune_compile", section_finetune_compile, 120, ("dataset", "bare_full")),
+]
+CORE = ("env", "setup", "dataset")
+
+
+def with_needs(names) -> set[str]:
+    """The named sections and, recursively, those they need (SystemExit on an unknown name)."""
+    by_name, chosen, todo = {section.name: section for section in SECTIONS}, set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in by_name:
+            raise SystemExit(f"gpu_bench.py: error: unknown section {name!r}; choose from {', '.join(by_name)}")
+        if name not in chosen:
+            chosen.add(name)
+            todo.extend(by_name[name].needs)
+    return chosen
+
+
 def result_name(env: dict) -> str:
     """<card>-<UTC date>, lower case, letters, digits and '-' only."""
     card = re.sub(r"[^a-z0-9]+", "-", env.get("card", "unknown").lower()).strip("-")
@@ -735,77 +736,14 @@ def result_name(env: dict) -> str:
 
 def write_results(ctx: Context) -> list[Path]:
     """The results JSON, written atomically to every destination."""
-    name = result_name(ctx.results["sections"].get("env", {})) + ".json"
+    name = result_name(ctx.result("env")) + ".json"
     destinations = [Path(p) for p in ctx.args.json] if ctx.args.json else [ROOT / "bench" / "results" / name]
     if os.environ.get("OUT") and not ctx.args.json:
         destinations.append(Path(os.environ["OUT"]) / name)
     text = json.dumps(ctx.results, indent=1, default=str)
     for path in destinations:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     return destinations
-
-
-def fmt(value, spec=".2f") -> str:
-    """A number formatted, or '-' when missing."""
-    return "-" if value is None else format(value, spec)
-
-
-def table(results: dict) -> str:
-    """The headline figures, one per line."""
-    s = results["sections"]
-    env, bare, ft, lora = s.get("env", {}), s.get("bare_full", {}), s.get("finetune_full", {}), s.get("lora", {})
-    lines = [f"card {env.get('card')}  torch {env.get('torch')}  bf16 peak {fmt(env.get('bf16_peak_tflops'), '.0f')} "
-             f"TFLOP/s (datasheet), matmul {fmt(env.get('matmul_bf16_tflops'), '.0f')} TFLOP/s (measured)",
-             f"{'':28s}{'images/s':>10s}{'peak GiB':>10s}{'vs bare':>9s}{'MFU':>8s}"]
-
-    def row(name, record, ratio=None, util=None):
-        if record and "images_per_s" in record:
-            lines.append(f"{name:28s}{record['images_per_s']:10.2f}{fmt(record.get('peak_allocated_gib')):>10s}"
-                         f"{fmt(ratio, '.3f'):>9s}{fmt(util, '.1%'):>8s}")
-
-    row(f"bare full (batch {bare.get('batch')})", bare, None,
-        s.get("flops", {}).get("bare_full_mfu", {}).get("mfu_vs_datasheet"))
-    row("finetune.py full", ft, ft.get("ratio_to_bare"), ft.get("mfu", {}).get("mfu_vs_datasheet"))
-    if "bare" in lora:
-        row("bare LoRA", lora["bare"], None, lora["bare"]["mfu"].get("mfu_vs_datasheet"))
-    ft_lora = s.get("finetune_lora", {})
-    row("finetune.py LoRA", ft_lora, ft_lora.get("ratio_to_bare"), ft_lora.get("mfu", {}).get("mfu_vs_datasheet"))
-    z = s.get("zero2", {})
-    row("finetune.py ZeRO-2 (1 proc)", z, z.get("ratio_to_plain_finetune"))
-    if "share_of_training_time" in s.get("probe_cost", {}):
-        p = s["probe_cost"]
-        lines.append(f"probe pass {p['pass_s']:.3f} s = {p['training_steps_per_pass']:.2f} steps; share at "
-                     f"probe_steps={p['default_probe_steps']}: {p['share_of_training_time']:.2%}")
-    if "ratio_analysis_to_plain" in s.get("eval", {}):
-        e = s["eval"]
-        lines.append(f"eval: capture+M1-M6 {e['analysis_images_per_s']:.2f} img/s vs pipeline "
-                     f"{e['plain_images_per_s']:.2f} img/s: ratio {e['ratio_analysis_to_plain']:.3f}")
-    for variant in ("bf16_autocast", "bf16_weights"):
-        n = s.get("numerics", {}).get(variant)
-        if n:
-            lines.append(f"numerics {variant} vs fp32: max loss rel {n['max_loss_rel']:.2e} (tol {LOSS_RTOL}), "
-                         f"max k abs {n['max_k_abs']:.2e}, scaled {n['max_k_scaled']:.2e} (tol {K_ATOL}): "
-                         f"{'within' if n['within_tolerance'] else 'OUTSIDE'} tolerance")
-    sp = s.get("speedups", {})
-    if "channels_last" in sp:
-        lines.append(f"speed-ups: channels_last x{sp['channels_last']['speedup']:.3f}; SDPA vs classic "
-                     f"x{sp['attention']['speedup']:.3f} (batch {sp['attention']['batch']}); allow_tf32 on fp32 "
-                     f"x{sp['tf32_float32_path']['speedup_allow_tf32_vs_strict']:.3f} vs strict, "
-                     f"x{sp['tf32_float32_path']['speedup_allow_tf32_vs_torch_default']:.3f} vs torch default")
-    c = s.get("compile", {})
-    if "speedup" in c:
-        lines.append(f"torch.compile ({c['backend']}): x{c['speedup']:.3f}, compile {c['compile_s']:.1f} s")
-    fc = s.get("finetune_compile", {})
-    if "speedup_vs_eager" in fc:
-        lines.append(f"finetune.py --torch_compile: x{fc['speedup_vs_eager']:.3f}, first step "
-                     f"{fc['first_step_s']:.1f} s (compile about {fc['compile_s']:.1f} s)")
-    for name, status in results["status"].items():
-        if status != "ok":
-            lines.append(f"section {name}: {status}")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -846,24 +784,27 @@ def main(argv=None) -> int:
     if args.extra and Path(args.extra).is_file():
         results["extra"] = json.loads(Path(args.extra).read_text())
     ctx = Context(args, SIZES["smoke" if args.smoke else "gpu"], device, work, results)
-    functions = {name: globals()[f"section_{name}"] for name, _ in SECTIONS}
-    wanted = None if args.only is None else {"env", "setup", "dataset", *args.only.split(",")}
+    wanted = None if args.only is None else with_needs([*CORE, *args.only.split(",")])
     if args.dry_run:
-        wanted = {"env", "setup", "dataset"}
+        wanted = set(CORE)
     started = time.perf_counter()
     try:
-        for name, estimate in SECTIONS:
-            elapsed = time.perf_counter() - started
+        for section in SECTIONS:
+            name, estimate, elapsed = section.name, section.seconds, time.perf_counter() - started
             if wanted is not None and name not in wanted:
                 continue
-            if name not in ("env", "setup", "dataset") and elapsed + estimate > args.budget_s and not args.smoke:
+            missing = [need for need in section.needs if results["status"].get(need) != "ok"]
+            if missing:
+                results["status"][name] = f"skipped: needs {', '.join(missing)}"
+                continue
+            if name not in CORE and elapsed + estimate > args.budget_s and not args.smoke:
                 results["status"][name] = (f"skipped: {elapsed:.0f} s + estimated {estimate} s > "
                                            f"budget {args.budget_s:.0f} s")
                 continue
             print(f"[gpu_bench] {name} (at {elapsed:.0f} s)", flush=True)
             section_start = time.perf_counter()
             try:
-                results["sections"][name] = functions[name](ctx)
+                results["sections"][name] = section.run(ctx)
                 results["status"][name] = "ok"
             except Skip as reason:
                 results["status"][name] = f"skipped: {reason}"
@@ -871,8 +812,6 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results["status"][name] = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
                 results["sections"][name] = dict(error=traceback.format_exc(limit=4)[-3000:])
-                if name in ("env", "setup"):
-                    break
             finally:
                 results["seconds"][name] = round(time.perf_counter() - section_start, 2)
                 results["total_s"] = round(time.perf_counter() - started, 2)

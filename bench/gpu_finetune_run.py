@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-
 
 def samples_per_second(log_dir: Path) -> list[float]:
     """The run's `train/samples_per_second` scalars in step order."""
@@ -50,9 +47,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv[:split])
     finetune_argv = argv[split + 1:]
 
-    import finetune
     from accelerate import PartialState
-    from finetune_config import resolve_config
+
+    from train import finetune
+    from train.finetune_config import resolve_config
 
     config = resolve_config(finetune_argv)
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mem_analysis.cli import parse_list, run_command
 from mem_analysis.data import (check_output_dir, image_hash, list_source_images, load_source_image, subsample,
                                write_folder_atomically)
 
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def positive_ints(text: str, flag: str) -> list[int]:
     """'1,4,16' -> [1, 4, 16]; one-line error for anything else."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = parse_list(text, int)
     except ValueError:
         values = []
     if not values or min(values) < 1 or len(set(values)) != len(values):
@@ -253,14 +254,11 @@ def print_summary(manifest: dict, output_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
-    """Build the dataset, write it atomically, print a summary; one-line error and exit 1 on bad input."""
+    """Build the dataset, write it atomically, print a summary (ValueError / FileNotFoundError on bad input)."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    try:
-        check_output_dir(output_dir, args.overwrite)
-        dataset, manifest = build(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"build_duplicated_dataset: error: {error}") from None
+    check_output_dir(output_dir, args.overwrite)
+    dataset, manifest = build(args)
 
     def write(folder: Path) -> None:
         dataset.save_to_disk(str(folder))
@@ -272,4 +270,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "build_duplicated_dataset.py"))

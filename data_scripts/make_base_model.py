@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mem_analysis.cli import run_command
 from mem_analysis.data import (check_output_dir, image_to_tensor, list_source_images, load_source_image, subsample,
                                write_folder_atomically)
 from mem_analysis.presets import PRESETS, build_pipeline
@@ -208,15 +209,12 @@ def make(args: argparse.Namespace) -> tuple[object, dict]:
 
 
 def main(argv=None) -> int:
-    """Build the base model and write it atomically; one-line error and exit 1 on bad input."""
+    """Build the base model and write it atomically (ValueError / FileNotFoundError on bad input)."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     torch.manual_seed(args.seed)
-    try:
-        check_output_dir(output_dir, args.overwrite)
-        pipe, record = make(args)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"make_base_model: error: {error}") from None
+    check_output_dir(output_dir, args.overwrite)
+    pipe, record = make(args)
 
     def write(folder: Path) -> None:
         if args.config_only:
@@ -234,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "make_base_model.py"))

@@ -36,9 +36,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 
+from mem_analysis.cli import run_command  # noqa: E402
 from mem_analysis.data import load_study_dataset  # noqa: E402
+from mem_analysis.io import write_text_atomic  # noqa: E402
+from mem_analysis.run import read_config  # noqa: E402
 from mem_analysis.severity import embed_images, load_sscd  # noqa: E402
 from mem_analysis.stats import bootstrap_mean, frechet_distance, median_distance, mmd_squared  # noqa: E402
 
@@ -120,7 +122,7 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
     """The comparison row of one (run, eval folder) and its per-duplication-factor rows."""
     settings = json.loads((folder / "settings.json").read_text())
     summary = json.loads((folder / "summary.json").read_text())
-    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    config = read_config(run) if (run / "config.yaml").is_file() else {}
     table = pd.read_csv(folder / "per_sample.csv")
     table = table[table["guidance_scale"] == settings["guidance_scale"]]
     step = int(table["checkpoint_step"].max())
@@ -267,13 +269,6 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
     return lines
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(args) -> Path:
     runs = [Path(r) for r in args.runs]
     missing = [str(r) for r in runs if not r.is_dir()]
@@ -293,22 +288,17 @@ def main(args) -> Path:
     top = int(by_dup["dup_factor"].max())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "comparison.csv", comparison.to_csv(index=False))
-    write_atomic(out / "by_dup_factor.csv", by_dup.to_csv(index=False))
+    write_text_atomic(out / "comparison.csv", comparison.to_csv(index=False))
+    write_text_atomic(out / "by_dup_factor.csv", by_dup.to_csv(index=False))
     figure(comparison, top, out / "memorization_vs_cost.png")
-    write_atomic(out / "report.md", "\n".join(report_lines(comparison, by_dup, top)) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(report_lines(comparison, by_dup, top)) + "\n")
     print(f"wrote {out}/comparison.csv, by_dup_factor.csv, memorization_vs_cost.png and report.md")
     return out
 
 
 def cli(argv=None) -> int:
     """Entry point: bad input is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except CompareError as err:
-        print(f"compare_runs.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda given: main(parse_args(given)) and 0, "compare_runs.py", argv, bad_input=(CompareError,))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Follow memorization over a fine-tuning run: M1-M7 of science.md on the base model and every checkpoint.
+"""Follow memorization over a fine-tuning run: M1-M7 of docs/science.md on the base model and every checkpoint.
 
     python eval/evaluate_checkpoints.py --run_dir RUN [--weights ema|raw] [--num_seeds 10] ...
     accelerate launch eval/evaluate_checkpoints.py --run_dir RUN ...   # shards the probe samples
@@ -27,56 +27,75 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mem_analysis import (alpha_bar_from_scheduler, guidance_key, prediction_type_of, probe_metrics, probe_noise,
-                          summarize_probe_metrics)
-from mem_analysis.data import image_to_tensor, load_study_dataset
-from mem_analysis.sd import decode_latents, encode_images, encode_prompts, load_components
-from mem_analysis.alignment import noise_alignment, wen_magnitude
-from mem_analysis.decomposition import decompose_latents, schedule_deviation, trajectory_collapse
+from eval import report
+from mem_analysis import guidance_key, prediction_type_of, probe_metrics, probe_noise, run, summarize_probe_metrics
+from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
+from mem_analysis.cli import parse_list, run_command
+from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.mitigations import parse_guidance_schedule
-from mem_analysis.sampling import sample_trajectories
-from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd, severity
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402  (eval/report.py, beside this script)
-
-# Weight-free back ends of science.md M6; `sscd` joins when --sscd_path is given.
-BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
-REFERENCES = ("paper", "exact")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from mem_analysis.sd import compute_dtype, load_components
+from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
 
 
 class EvalError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
 
-def parse_list(text, cast=float):
-    """'1,3,7.5' or a YAML list -> list of `cast` values."""
-    if text is None or text == "":
-        return []
-    if isinstance(text, (list, tuple)):
-        return [cast(v) for v in text]
-    return [cast(v) for v in str(text).split(",") if v.strip()]
+@dataclass(frozen=True)
+class EvalSettings(MeasureSettings):
+    """Everything that shapes the tables, resolved once from the flags and the run (settings.json);
+    a rerun must use the same to append to them."""
+
+    weights: str
+    seed: int
+    probe_seed: int
+    guidance_scale: float
+    guidance_scales: tuple[float, ...]
+    probe_timesteps: tuple[int, ...]
+    probe_guidance_scales: tuple[float, ...]
+    max_samples: int | None
+    model: str
+    dataset: str
+    lora: bool
+
+    def as_dict(self) -> dict:
+        """The settings as settings.json holds them (lists, not tuples)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass
+class CheckpointResult:
+    """One model's rows: per (sample, g, seed), per (sample, g), per-step curves, and (sample_id, image) pairs."""
+
+    per_seed: list[dict] = field(default_factory=list)
+    per_sample: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    images: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: list[CheckpointResult]) -> CheckpointResult:
+        """The processes' shards as one result, curves and images in sample order."""
+        return cls(per_seed=[r for part in parts for r in part.per_seed],
+                   per_sample=[r for part in parts for r in part.per_sample],
+                   curves=sorted((c for part in parts for c in part.curves),
+                                 key=lambda c: (c["guidance_scale"], c["sample_id"])),
+                   images=sorted((im for part in parts for im in part.images), key=lambda im: im[0]))
 
 
 def parse_args(argv=None):
-    """Command-line flags (defaults follow science.md M4/M6)."""
+    """Command-line flags (defaults follow docs/science.md M4/M6; unset run-related ones come from the run)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", required=True, help="output_dir of train/finetune.py")
     p.add_argument("--output_dir", default=None, help="default RUN/eval")
@@ -93,12 +112,13 @@ def parse_args(argv=None):
                    help="per-step guidance: constant, linear, or delay:T0 (g = 1 while t >= T0, Jain et al. 2025); "
                         "a schedule other than constant writes to RUN/eval_<schedule> by default")
     p.add_argument("--probe_timesteps", default=None, help="default: the run's probe_timesteps")
-    p.add_argument("--severity_backend", default="pixel_cosine", help=f"headline back end: {', '.join(BACKENDS)}, sscd")
+    p.add_argument("--severity_backend", default="pixel_cosine",
+                   help=f"headline back end: {', '.join(SEVERITY_BACKENDS)}, sscd")
     p.add_argument("--sscd_path", default=None, help="TorchScript SSCD model; adds the sscd back end")
     p.add_argument("--threshold", type=float, default=None,
                    help="memorization threshold on the headline back end (default: the back end's own)")
     p.add_argument("--high_noise_timestep", type=int, default=None,
-                   help="t >= this is the high-noise window (default: the run's probe_high_noise_from, else 700)")
+                   help="t >= this is the high-noise window (default: the run's high_noise_timestep)")
     p.add_argument("--early_steps", type=int, default=None,
                    help="sampling steps counted as early (default: steps with t >= --high_noise_timestep)")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N probe samples")
@@ -107,9 +127,9 @@ def parse_args(argv=None):
     p.add_argument("--train_data_dir", default=None, help="override the run's dataset")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     args = p.parse_args(argv)
-    if args.severity_backend not in BACKENDS + ("sscd",):
+    if args.severity_backend not in SEVERITY_BACKENDS + ("sscd",):
         raise EvalError(f"unknown --severity_backend {args.severity_backend!r}; choose one of "
-                        f"{', '.join(BACKENDS + ('sscd',))}")
+                        f"{', '.join(SEVERITY_BACKENDS + ('sscd',))}")
     if args.severity_backend == "sscd" and not args.sscd_path:
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
     if args.num_seeds < 2:
@@ -127,15 +147,14 @@ def schedule_suffix(schedule: str) -> str:
 
 
 def read_run(args) -> dict:
-    """RUN/config.yaml, with the evaluation's overrides applied."""
+    """RUN/config.yaml (with mem_analysis.run's defaults), the evaluation's overrides applied."""
     run_dir = Path(args.run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / run.CONFIG_FILE
     if not run_dir.is_dir():
         raise EvalError(f"--run_dir {run_dir} does not exist; pass the --output_dir of train/finetune.py")
     if not config_path.is_file():
         raise EvalError(f"{config_path} is missing; --run_dir must be a train/finetune.py output folder")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    config["output_dir_of_run"] = str(run_dir)
+    config = run.read_config(run_dir)
     if config.get("dataset_name") and not (args.train_data_dir or config.get("train_data_dir")):
         raise EvalError("the run trained on --dataset_name; evaluation needs a study dataset: pass --train_data_dir")
     for key in ("pretrained_model_name_or_path", "train_data_dir"):
@@ -147,19 +166,13 @@ def read_run(args) -> dict:
 
 
 def find_checkpoints(run_dir: Path, subset) -> list[tuple[int, Path | None]]:
-    """[(global_step, folder)] sorted by step; step 0 (folder None) is the base model."""
+    """[(global_step, folder)] of the complete checkpoints, by step; step 0 (folder None) is the base model."""
     found = []
-    for folder in run_dir.iterdir():
-        match = CHECKPOINT_RE.match(folder.name)
-        if match and folder.is_dir():
-            step = int(match.group(1))
-            state = folder / "training_state.json"
-            if state.is_file():
-                try:
-                    step = int(json.loads(state.read_text())["global_step"])
-                except (ValueError, KeyError, TypeError):
-                    pass  # a broken state file is reported when the weights are loaded
-            found.append((step, folder))
+    for folder in run.list_checkpoints(run_dir):
+        try:
+            found.append((run.checkpoint_step(folder), folder))
+        except (ValueError, KeyError, TypeError):  # a broken state file: the folder name says the step
+            found.append((int(run.CHECKPOINT_NAME.match(folder.name).group(1)), folder))
     if not found:
         raise EvalError(f"{run_dir} has no checkpoint-N folders; train with --checkpointing_steps")
     models = [(0, None)] + sorted(found, key=lambda item: item[0])
@@ -173,121 +186,20 @@ def find_checkpoints(run_dir: Path, subset) -> list[tuple[int, Path | None]]:
     return models
 
 
-def checkpoint_unet(folder: Path, weights: str, base_unet_state: dict, components):
-    """The UNet of one checkpoint: full (unet/), EMA (unet_ema/) or LoRA on the base UNet."""
-    from diffusers import UNet2DConditionModel
-
-    lora = folder / "pytorch_lora_weights.safetensors"
-    subfolder = "unet_ema" if weights == "ema" else "unet"
-    if (folder / subfolder).is_dir():
-        return UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
-    if lora.is_file():
-        unet = UNet2DConditionModel.from_config(components.unet.config)
-        unet.load_state_dict(base_unet_state)
-        prefix = "unet" if any(k.startswith("unet.") for k in load_file(lora)) else None
-        unet.load_lora_adapter(str(lora), prefix=prefix)
-        unet.fuse_lora()
-        unet.unload_lora()
-        return unet
-    raise FileNotFoundError(f"no {subfolder}/ or pytorch_lora_weights.safetensors (partial checkpoint?)")
-
-
-def load_probe_set(config, args, components, device) -> dict:
-    """Probe samples (captions, latents, pixels) and the training pool, encoded once per run."""
+def read_probe_set(config: dict, args, components, device) -> ProbeSet:
+    """The run's probe samples and training pool, encoded once (the run's saved mu when there is one)."""
     try:
-        dataset = load_study_dataset(config["train_data_dir"])
+        return load_probe_set(config["train_data_dir"], components, device, args.batch_size, args.max_samples,
+                              mu=run.read_probe_mu(args.run_dir))
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err).splitlines()[0]) from err
-    probe = dataset["probe"]
-    if args.max_samples:
-        probe = probe.select(range(min(args.max_samples, len(probe))))
-    train = dataset["train"]
-    train_ids = np.asarray(train["sample_id"])
-    pool_ids, first_rows, counts = np.unique(train_ids, return_index=True, return_counts=True)
-    pool = train.select(first_rows.tolist())
-    to_pixels = lambda images: torch.stack([image_to_tensor(im) for im in images])  # noqa: E731
-    pool_pixels = to_pixels(pool["image"])  # [-1, 1]
-    probe_pixels = to_pixels(probe["image"])
-    pool_latents = torch.cat([encode_images(components.vae, chunk.to(device)).float().cpu()
-                              for chunk in pool_pixels.split(args.batch_size)])
-    weights = torch.as_tensor(counts, dtype=torch.float32)
-    weights = weights / weights.sum()
-    # mu and the mean image are those of the training set as trained on (duplicates counted);
-    # the run's own probe mu, when saved, keeps k identical to the training probes.
-    saved_mu = Path(config["output_dir_of_run"]) / "probe_mu.safetensors"
-    mu = load_file(saved_mu)["mu"].float().cpu() if saved_mu.is_file() else (pool_latents * weights[:, None, None, None]).sum(0)
-    mean_image = ((pool_pixels + 1) / 2 * weights[:, None, None, None]).sum(0)
-    captions = list(probe["text"])
-    embeds = encode_prompts(components.tokenizer, components.text_encoder, captions + [""]).float().cpu()
-    probe_ids = np.asarray(probe["sample_id"])
-    pool_index = {int(s): i for i, s in enumerate(pool_ids)}
-    return dict(
-        sample_ids=probe_ids, dup_factors=np.asarray(probe["dup_factor"]), captions=captions,
-        cond=embeds[:-1], uncond=embeds[-1:],
-        latents=torch.cat([encode_images(components.vae, c.to(device)).float().cpu()
-                           for c in probe_pixels.split(args.batch_size)]),
-        pixels=(probe_pixels + 1) / 2, pool_pixels=(pool_pixels + 1) / 2, pool_ids=pool_ids,
-        pool_index=np.asarray([pool_index.get(int(s), -1) for s in probe_ids]),
-        mu=mu, mean_image=mean_image, alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler),
-    )
 
 
-def severity_scores(traj, probe, batch, settings, sscd) -> dict[str, object]:
-    """Every M6 back end for a chunk of prompts x seeds, against each prompt's paired training image."""
-    scores = {}
-    for backend in settings["backends"]:
-        generated, reference, kwargs = traj.images, probe["pixels"][batch], {}
-        if backend == "pixel_cosine":
-            kwargs = dict(mean_image=probe["mean_image"])
-        elif backend == "nn_identity":
-            kwargs = dict(pool=probe["pool_pixels"], paired_index=probe["pool_index"][batch])
-        elif backend == "latent_cosine":  # centred on mu, the training set's mean latent
-            generated, reference, kwargs = traj.final, probe["latents"][batch], dict(mean_image=probe["mu"])
-        elif backend == "sscd":
-            kwargs = dict(sscd_model=sscd)
-        threshold = settings["threshold"] if backend == settings["severity_backend"] else None
-        scores[backend] = severity(generated, reference, backend=backend, threshold=threshold, **kwargs)
-    return scores
-
-
-def prompt_measurements(traj, p: int, x: torch.Tensor, mu: torch.Tensor, early: int) -> tuple[dict, list, dict]:
-    """M3-M5 of one prompt's seeds: per-sample values, per-seed values and per-step curves."""
-    x_t, x_T, final = traj.x_t[p], traj.x_T[p], traj.final[p]
-    decompositions = {"": decompose_latents(x_t, x, x_T),  # training latent (default)
-                      "_final": decompose_latents(x_t, x, x_T, target="final", final=final)}
-    values = {}
-    for ref in REFERENCES:
-        for window, k in (("", None), ("_early", early)):
-            suffix = ("" if ref == "paper" else "_exact") + window
-            for tag, d in decompositions.items():
-                dev = schedule_deviation(d.w_x, d.w_T, traj.alpha_bar, early_steps=k, reference=ref)
-                values[f"D_x{tag}{suffix}"], values[f"D_T{tag}{suffix}"] = float(dev.D_x), float(dev.D_T)
-    dec = decompositions[""]
-    collapse = trajectory_collapse(x_t, final=traj.images[p])
-    wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=early)  # (seeds,)
-    align = noise_alignment(traj.e_c[p][:, :early], traj.e_0[p][:, :early], x, x_t[:, :early],
-                            traj.alpha_bar[:early], mu=mu)
-    values.update({f"{k}_early": float(v.mean()) for k, v in align.items() if k.startswith("cos_")})
-    for branch in ("c", "0"):  # fitted coefficients relative to theory (1 = exact denoiser)
-        values[f"fit_a_{branch}_ratio_early"] = float((align[f"fit_a_{branch}"] / align["theory_a"]).mean())
-        values[f"fit_b_{branch}_ratio_early"] = float((align[f"fit_b_{branch}"] / align["theory_b"]).mean())
-    values.update(wen_magnitude=float(wen.mean()), diversity=float(collapse.final_diversity),
-                  # seeds' distance once the early steps are done (step 0 is the seeds' own noise)
-                  collapse_early=float(collapse.pairwise_distance[min(early, len(collapse.pairwise_distance) - 1)]),
-                  residual=float(dec.residual.mean()))
-    per_seed = []
-    for j in range(x_t.shape[0]):
-        dev = schedule_deviation(dec.w_x[j:j + 1], dec.w_T[j:j + 1], traj.alpha_bar, reference="paper")
-        per_seed.append(dict(D_x=float(dev.D_x), D_T=float(dev.D_T), wen_magnitude=float(wen[j])))
-    curves = dict(w_x=dec.w_x.mean(0).numpy(), w_T=dec.w_T.mean(0).numpy(),
-                  collapse=collapse.pairwise_distance.numpy())
-    return values, per_seed, curves
-
-
-def prompts_per_call(args, num_seeds: int, latent_numel: int) -> int:
+def prompts_per_call(settings: EvalSettings, batch_size: int, latent_numel: int) -> int:
     """Prompts sampled per sample_trajectories call: batches stay full, recordings stay under ~1 GB."""
-    budget = max(1, int(1e9 // (num_seeds * args.num_inference_steps * latent_numel * 12)))
-    return max(1, args.batch_size // num_seeds, min(budget, 4 * args.batch_size))
+    num_seeds = len(settings.seeds)
+    budget = max(1, int(1e9 // (num_seeds * settings.num_inference_steps * latent_numel * 12)))
+    return max(1, batch_size // num_seeds, min(budget, 4 * batch_size))
 
 
 class Stopwatch:
@@ -303,120 +215,109 @@ class Stopwatch:
         self.last = now
 
 
-def evaluate_samples(unet, components, probe, index, args, settings, sscd, device, show_progress=True,
-                     timings: dict | None = None):
+def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int) -> dict:
+    """M1/M2 at the run's probe noise for samples `index`: per-sample means over the grid and `_early` ones."""
+    device = unet.device
+    timesteps = list(settings.probe_timesteps)
+    noise = probe_noise(probe.sample_ids[index], timesteps, probe.latents.shape[1:], settings.probe_seed)
+    m12 = probe_metrics(unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device),
+                        timesteps, noise, probe.alpha_bar, list(settings.probe_guidance_scales),
+                        mu=probe.mu.to(device), prediction_type=prediction_type_of(components.noise_scheduler),
+                        chunk_size=batch_size)
+    m12 = summarize_probe_metrics(m12, timesteps, settings.high_noise_timestep)
+    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
+
+
+def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int, sscd=None,
+                     show_progress=True, timings: dict | None = None) -> CheckpointResult:
     """All measurements for the probe samples `index` (one process's shard) of one model.
 
     `timings`, when given, accumulates seconds spent in probes, sampling, decoding and metrics.
     """
-    per_seed, per_sample, curves, images = [], [], [], []
-    timings = {} if timings is None else timings
-    clock = Stopwatch(timings)
+    result = CheckpointResult()
+    clock = Stopwatch({} if timings is None else timings)
     if len(index) == 0:
-        return per_seed, per_sample, curves, images
-    seeds = settings["seeds"]
+        return result
     components = replace(components, unet=unet)
-    prediction_type = prediction_type_of(components.noise_scheduler)
-    timesteps = settings["probe_timesteps"]
     clock("start")
-    noise = probe_noise(probe["sample_ids"][index], timesteps, probe["latents"].shape[1:], settings["probe_seed"])
-    m12 = probe_metrics(unet, probe["latents"][index].to(device), probe["cond"][index].to(device),
-                        probe["uncond"].to(device), timesteps, noise, probe["alpha_bar"],
-                        settings["probe_guidance_scales"], mu=probe["mu"].to(device),
-                        prediction_type=prediction_type, chunk_size=args.batch_size)
-    m12 = summarize_probe_metrics(m12, timesteps, settings["high_noise_timestep"])
-    step_m12 = {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
+    step_m12 = probe_rows(unet, components, probe, index, settings, batch_size)
     clock("probes")
 
-    chunk = prompts_per_call(args, len(seeds), probe["latents"][0].numel())
-    work = [(g, lo) for g in settings["guidance_scales"] for lo in range(0, len(index), chunk)]
+    chunk = prompts_per_call(settings, batch_size, probe.latents[0].numel())
+    work = [(g, lo) for g in settings.guidance_scales for lo in range(0, len(index), chunk)]
     for g, lo in tqdm(work, desc="sampling", leave=False, disable=not show_progress):
         gk = guidance_key(g)
         batch = index[lo:lo + chunk]
-        traj = sample_trajectories(components, [probe["captions"][i] for i in batch], seeds,
-                                   args.num_inference_steps, g, batch_size=args.batch_size, decode=False,
-                                   guidance_schedule=settings["guidance_schedule"])
-        clock("sampling")
-        latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
-        pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu()
-                            for chunk in latents.split(args.batch_size)])
-        traj = replace(traj, images=pixels.reshape(traj.final.shape[:2] + pixels.shape[1:]))
-        clock("decoding")
-        scores = severity_scores(traj, probe, batch, settings, sscd)
-        early = settings["early_steps"] or max(1, int((traj.timesteps >= settings["high_noise_timestep"]).sum()))
+        measured = measure_prompts(components, probe, batch, g, settings, batch_size, sscd, clock)
+        headline = measured.scores[settings.severity_backend]
         for p, i in enumerate(batch):
-            values, seed_values, curve = prompt_measurements(traj, p, probe["latents"][i], probe["mu"], early)
-            sid = int(probe["sample_ids"][i])
-            common = dict(sample_id=sid, dup_factor=int(probe["dup_factors"][i]), guidance_scale=g,
-                          guidance_schedule=settings["guidance_schedule"])
-            for j, seed in enumerate(seeds):
-                per_seed.append(dict(common, seed=seed, **seed_values[j],
-                                     **{f"sev_{b}": float(r.similarity[p, j]) for b, r in scores.items()}))
-            pos = lo + p
-            row = dict(common, **{k: float(v[pos]) for k, v in step_m12.items()})
+            sid = int(probe.sample_ids[i])
+            common = dict(sample_id=sid, dup_factor=int(probe.dup_factors[i]), guidance_scale=g,
+                          guidance_schedule=settings.guidance_schedule)
+            for j, seed in enumerate(settings.seeds):
+                result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
+                                            **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
+            row = dict(common, **{k: float(v[lo + p]) for k, v in step_m12.items()})
             row.update(loss_cfg=row[f"loss_cfg_{gk}"], k_cfg=row[f"k_cfg_{gk}"],
                        loss_cfg_early=row[f"loss_cfg_{gk}_early"], k_cfg_early=row[f"k_cfg_{gk}_early"])
-            headline = scores[settings["severity_backend"]]
-            row.update(severity=float(headline.severity[p]),
-                       memorized_fraction=float(headline.memorized_fraction[p]),
-                       **{f"sev_{b}": float(r.severity[p]) for b, r in scores.items()}, **values)
-            per_sample.append(row)
-            curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=traj.alpha_bar.numpy(),
-                               timesteps=traj.timesteps.numpy(), **curve))
-            if g == settings["guidance_scale"]:
-                images.append((sid, (traj.images[p, 0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+            row.update(severity=float(headline.severity[p]), memorized_fraction=float(headline.memorized_fraction[p]),
+                       **{f"sev_{b}": float(r.severity[p]) for b, r in measured.scores.items()}, **measured.values[p])
+            result.per_sample.append(row)
+            result.curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=measured.traj.alpha_bar.numpy(),
+                                      timesteps=measured.traj.timesteps.numpy(), **measured.curves[p]))
+            if g == settings.guidance_scale:
+                image = measured.traj.images[p, 0].permute(1, 2, 0).numpy()
+                result.images.append((sid, (image * 255).round().astype(np.uint8)))
         clock("metrics")
-    return per_seed, per_sample, curves, images
+    return result
 
 
-def resolve_settings(args, config) -> dict:
-    """Everything that shapes the tables; a rerun must use the same to append to them."""
-    use_ema = bool(config.get("use_ema"))
+def resolve_settings(args, config) -> EvalSettings:
+    """The flags, with what they leave unset taken from the run's config.yaml."""
+    use_ema = bool(config["use_ema"])
     weights = args.weights or ("ema" if use_ema else "raw")
     if weights == "ema" and not use_ema:
         raise EvalError("--weights ema but the run was trained without --use_ema; use --weights raw")
-    if config.get("use_lora") and args.weights == "ema":
+    if config["use_lora"] and args.weights == "ema":
         raise EvalError("--weights ema does not apply to a LoRA run; omit --weights")
-    seed = args.seed if args.seed is not None else int(config.get("seed") or 0)
-    if args.high_noise_timestep is None:
-        args.high_noise_timestep = int(config.get("probe_high_noise_from") or 700)
-    probe_timesteps = parse_list(args.probe_timesteps or config.get("probe_timesteps") or "100,300,500,700,900", int)
+    seed = args.seed if args.seed is not None else int(config["seed"])
     guidance_scales = sorted(set([args.guidance_scale] + parse_list(args.guidance_scales)))
-    probe_scales = sorted(set(parse_list(config.get("probe_guidance_scales") or "1.5,3,7.5") + guidance_scales))
-    backends = list(BACKENDS) + (["sscd"] if args.sscd_path else [])
-    threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend]
-    return dict(weights=weights, seed=seed, probe_seed=int(config.get("probe_seed") or 0), seeds=[seed + j for j in range(args.num_seeds)],
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                guidance_scales=guidance_scales, guidance_schedule=args.guidance_schedule,
-                probe_timesteps=probe_timesteps,
-                probe_guidance_scales=probe_scales, backends=backends,
-                severity_backend=args.severity_backend, threshold=threshold,
-                high_noise_timestep=args.high_noise_timestep, early_steps=args.early_steps,
-                max_samples=args.max_samples, model=str(config["pretrained_model_name_or_path"]),
-                dataset=str(config["train_data_dir"]), lora=bool(config.get("use_lora")))
+    high_noise = args.high_noise_timestep if args.high_noise_timestep is not None else config["high_noise_timestep"]
+    return EvalSettings(
+        weights=weights, seed=seed, probe_seed=int(config["probe_seed"]),
+        seeds=tuple(seed + j for j in range(args.num_seeds)), num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, guidance_scales=tuple(guidance_scales),
+        guidance_schedule=args.guidance_schedule,
+        probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
+        probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + guidance_scales))),
+        backends=SEVERITY_BACKENDS + (("sscd",) if args.sscd_path else ()),
+        severity_backend=args.severity_backend,
+        threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
+        high_noise_timestep=int(high_noise), early_steps=args.early_steps, max_samples=args.max_samples,
+        model=str(config["pretrained_model_name_or_path"]), dataset=str(config["train_data_dir"]),
+        lora=bool(config["use_lora"]))
 
 
-def done_steps(out_dir: Path, settings: dict) -> set[int]:
+def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
     """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
     saved = out_dir / "settings.json"
     if not (out_dir / "per_sample.csv").is_file():
         return set()
     if saved.is_file():
-        previous = json.loads(saved.read_text())
+        previous, current = json.loads(saved.read_text()), settings.as_dict()
         previous.setdefault("guidance_schedule", "constant")  # tables written before schedules existed
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        changed = sorted(k for k in current if previous.get(k) != current[k])
         if changed:
             raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
                             "use another --output_dir or the same settings")
     return set(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].tolist())
 
 
-def write_atomic(frame: pd.DataFrame, path: Path):
-    """CSV + parquet copy, each written to a temporary name and renamed."""
+def write_table(frame: pd.DataFrame, path: Path):
+    """CSV + parquet copy, each written atomically."""
     for target, writer in ((path, frame.to_csv), (path.with_suffix(".parquet"), frame.to_parquet)):
-        tmp = target.with_name(f".{target.name}.tmp")
-        writer(tmp, index=False)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            writer(tmp, index=False)
 
 
 def append_rows(path: Path, rows: list[dict], step: int):
@@ -425,20 +326,18 @@ def append_rows(path: Path, rows: list[dict], step: int):
     if path.is_file():
         old = pd.read_csv(path)
         new = pd.concat([old[old["checkpoint_step"] != step], new], ignore_index=True)
-    write_atomic(new.sort_values(["checkpoint_step", "guidance_scale", "sample_id"], kind="stable"), path)
+    write_table(new.sort_values(["checkpoint_step", "guidance_scale", "sample_id"], kind="stable"), path)
 
 
 def save_arrays(path: Path, **arrays):
-    """np.savez to a temporary name, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez_compressed, atomically."""
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
-def log_scalars(writer, per_sample: pd.DataFrame, step: int, settings: dict):
+def log_scalars(writer, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
     """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step."""
-    rows = per_sample[per_sample["guidance_scale"] == settings["guidance_scale"]]
+    rows = per_sample[per_sample["guidance_scale"] == settings.guidance_scale]
     names = ["severity", "memorized_fraction", "D_x", "D_T", "D_x_exact", "D_T_exact", "loss_cond",
              "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early", "wen_magnitude", "diversity"]
     for dup, group in rows.groupby("dup_factor"):
@@ -450,24 +349,21 @@ def log_scalars(writer, per_sample: pd.DataFrame, step: int, settings: dict):
     writer.flush()
 
 
-def store_checkpoint(out_dir: Path, step: int, name: str, results, settings: dict, writer):
-    """Main process: merge the shards' rows and append them (tables last: they mark the step done)."""
-    per_seed = [r for part in results for r in part[0]]
-    per_sample = [r for part in results for r in part[1]]
-    curves = sorted((c for part in results for c in part[2]), key=lambda c: (c["guidance_scale"], c["sample_id"]))
-    images = sorted((im for part in results for im in part[3]), key=lambda im: im[0])
-    for row in per_seed + per_sample:
+def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer):
+    """Main process: append one model's rows (tables last: they mark the step done)."""
+    for row in result.per_seed + result.per_sample:
         row.update(checkpoint_step=step, checkpoint=name)
+    curves, images = result.curves, result.images
     save_arrays(out_dir / "curves" / f"step-{step}.npz",
                 sample_id=np.array([c["sample_id"] for c in curves]),
                 guidance_scale=np.array([c["guidance_scale"] for c in curves]),
                 **{k: np.stack([c[k] for c in curves]) for k in ("w_x", "w_T", "collapse", "alpha_bar", "timesteps")})
     save_arrays(out_dir / "images" / f"step-{step}.npz", sample_id=np.array([i[0] for i in images]),
                 images=np.stack([i[1] for i in images]))
-    append_rows(out_dir / "per_seed.csv", per_seed, step)
-    append_rows(out_dir / "per_sample.csv", per_sample, step)
+    append_rows(out_dir / "per_seed.csv", result.per_seed, step)
+    append_rows(out_dir / "per_sample.csv", result.per_sample, step)
     if writer is not None:
-        log_scalars(writer, pd.DataFrame(per_sample), step, settings)
+        log_scalars(writer, pd.DataFrame(result.per_sample), step, settings)
 
 
 def main(args):
@@ -483,38 +379,34 @@ def main(args):
     todo = [(step, folder) for step, folder in models if step not in done]
     accelerator.wait_for_everyone()  # every process has read the done set before main appends
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".settings.json.tmp"
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, out_dir / "settings.json")
+        write_text_atomic(out_dir / "settings.json", json.dumps(settings.as_dict(), indent=1))
         for step, folder in models:
             if step in done:
                 print(f"skipping {folder.name if folder else 'base model'} (step {step}): already evaluated in {out_dir}")
 
     device = accelerator.device
     # --mixed_precision fp16/bf16 runs the networks in that dtype; metrics accumulate in float32.
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    dtype = compute_dtype(accelerator.mixed_precision)
     try:
         sscd = load_sscd(args.sscd_path).to(device) if args.sscd_path else None
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
     components = load_components(config["pretrained_model_name_or_path"]).to(device, dtype)
     base_unet = components.unet.eval()
-    base_state = {k: v.detach().clone() for k, v in base_unet.state_dict().items()}
-    probe = load_probe_set(config, args, components, device) if todo else None
+    probe = read_probe_set(config, args, components, device) if todo else None
     writer = None
     if is_main and todo:
-        save_arrays(out_dir / "images" / "training.npz", sample_id=probe["sample_ids"],
-                    images=(probe["pixels"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        save_arrays(out_dir / "images" / "training.npz", sample_id=probe.sample_ids,
+                    images=(probe.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(args.logging_dir or str(run_dir / config.get("logging_dir", "logs") / f"eval{suffix}"))
-    shard = np.arange(len(probe["sample_ids"]))[accelerator.process_index::accelerator.num_processes] if todo else None
+        writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / f"eval{suffix}"))
+    shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
     for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):
         name = folder.name if folder else "base"
         try:
-            unet = base_unet if folder is None else checkpoint_unet(folder, settings["weights"], base_state, components)
+            unet = base_unet if folder is None else run.load_checkpoint_unet(folder, base_unet, settings.weights)
         except Exception as err:  # a broken checkpoint must not stop the others
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if is_main:
@@ -522,29 +414,24 @@ def main(args):
             failed.append(name)
             continue
         unet.to(device, dtype).eval().requires_grad_(False)
-        results = evaluate_samples(unet, components, probe, shard, args, settings, sscd, device, is_main, timings)
-        gathered = gather_object([results])
+        result = evaluate_samples(unet, components, probe, shard, settings, args.batch_size, sscd, is_main, timings)
+        gathered = gather_object([result])
         if is_main:
-            store_checkpoint(out_dir, step, name, gathered, settings, writer)
+            store_checkpoint(out_dir, step, name, CheckpointResult.merge(gathered), settings, writer)
         accelerator.wait_for_everyone()
     if is_main:
         if writer is not None:
             writer.close()
         if timings:
             print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        report.write_report(out_dir, settings, failed=failed, n_boot=args.bootstrap)
+        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap)
         print(f"wrote {out_dir}/per_seed.csv, per_sample.csv, summary.json, report.md and figures/")
     accelerator.end_training()
 
 
 def cli(argv=None) -> int:
-    """Entry point: bad input is one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point: bad input is one line on stderr and exit status 2 (mem_analysis.cli)."""
+    return run_command(lambda given: main(parse_args(given)), "evaluate_checkpoints.py", argv, bad_input=(EvalError,))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +21,7 @@ import pandas as pd  # noqa: E402
 
 from mem_analysis import stats  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
+from mem_analysis.io import atomic_path, write_text_atomic  # noqa: E402
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
 NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction"}
@@ -120,10 +120,9 @@ def verdict(c: dict, sign: int) -> str:
 
 def save_figure(fig, path: Path):
     """Save a PNG atomically and close the figure."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def by_dup_over_steps(ax, table: pd.DataFrame, column: str, label_fmt: str = "dup {}", style: str = "-o"):
@@ -264,9 +263,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     per_sample = pd.read_csv(eval_dir / "per_sample.csv")
     summary = summarize(per_sample, settings, n_boot)
     summary["skipped_checkpoints"] = list(failed)
-    tmp = eval_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, eval_dir / "summary.json")
+    write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     names = figures(eval_dir, per_sample, summary, settings)
 
     g = settings["guidance_scale"]
@@ -298,9 +295,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
         lines.append(f"| {sid} | {o['dup_factor']} | {o['onset_step'] if o['onset_step'] is not None else 'never'} | "
                      f"{o['deviation_rise_step'] if o['deviation_rise_step'] is not None else 'never'} |")
     lines += ["", f"![generated next to training](figures/{names['images']})", ""]
-    tmp = eval_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, eval_dir / "report.md")
+    write_text_atomic(eval_dir / "report.md", "\n".join(lines))
     return eval_dir / "report.md"
 
 

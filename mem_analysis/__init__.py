@@ -1,7 +1,8 @@
-"""Memorization measurements for Stable-Diffusion-style models (science.md M1-M7).
+"""Memorization measurements for Stable-Diffusion-style models (docs/science.md M1-M7).
 
 Public API; scripts may also import from the submodules directly.
 """
+import mem_analysis.compat  # noqa: F401  (first: before any diffusers pipeline is imported)
 from mem_analysis.schedule import (
     alpha_bar_from_scheduler, check_timesteps, clean_estimate, forward_noise, prediction_type_of, snr, to_epsilon,
 )

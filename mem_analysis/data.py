@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import unicodedata
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+
+from mem_analysis.io import write_folder_atomically  # noqa: F401  (re-exported for the data scripts)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -253,7 +253,7 @@ def load_study_dataset(path: str | Path):
 
 
 # ---------------------------------------------------------------------------
-# Output folders of the data scripts: refuse to clobber, write under a temporary name, rename.
+# Output folders of the data scripts: refuse to clobber; written by mem_analysis.io.write_folder_atomically.
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty folder unless `overwrite` (checked before any work is done)."""
@@ -262,24 +262,3 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
         raise ValueError(f"--output_dir {output_dir} is a file; choose a folder path")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace it or choose another")
-
-
-def write_folder_atomically(write: Callable[[Path], None], output_dir: str | Path) -> None:
-    """Call `write(tmp)` on a temporary sibling folder, then rename it to `output_dir`.
-
-    A folder named `output_dir` is therefore always complete; an old one is replaced only
-    after the new one is fully written, and nothing is left behind if `write` fails.
-    """
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if output_dir.exists():
-            output_dir.rename(old)
-        tmp.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

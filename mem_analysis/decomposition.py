@@ -1,7 +1,7 @@
 """M4 latent decomposition along sampling trajectories and M5 trajectory collapse.
 
 Per seed n and step k, least squares over the flattened latent:
-`x_t[n, k] ~ w_x[n, k] x + w_T[n, k] x_T[n]`. Theory (science.md, "The two theoretical
+`x_t[n, k] ~ w_x[n, k] x + w_T[n, k] x_T[n]`. Theory (docs/science.md, "The two reference
 schedules"): `paper` `w_x = sqrt(abar_t)`, `w_T = sqrt(1 - abar_t)`; `exact` (a perfect
 denoiser run by DDIM from pure noise) `w_x = sqrt(abar_t) - c sqrt(1 - abar_t)`,
 `w_T = sqrt(1 - abar_t) / sqrt(1 - abar_t0)`, `c = sqrt(abar_t0 / (1 - abar_t0))`.

@@ -10,6 +10,9 @@ import torch
 
 from mem_analysis.losses import denoising_losses, overestimation
 
+# Timesteps t >= this form the high-noise window where the CFG excess shows (docs/science.md M1).
+HIGH_NOISE_TIMESTEP = 700
+
 
 def guidance_key(g: float) -> str:
     """Column suffix of a guidance scale: `f"{g:g}"` (1.5 -> '1.5', 3.0 -> '3')."""
@@ -63,15 +66,15 @@ def probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     return {name: value.float().cpu() for name, value in rows.items()}
 
 
-def summarize_probe_metrics(metrics: dict[str, torch.Tensor], timesteps, high_noise_from: int = 700
+def summarize_probe_metrics(metrics: dict[str, torch.Tensor], timesteps, high_noise_timestep: int = HIGH_NOISE_TIMESTEP
                             ) -> dict[str, torch.Tensor]:
-    """Per-sample means over the timestep grid (`<key>_mean`) and over `t >= high_noise_from` (`<key>_high`).
+    """Per-sample means over the timestep grid (`<key>_mean`) and over `t >= high_noise_timestep` (`<key>_high`).
 
-    science.md M1: the CFG excess shows at high noise, so the high-noise window is always
+    docs/science.md M1: the CFG excess shows at high noise, so the high-noise window is always
     reported beside the full grid. `<key>_high` is NaN when no grid timestep reaches the window.
     """
     timesteps = torch.as_tensor(timesteps).reshape(-1)
-    high = timesteps >= high_noise_from
+    high = timesteps >= high_noise_timestep
     out = {}
     for name, value in metrics.items():
         if value.ndim != 2 or value.shape[1] != timesteps.numel():

@@ -1,6 +1,6 @@
 """The forward-process schedule: alpha_bar, SNR, forward noising, clean estimates, v -> eps.
 
-Notation of science.md: `x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`,
+Notation of docs/science.md: `x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`,
 `x0hat(e) = (x_t - sqrt(1 - abar_t) e) / sqrt(abar_t)`, `SNR_t = abar_t / (1 - abar_t)`.
 Every `alpha_bar` argument broadcasts against the leading (batch) dimensions of the latents.
 """

@@ -31,6 +31,11 @@ class SDComponents:
         return self
 
 
+def compute_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The networks' dtype under accelerate's `mixed_precision` ("fp16", "bf16", else float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def load_components(
     pretrained_model_name_or_path: str,
     revision: str | None = None,
@@ -84,7 +89,7 @@ def encode_images(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Gen
                   sample: bool = False) -> torch.Tensor:
     """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents `scaling_factor * E(x)`.
 
-    The posterior mean by default (the training image's latent `x` of science.md);
+    The posterior mean by default (the training image's latent `x` of docs/science.md);
     `sample=True` draws from the posterior as diffusers' training scripts do.
     """
     dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist

@@ -2,7 +2,7 @@
 
 `generated` is (P, N, ...) (P prompts x N seeds), `reference` is (P, ...); pixels in [0, 1].
 Severity of a prompt = mean similarity over seeds; memorized fraction = share of seeds whose
-similarity is over the threshold. Pixel-space back ends are the default (science.md M6).
+similarity is over the threshold. Pixel-space back ends are the default (docs/science.md M6).
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""M7 relations: correlations with bootstrap intervals, detection AUROC / TPR at low FPR, onset step;
-bootstrap means and distances between image distributions (MMD, Frechet) for comparing runs."""
+"""M7 relations (docs/science.md M7): correlations with bootstrap intervals, detection AUROC / TPR at low FPR,
+onset step; bootstrap means and distances between image distributions (MMD, Frechet) for comparing runs.
+Ranks come from SciPy and ROC quantities from scikit-learn; the bootstrap and onset are ours."""
 from __future__ import annotations
 
 import math
 from collections import namedtuple
 
 import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score, roc_curve
 
 Correlation = namedtuple("Correlation", ["r", "low", "high", "n"])
 
@@ -17,20 +20,6 @@ def as_pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}")
     keep = ~(np.isnan(x) | np.isnan(y))
     return x[keep], y[keep]
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n along the last axis, ties sharing their mean rank."""
-    order = np.argsort(values, axis=-1, kind="stable")
-    sorted_values = np.take_along_axis(values, order, -1)
-    ranks = np.empty_like(values, dtype=np.float64)
-    for row in np.ndindex(values.shape[:-1]):
-        v = sorted_values[row]
-        starts = np.r_[0, np.flatnonzero(np.diff(v)) + 1]
-        ends = np.r_[starts[1:], v.size]
-        mean_rank = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-        ranks[row + (order[row],)] = mean_rank
-    return ranks
 
 
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -55,7 +44,7 @@ def correlation(x, y, method: str = "pearson", n_bootstrap: int = 1000, confiden
         raise ValueError(f"need at least 3 (x, y) pairs for a correlation, got {x.size}")
 
     def r_of(a, b):
-        return pearson_rows(average_ranks(a), average_ranks(b)) if method == "spearman" else pearson_rows(a, b)
+        return pearson_rows(rankdata(a, axis=-1), rankdata(b, axis=-1)) if method == "spearman" else pearson_rows(a, b)
 
     r = float(r_of(x, y))
     if n_bootstrap <= 0:
@@ -82,20 +71,14 @@ def check_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 def auroc(scores, labels) -> float:
     """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)), higher score = positive."""
     scores, labels = check_labels(scores, labels)
-    ranks = average_ranks(scores)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, scores))
 
 
 def tpr_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
     """Largest TPR over thresholds `s >= tau` whose FPR = share of negatives with `s >= tau` is <= max_fpr."""
     scores, labels = check_labels(scores, labels)
-    thresholds = np.unique(scores)[::-1]
-    neg, pos = np.sort(scores[~labels]), np.sort(scores[labels])
-    fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
-    tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
-    allowed = fpr <= max_fpr
-    return float(tpr[allowed].max()) if allowed.any() else 0.0
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(tpr[fpr <= max_fpr].max())  # the curve starts at (0, 0), so the set is never empty
 
 
 def onset_step(steps, severity, threshold: float) -> np.ndarray:

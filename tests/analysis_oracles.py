@@ -1,4 +1,4 @@
-"""Analytic oracle denoisers for the mem_analysis tests (science.md, "Checks any implementation must pass")."""
+"""Analytic oracle denoisers for the mem_analysis tests (docs/science.md, "Checks every implementation must pass")."""
 from __future__ import annotations
 
 from types import SimpleNamespace

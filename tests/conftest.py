@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "data_scripts"))
 
 TINY_DATASET_ARGS = ["--source", "twemoji", "--max_images", "48", "--dup_factors", "1,4,8",
                      "--samples_per_factor", "2", "--resolution", "32", "--seed", "0"]
@@ -40,7 +39,7 @@ TINY_MODEL_ARGS = ["--preset", "tiny", "--seed", "0", "--max_images", "128", "--
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny base model folder (VAE trained a few seconds, UNet untrained); read-only."""
-    import make_base_model
+    from data_scripts import make_base_model
 
     folder = tmp_path_factory.mktemp("models") / "tiny"
     make_base_model.main(["--output_dir", str(folder), *TINY_MODEL_ARGS])
@@ -50,7 +49,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     """A small Twemoji study dataset (factors 1,4,8 x 2 samples, 48 images, 32 px); read-only."""
-    import build_duplicated_dataset
+    from data_scripts import build_duplicated_dataset
 
     folder = tmp_path_factory.mktemp("datasets") / "tiny"
     build_duplicated_dataset.main(["--output_dir", str(folder), *TINY_DATASET_ARGS])

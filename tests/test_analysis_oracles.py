@@ -1,4 +1,4 @@
-"""science.md oracle checks, run through mem_analysis' own DDIM sampler and M1/M2 code."""
+"""docs/science.md oracle checks, run through mem_analysis' own DDIM sampler and M1/M2 code."""
 from __future__ import annotations
 
 import pytest

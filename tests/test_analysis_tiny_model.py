@@ -73,7 +73,7 @@ def test_batched_m1_equals_one_at_a_time(pipe):
                         "k_cfg_7.5": (x0hat * x[s]).sum() / x[s].pow(2).sum()}
             for key, value in expected.items():
                 torch.testing.assert_close(rows[key][s, j], value, rtol=1e-4, atol=1e-5)
-    summary = summarize_probe_metrics(rows, timesteps, high_noise_from=700)
+    summary = summarize_probe_metrics(rows, timesteps, high_noise_timestep=700)
     torch.testing.assert_close(summary["loss_cond_high"], rows["loss_cond"][:, 1])
     torch.testing.assert_close(summary["k_cond_mean"], rows["k_cond"].mean(1))
 

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-import make_base_model
+from data_scripts import make_base_model
 from conftest import TINY_MODEL_ARGS
 from mem_analysis.data import image_to_tensor, list_source_images, load_source_image, subsample
 from mem_analysis.presets import build_pipeline
@@ -127,10 +127,10 @@ def test_bad_inputs_give_one_line_errors_and_keep_existing_output(tmp_path):
     output = tmp_path / "existing"
     output.mkdir()
     (output / "keep.txt").write_text("precious")
-    with pytest.raises(SystemExit, match=r"not empty; pass --overwrite"):
+    with pytest.raises(ValueError, match=r"not empty; pass --overwrite"):
         make_base_model.main(["--output_dir", str(output), *TINY_MODEL_ARGS])
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
-    with pytest.raises(SystemExit, match=r"source folder .*missing does not exist") as info:
+    with pytest.raises((ValueError, FileNotFoundError), match=r"source folder .*missing does not exist") as info:
         make_base_model.main(["--output_dir", str(tmp_path / "new"), "--image_source", str(tmp_path / "missing")])
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

@@ -17,14 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-sys.path.insert(0, str(ROOT / "eval"))
+from data_scripts import build_duplicated_dataset, make_base_model
+from eval import evaluate_checkpoints
+from train import finetune
 
-import build_duplicated_dataset  # noqa: E402  (data_scripts/, on the path from conftest)
-import evaluate_checkpoints  # noqa: E402
-import finetune  # noqa: E402
-import make_base_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 RECIPES = [c for c in CONFIGS if "pretrained_model_name_or_path" in yaml.safe_load(c.read_text())]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import build_duplicated_dataset
+from data_scripts import build_duplicated_dataset
 from mem_analysis.data import image_hash, list_source_images, load_study_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def expect_error(tmp_path: Path, match: str, *flags: str, output: Path | None = 
     """The builder exits with a one-line error matching `match` and writes nothing."""
     output = output or tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(SystemExit, match=match) as info:
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as info:
         build_duplicated_dataset.main(["--output_dir", str(output), "--resolution", "16", *flags])
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder left
@@ -232,5 +232,5 @@ def test_command_line_exit_codes(tmp_path):
     assert len(datasets.load_from_disk(str(tmp_path / "d"))["train"]) == 14
     bad = subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path / "d")],
                          capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode != 0
+    assert bad.returncode == 2  # bad input (mem_analysis.cli)
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--overwrite" in bad.stderr

@@ -6,7 +6,6 @@ single process with checkpoint-4 corrupted, again once it is repaired (a resume)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from eval import evaluate_checkpoints as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_checkpoints.py"
@@ -172,19 +173,10 @@ def test_figures_and_report_numbers_equal_the_tables(single):
     assert set(summary["onset"]) == {str(s) for s in last.sample_id}
 
 
-def load_script():
-    """evaluate_checkpoints as a module, for fast in-process bad-input checks."""
-    spec = importlib.util.spec_from_file_location("evaluate_checkpoints", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):
-    ev = load_script()
     assert ev.cli(["--run_dir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --run_dir") and "does not exist" in err and err.count("\n") == 1
+    assert err.startswith("evaluate_checkpoints.py: error: --run_dir") and "does not exist" in err and err.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(trained_run / "config.yaml", empty / "config.yaml")
@@ -197,50 +189,11 @@ def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):
     assert not (empty / "eval").exists()
 
 
-def test_lora_and_ema_checkpoints_load_the_trained_weights(tiny_model_dir, tmp_path):
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from mem_analysis.sd import load_components
-
-    sys.path.insert(0, str(ROOT / "train"))
-    from finetune_state import add_lora, save_lora  # how training writes LoRA checkpoints
-
-    ev = load_script()
-    components = load_components(tiny_model_dir)
-    base_state = {k: v.clone() for k, v in components.unet.state_dict().items()}
-    trained = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    add_lora(trained, 4, torch.float32)
-    with torch.no_grad():
-        for name, param in trained.named_parameters():
-            if "lora_B" in name:  # B starts at zero: make the adapters change the output
-                param.normal_(0, 0.05)
-    save_lora(trained, tmp_path / "checkpoint-1")
-    loaded = ev.checkpoint_unet(tmp_path / "checkpoint-1", "raw", base_state, components)
-    gen = torch.Generator().manual_seed(0)
-    x, h = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 64, generator=gen)
-    with torch.no_grad():
-        want, got, base = (net(x, 500, encoder_hidden_states=h).sample for net in (trained, loaded, components.unet))
-    assert (want - base).abs().max() > 1e-3
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-    ema = tmp_path / "checkpoint-2"
-    components.unet.save_pretrained(ema / "unet")
-    shifted = UNet2DConditionModel.from_config(components.unet.config)
-    shifted.load_state_dict({k: v + 0.01 for k, v in base_state.items()})
-    shifted.save_pretrained(ema / "unet_ema")
-    for weights, offset in (("ema", 0.01), ("raw", 0.0)):
-        unet = ev.checkpoint_unet(ema, weights, base_state, components)
-        name, value = next(iter(unet.state_dict().items()))
-        torch.testing.assert_close(value, base_state[name] + offset)
-
-
 def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
     """Two runs (one evaluated with constant guidance, one with delay:500): compare_runs' numbers are
     those of each run's per_sample.csv and summary.json, and the schedule is recorded in the tables."""
-    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "eval" / "compare_runs.py")
-    compare_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_runs)
+    from eval import compare_runs
+
     first, second = tmp_path / "first", tmp_path / "second"
     shutil.copytree(trained_run, first, ignore=shutil.ignore_patterns("eval*"))
     shutil.copytree(single["out"], first / "eval")

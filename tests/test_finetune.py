@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
+from mem_analysis.run import list_checkpoints
+from train import finetune, finetune_data
+from train.finetune_config import FLAGS, ConfigError, resolve_config
+from train.finetune_state import resolve_resume
 
-import finetune  # noqa: E402
-import finetune_data  # noqa: E402
-from finetune_config import FLAGS, ConfigError, resolve_config  # noqa: E402
-from finetune_state import list_checkpoints, resolve_resume  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG = ROOT / "configs" / "finetune_tiny.yaml"
 
@@ -57,7 +56,7 @@ def test_flags_override_yaml_and_lists_parse(tmp_path):
 def test_bad_config_is_one_line_error(tmp_path, capsys, content, message):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(content))
-    assert finetune.cli(["--config", str(config)]) == 1
+    assert finetune.cli(["--config", str(config)]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and message in err[0]
     with pytest.raises(ConfigError):
@@ -87,7 +86,7 @@ def test_keep_probe_rows_drops_later_steps_duplicates_and_cut_lines(tmp_path):
 def test_probe_scalars_are_means_per_dup_factor_and_high_noise_window():
     rows = [{"step": 1, "sample_id": s, "dup_factor": d, "timestep": t, "loss_cond": float(s * 10 + t)}
             for s, d in ((0, 1), (1, 4), (2, 4)) for t in (100, 800)]
-    scalars = finetune_data.probe_scalars(rows, high_noise_from=700)
+    scalars = finetune_data.probe_scalars(rows, high_noise_timestep=700)
     assert scalars["probe/loss_cond/dup_1"] == pytest.approx(450.0)
     assert scalars["probe/loss_cond/dup_4"] == pytest.approx((110 + 810 + 120 + 820) / 4)
     assert scalars["probe_high/loss_cond/dup_4"] == pytest.approx(815.0)
@@ -111,7 +110,7 @@ def test_bad_dataset_is_one_line_error(tiny_model_dir, tiny_dataset_dir, tmp_pat
     else:
         splits = datasets.DatasetDict({k: v.remove_columns("dup_factor") for k, v in splits.items()})
     splits.save_to_disk(str(tmp_path / "data"))
-    assert finetune.cli(argv(tiny_model_dir, tmp_path / "data", tmp_path / "run")) == 1
+    assert finetune.cli(argv(tiny_model_dir, tmp_path / "data", tmp_path / "run")) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and ("probe" if damage == "no_probe_split" else "dup_factor") in err[0]
 
@@ -122,7 +121,7 @@ def test_missing_resume_path_fails_and_keeps_run(tiny_model_dir, tiny_dataset_di
     (run / "probes.jsonl").write_text('{"step": 0}\n')
     code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--resume_from_checkpoint", run / "checkpoint-9"))
     err = error_lines(capsys.readouterr().err)
-    assert code == 1 and len(err) == 1 and "checkpoint-9" in err[0]
+    assert code == 2 and len(err) == 1 and "checkpoint-9" in err[0]
     assert sorted(p.name for p in run.iterdir()) == ["probes.jsonl"]
     assert (run / "probes.jsonl").read_text() == '{"step": 0}\n'
 

@@ -19,12 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "train"))
+from bench import gpu_bench, gpu_finetune_run
 
-import gpu_bench  # noqa: E402
-import gpu_finetune_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -99,7 +96,7 @@ def test_sd15_shape_attention_is_sdpa_by_default():
 
 def tiny_study(folder: Path) -> tuple[Path, Path]:
     """An untrained tiny base model and a study dataset of 24 synthetic 32 px images (factors 1, 4)."""
-    import build_duplicated_dataset
+    from data_scripts import build_duplicated_dataset
     from mem_analysis.presets import build_pipeline
 
     build_pipeline("tiny", seed=0).save_pretrained(folder / "model")
@@ -169,7 +166,7 @@ def sd15_unet():
 def sd15_probe_inputs(samples: int = 2) -> dict:
     """probe_metrics inputs at 64x64x4 latents with the SD schedule and finetune.py's default grid."""
     from diffusers import DDPMScheduler
-    from finetune_config import FLAGS
+    from train.finetune_config import FLAGS
     from mem_analysis.presets import SD_SCHEDULER
     from mem_analysis.probes import probe_noise
     from mem_analysis.schedule import alpha_bar_from_scheduler
@@ -223,7 +220,7 @@ def test_sdpa_is_default_and_agrees_with_classic_attention(sd15_unet):
 @gpu
 def test_finetune_bf16_on_cuda(tmp_path):
     """finetune.py on the tiny model in bf16 on the GPU: loss finite, probes written, final model saved."""
-    import finetune
+    from train import finetune
 
     model, data = tiny_study(tmp_path)
     extra = [f"--{flag}" for flag in ("channels_last", "allow_tf32") if gpu_bench.finetune_has(flag)]

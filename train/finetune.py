@@ -10,7 +10,7 @@ probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
-`mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (science.md M1, M2) on the
+`mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (docs/science.md M1, M2) on the
 training weights (not EMA). Each process probes a shard; rows are gathered and written once.
 Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
 order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
@@ -33,20 +33,19 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_config import ConfigError, TrainingError, resolve_config, save_config  # noqa: E402
-from finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows,  # noqa: E402
-                           load_splits, probe_scalars, row_sampling_weights)
-from finetune_state import (add_lora, list_checkpoints, log_validation, register_hooks,  # noqa: E402
-                            resolve_resume, save_checkpoint, save_final_model, zero3_init_disabled)
-from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude  # noqa: E402
-from mem_analysis.mitigations import wen_filter_weights  # noqa: E402
-from mem_analysis.probes import probe_metrics  # noqa: E402
-from mem_analysis.schedule import alpha_bar_from_scheduler  # noqa: E402
-from mem_analysis.sd import encode_images, encode_prompts, load_components  # noqa: E402
+from mem_analysis import run
+from mem_analysis.cli import run_command
+from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude, wen_filter_weights
+from mem_analysis.probes import probe_metrics
+from mem_analysis.schedule import alpha_bar_from_scheduler
+from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
+from train.finetune_config import ConfigError, TrainingError, resolve_config
+from train.finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows, load_splits,
+                                 probe_scalars, row_sampling_weights)
+from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
+                                  save_checkpoint, save_final_model, zero3_init_disabled)
 
 
 def build_accelerator(args) -> Accelerator:
@@ -168,7 +167,7 @@ def main(argv=None) -> int:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(f"prediction_type {noise_scheduler.config.prediction_type!r}: use epsilon or v_prediction")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = compute_dtype(accelerator.mixed_precision)
     parts.vae.to(accelerator.device, dtype=weight_dtype)
     parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora:
@@ -231,7 +230,7 @@ def main(argv=None) -> int:
     global_step = 0
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        global_step = json.loads((resume_path / "training_state.json").read_text())["global_step"]
+        global_step = run.checkpoint_step(resume_path)
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     first_epoch = global_step // steps_per_epoch
     if global_step >= max_train_steps:  # resumed from the last step: nothing left to train
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
     probe_path = output_dir / "probes.jsonl"
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(args, output_dir / "config.yaml")
+        run.write_config(output_dir, vars(args))
         # Rows after the resumed step belong to the interrupted run and are written again below.
         keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
     tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -255,7 +254,7 @@ def main(argv=None) -> int:
         probe.alpha_bar = alpha_bar_from_scheduler(noise_scheduler)
         probe.prediction_type = noise_scheduler.config.prediction_type
         if main_process:
-            save_file({"mu": probe.mu.cpu().contiguous()}, str(output_dir / "probe_mu.safetensors"))
+            run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
 
     def probe_and_log(step: int) -> None:
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
                 handle.flush()
                 os.fsync(handle.fileno())
-        accelerator.log(probe_scalars(rows, args.probe_high_noise_from), step=step)
+        accelerator.log(probe_scalars(rows, args.high_noise_timestep), step=step)
 
     if probe is not None and global_step == 0:
         probe_and_log(0)
@@ -298,7 +297,7 @@ def main(argv=None) -> int:
                 mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
                 if not math.isfinite(mean_loss):
                     progress.close()
-                    complete = list_checkpoints(output_dir)
+                    complete = run.list_checkpoints(output_dir)
                     raise TrainingError(f"loss is {mean_loss} at step {global_step + 1}; stopped. Last complete "
                                         f"checkpoint: {complete[-1] if complete else 'none'}")
                 running_loss += mean_loss / args.gradient_accumulation_steps
@@ -349,12 +348,9 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    """main() with configuration and run-time problems reported as one line and exit status 1."""
-    try:
-        return main(argv)
-    except (ConfigError, TrainingError, ValueError, FileNotFoundError) as error:
-        print(f"finetune.py: error: {error}", file=sys.stderr)
-        return 1
+    """main() with bad input reported as one line and exit status 2, a failed run (NaN loss) as one line and 1."""
+    return run_command(main, "finetune.py", argv, bad_input=(ConfigError, ValueError, FileNotFoundError),
+                       failures=(TrainingError,))
 
 
 if __name__ == "__main__":

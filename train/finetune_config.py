@@ -1,7 +1,7 @@
 """The flags of train/finetune.py and their merging: defaults < `--config` YAML < command line.
 
 Every YAML key must be a flag name (an unknown key is an error), and the resolved
-configuration is what `finetune.py` saves as `output_dir/config.yaml`.
+configuration is what `finetune.py` saves as `output_dir/config.yaml` (mem_analysis.run.write_config).
 """
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ from pathlib import Path
 
 import yaml
 
+from mem_analysis.cli import parse_list
+from mem_analysis.run import RUN_DEFAULTS
+
 
 class ConfigError(ValueError):
     """A configuration or input problem, reported as one line."""
 
 
 class TrainingError(RuntimeError):
-    """A run-time problem (missing resume checkpoint, NaN loss), reported as one line."""
+    """A failure while training (NaN loss), reported as one line."""
 
 
 def comma_list(kind):
-    """Parser of a list given as YAML list, comma-separated string, or repeated flag values."""
+    """Parser of a list given as YAML list, comma-separated string, or repeated flag values (None kept)."""
     def parse(value):
-        if value is None:
-            return None
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        return [kind(item.strip() if isinstance(item, str) else item) for item in items
-                if not (isinstance(item, str) and not item.strip())]
+        return None if value is None else parse_list(value, kind)
     return parse
 
 
@@ -48,7 +47,8 @@ def boolean(value) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
-# name: (default, parser, help). Names follow the diffusers text_to_image examples.
+# name: (default, parser, help). Names follow the diffusers text_to_image examples. The defaults of the
+# fields evaluation reads from config.yaml come from mem_analysis.run.RUN_DEFAULTS.
 FLAGS = {
     # model and data
     "pretrained_model_name_or_path": (None, str, "diffusers SD pipeline folder or hub name (required)"),
@@ -66,7 +66,7 @@ FLAGS = {
     "max_train_samples": (None, optional(int), "truncate the train split (debugging)"),
     # training
     "output_dir": ("finetune-output", str, "run folder"),
-    "seed": (0, int, "seed of data order, noise, timesteps and caption dropout"),
+    "seed": (RUN_DEFAULTS["seed"], int, "seed of data order, noise, timesteps and caption dropout"),
     "train_batch_size": (8, int, "batch size per process"),
     "num_train_epochs": (1, int, "epochs (ignored when --max_train_steps is set)"),
     "max_train_steps": (None, optional(int), "optimizer steps in total"),
@@ -89,9 +89,9 @@ FLAGS = {
     "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
     "noise_offset": (0.0, float, "noise offset"),
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
-    "use_lora": (False, boolean, "train LoRA adapters (peft) instead of the full UNet"),
+    "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
-    "use_ema": (False, boolean, "keep an EMA of the UNet weights"),
+    "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),
     "ema_decay": (0.9999, float, "EMA decay"),
     "dataloader_num_workers": (0, int, "dataloader worker processes"),
     # mitigations of memorization (mem_analysis/mitigations.py; all off by default)
@@ -106,7 +106,7 @@ FLAGS = {
     "checkpointing_steps": (500, int, "save a checkpoint every N steps (0: only at the end)"),
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
     "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
-    "logging_dir": ("logs", str, "TensorBoard folder, relative to output_dir"),
+    "logging_dir": (RUN_DEFAULTS["logging_dir"], str, "TensorBoard folder, relative to output_dir"),
     "report_to": ("tensorboard", str, "tracker (tensorboard)"),
     "validation_prompts": (None, comma_list(str), "captions for validation images (default: first probe captions)"),
     "num_validation_prompts": (4, int, "probe captions used when --validation_prompts is not given"),
@@ -115,11 +115,12 @@ FLAGS = {
     "validation_guidance_scale": (7.5, float, "CFG scale of validation images"),
     # probes
     "probe_steps": (500, int, "probe every N steps and at step 0 (0: off)"),
-    "probe_timesteps": ([50, 150, 250, 350, 450, 550, 650, 750, 850, 950], comma_list(int), "probe timestep grid"),
-    "probe_guidance_scales": ([1.5, 3.0, 7.5], comma_list(float), "CFG scales of the probe losses"),
-    "probe_seed": (0, int, "seed of the fixed probe noise"),
+    "probe_timesteps": (RUN_DEFAULTS["probe_timesteps"], comma_list(int), "probe timestep grid"),
+    "probe_guidance_scales": (RUN_DEFAULTS["probe_guidance_scales"], comma_list(float), "CFG scales of the probe losses"),
+    "probe_seed": (RUN_DEFAULTS["probe_seed"], int, "seed of the fixed probe noise"),
     "probe_batch_size": (64, int, "(sample, timestep) pairs per probe UNet call"),
-    "probe_high_noise_from": (700, int, "timesteps >= this form the high-noise window in TensorBoard"),
+    "high_noise_timestep": (RUN_DEFAULTS["high_noise_timestep"], int,
+                            "timesteps >= this form the high-noise window (TensorBoard probe_high/, evaluation's _early)"),
     "dry_run": (False, boolean, "resolve config, build data and models, print the plan, train nothing"),
 }
 
@@ -212,9 +213,3 @@ def check_mitigations(config: dict) -> None:
     if config["mitigation_wen_threshold"] is not None and config["mitigation_wen_threshold"] < 0:
         raise ConfigError("mitigation_wen_threshold must be >= 0 (a magnitude ||e_c - e_0||)")
 
-
-def save_config(args: argparse.Namespace, path: Path) -> None:
-    """Write the resolved configuration (keys = flag names) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(vars(args), sort_keys=False))
-    tmp.replace(path)

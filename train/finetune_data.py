@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+from mem_analysis.io import write_text_atomic
 from mem_analysis.mitigations import augment_caption, dedup_sampling_weights
 from mem_analysis.probes import probe_noise
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
@@ -228,13 +228,13 @@ def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, acce
                        latents, cond, uncond, noise, mu)
 
 
-def probe_scalars(rows: list[dict], high_noise_from: int) -> dict[str, float]:
-    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_from."""
+def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float]:
+    """TensorBoard scalars: each probe metric averaged per dup factor, over the grid and over t >= high_noise_timestep."""
     scalars, groups = {}, {}
     for row in rows:
         groups.setdefault(row["dup_factor"], []).append(row)
     for dup, group in sorted(groups.items()):
-        high = [row for row in group if row["timestep"] >= high_noise_from]
+        high = [row for row in group if row["timestep"] >= high_noise_timestep]
         for name in (key for key in group[0] if key not in PROBE_ROW_KEYS):
             scalars[f"probe/{name}/dup_{dup}"] = float(np.mean([row[name] for row in group]))
             if high:
@@ -256,6 +256,4 @@ def keep_probe_rows(path: Path, last_step: int) -> None:
         if row["step"] <= last_step and key not in seen:
             seen.add(key)
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))

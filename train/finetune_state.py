@@ -9,9 +9,7 @@ instead of accelerate's `model.safetensors`; the load hook reads them back.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,9 +19,10 @@ from accelerate.state import AcceleratorState, is_initialized
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
 
-from finetune_config import TrainingError
+from mem_analysis import run
+from mem_analysis.run import list_checkpoints
+from train.finetune_config import ConfigError
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -67,19 +66,6 @@ def save_lora(unet, directory) -> None:
                                               safe_serialization=True)
 
 
-def load_lora(unet, directory) -> None:
-    """Load `pytorch_lora_weights.safetensors` of `directory` into the UNet's adapters."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
-
-    state = StableDiffusionPipeline.lora_state_dict(str(directory))[0]
-    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()
-                                             if k.startswith("unet.")})
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise TrainingError(f"{directory}: LoRA weights do not match the UNet ({result.unexpected_keys[:3]} ...)")
-
-
 def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
     """Save/load hooks that keep the trained weights in diffusers format inside accelerate's checkpoints."""
 
@@ -106,22 +92,13 @@ def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
         while models:  # empty under DeepSpeed, whose engine restores its own checkpoint
             unet = accelerator.unwrap_model(models.pop())
             if args.use_lora:
-                load_lora(unet, input_dir)
+                run.load_lora(unet, input_dir)
             else:
                 loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
                 unet.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders of a run (with training_state.json), oldest first."""
-    if not Path(output_dir).is_dir():
-        return []
-    found = [(int(m.group(1)), path) for path in Path(output_dir).iterdir()
-             if (m := CHECKPOINT_NAME.match(path.name)) and (path / "training_state.json").is_file()]
-    return [path for _, path in sorted(found)]
 
 
 def resolve_resume(value, output_dir: Path, main_process: bool) -> Path | None:
@@ -138,21 +115,22 @@ def resolve_resume(value, output_dir: Path, main_process: bool) -> Path | None:
     path = Path(value)
     if not path.is_dir() and (Path(output_dir) / value).is_dir():
         path = Path(output_dir) / value
-    if not (path / "training_state.json").is_file():
-        raise TrainingError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
+    if not (path / run.STATE_FILE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
                             f"checkpoint-N folder with training_state.json); give one, or 'latest'")
     return path
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, info: dict) -> Path:
     """Write checkpoint-N atomically (temporary folder, then rename) and prune to the newest `total_limit`."""
-    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
+    final = run.checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps({"global_step": step, **info}, indent=1))
+        run.write_training_state(tmp, step, **info)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -1,0 +1,52 @@
+"""Files and folders written whole or not at all: every writer of the project goes through these."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, renamed to `path` when the block ends without error.
+
+    The temporary name keeps the suffix (np.savez, savefig and to_parquet choose the format by it),
+    so a reader never sees a half-written file and a failed write leaves the old one in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` written to `path` through a temporary name."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_folder_atomically(write: Callable[[Path], None], output_dir: str | Path) -> None:
+    """Call `write(tmp)` on a temporary sibling folder, then rename it to `output_dir`.
+
+    A folder named `output_dir` is therefore always complete; an old one is replaced only
+    after the new one is fully written, and nothing is left behind if `write` fails.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if output_dir.exists():
+            output_dir.rename(old)
+        tmp.rename(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
