@@ -59,14 +59,19 @@ def plain_generation(pipe, captions, seeds, steps, g, batch_size) -> tuple[float
     return seconds, torch.cat(images).reshape(len(captions), len(seeds), *images[0].shape[1:])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num_prompts", type=int, default=64)
+def bench_flags(description: str, num_prompts: int) -> argparse.Namespace:
+    """The flags of the evaluation benches: prompts, seeds, DDIM steps, guidance scale, images per UNet call."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--num_prompts", type=int, default=num_prompts)
     parser.add_argument("--num_seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--batch_size", type=int, default=64)
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    cli = bench_flags(__doc__.split("\n")[0], num_prompts=64)
 
     from dataclasses import replace
 

@@ -5,10 +5,15 @@
 One process, same tiny model, data, batch and threads for every figure:
 1. per-step time of finetune.py with probes and checkpoints off (wall-time gaps between its
    per-step TensorBoard events: whole loop iterations), against a bare loop over the same batches: VAE encode,
-   text encode, UNet forward + backward, AdamW step (target ratio <= 1.05);
+   text encode, UNet forward + backward, AdamW step (target ratio <= 1.05); and the same run reading the
+   loss back to the host every step (`--logging_steps 1`, as the loop did on every micro-step before)
+   against the default `--logging_steps 10` (a CPU executes eagerly, so little change is expected there);
 2. the time of one probe pass of finetune.py (all probe samples x timesteps x guidance, timed
    around its `run_probes`), as a share of training time at the default probe interval
-   (target <= 5%).
+   (target <= 5%);
+3. the early warning's cost per probe step (scoring, warnings.jsonl, timed around its
+   `EarlyWarningLog` call) against that probe pass: the first call includes the one-off
+   simulation of the alarm threshold for the run's null size.
 """
 from __future__ import annotations
 
@@ -31,13 +36,13 @@ def reset_accelerate() -> None:
 
 
 def step_times_from_events(run: Path) -> list[float]:
-    """Seconds per optimizer step of a run: wall-time gaps between its `train/loss` events (whole iterations)."""
+    """Seconds per optimizer step of a run: wall-time gaps between its `train/loss` events over the steps between."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "logs" / "finetune"))
     events.Reload()
-    wall = [s.wall_time for s in events.Scalars("train/loss")]
-    return [b - a for a, b in zip(wall, wall[1:])]
+    scalars = events.Scalars("train/loss")
+    return [(b.wall_time - a.wall_time) / (b.step - a.step) for a, b in zip(scalars, scalars[1:])]
 
 
 def bare_loop(model_dir: Path, data_dir: Path, steps: int, batch: int) -> list[float]:
@@ -97,13 +102,16 @@ def main() -> None:
               "--train_batch_size", str(args.batch), "--checkpointing_steps", "0", "--mixed_precision", "no"]
 
     # Rounds alternate the two loops so that a change in machine load hits both alike.
-    bare, script = [], []
+    bare, script, deferred = [], [], []
     for round_index in range(args.rounds):
         bare += bare_loop(model_dir, data_dir, args.steps, args.batch)[args.warmup:]
-        run = work / f"noprobe{round_index}"
-        finetune.main([*common, "--output_dir", str(run), "--max_train_steps", str(args.steps), "--probe_steps", "0"])
-        reset_accelerate()
-        script += step_times_from_events(run)[args.warmup:]
+        for logging_steps, times in ((1, script), (10, deferred)):
+            run = work / f"noprobe{round_index}_log{logging_steps}"
+            finetune.main([*common, "--output_dir", str(run), "--max_train_steps", str(args.steps),
+                           "--probe_steps", "0", "--logging_steps", str(logging_steps)])
+            reset_accelerate()
+            # With logging_steps 10 each gap covers 10 steps, all of them past the warm-up.
+            times += step_times_from_events(run)[args.warmup // logging_steps:]
 
     probe_times, run_probes = [], finetune.run_probes
 
@@ -114,11 +122,21 @@ def main() -> None:
         return rows
 
     finetune.run_probes = timed_run_probes
+    warning_times, warn_call = [], finetune.EarlyWarningLog.__call__
+
+    def timed_warning(self, rows):
+        start = time.perf_counter()
+        out = warn_call(self, rows)
+        warning_times.append(time.perf_counter() - start)
+        return out
+
+    finetune.EarlyWarningLog.__call__ = timed_warning
     probe_every = 5
     finetune.main([*common, "--output_dir", str(work / "probe"), "--max_train_steps", str(3 * probe_every),
                    "--probe_steps", str(probe_every)])
     reset_accelerate()
     finetune.run_probes = run_probes
+    finetune.EarlyWarningLog.__call__ = warn_call
 
     default_interval = FLAGS["probe_steps"][0]
     step_s, bare_s, probe_s = statistics.median(script), statistics.median(bare), statistics.median(probe_times)
@@ -126,12 +144,18 @@ def main() -> None:
     n_probe = 8 * len(FLAGS["probe_timesteps"][0])
     print(f"tiny model, batch {args.batch}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps "
           f"(medians, {args.warmup} warm-up steps left out per round)")
-    print(f"  finetune.py step, probes off : {step_s * 1e3:8.2f} ms   (mean {statistics.mean(script) * 1e3:.2f})")
+    print(f"  finetune.py step, probes off, loss read every step: {step_s * 1e3:8.2f} ms   (mean {statistics.mean(script) * 1e3:.2f})")
     print(f"  bare loop step               : {bare_s * 1e3:8.2f} ms   (mean {statistics.mean(bare) * 1e3:.2f})")
     print(f"  ratio finetune / bare        : {step_s / bare_s:8.3f}    (target <= 1.05)")
+    deferred_s = statistics.median(deferred)
+    print(f"  finetune.py step, loss read every 10 steps: {deferred_s * 1e3:8.2f} ms; ratio to reading every "
+          f"step {deferred_s / step_s:.3f}")
     print(f"  one probe pass ({n_probe} sample x timestep pairs, {len(FLAGS['probe_guidance_scales'][0])} "
           f"guidance scales): {probe_s * 1e3:.1f} ms = {probe_s / step_s:.1f} training steps")
     print(f"  probe share at default probe_steps={default_interval}: {100 * share:.2f} %   (target <= 5%)")
+    warning_s = statistics.median(warning_times[1:])
+    print(f"  early warning per probe step : {warning_s * 1e3:.2f} ms = {100 * warning_s / probe_s:.2f} % of a probe "
+          f"pass (first call, threshold simulation included: {warning_times[0] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ training and evaluation track), columns image / text / sample_id / dup_factor, p
   images appears W times (W copies = sampling weight W), the rest once.
 - repeated (Wen et al. 2024): `--repeated_images N --repeats R --fresh_images M`: the first
   N images R times each, plus the next M images once; other images are not used.
+`--probe_heldout N` moves N once-seen images out of `train` into the probe split only, with
+dup_factor 0: images the model never trains on, a clean null for the early warning.
 Images with identical pixels after resizing (Twemoji has a few, e.g. flags) are kept once,
 so that no image is duplicated without the manifest saying so.
 """
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed: every copy has the image's caption; varied: each copy a different wording")
     p.add_argument("--probe_unduplicated", type=int, default=None,
                    help="never-duplicated images in the probe split (default: as many as duplicated ones)")
+    p.add_argument("--probe_heldout", type=int, default=0,
+                   help="images taken out of train and kept in the probe split only (dup_factor 0): a null "
+                        "population the early warning prefers to never-duplicated images")
     p.add_argument("--resolution", type=int, default=32, help="resize the shorter side and centre-crop to this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
@@ -158,6 +163,15 @@ def choose_probe(copies: dict[int, int], controls: list[int], requested: int | N
     return sorted(duplicated + (controls + drawn)[:count])
 
 
+def choose_heldout(copies: dict[int, int], probe: set[int], requested: int, rng: np.random.Generator) -> list[int]:
+    """`requested` never-duplicated images outside the probe so far, drawn at random, to be held out of train."""
+    candidates = sorted(i for i, c in copies.items() if c == 1 and i not in probe)
+    if not 0 <= requested <= len(candidates):
+        raise ValueError(f"--probe_heldout {requested} asks for more images than the {len(candidates)} once-seen "
+                         "images outside the probe split; lower it (or --probe_unduplicated)")
+    return sorted(int(candidates[j]) for j in rng.permutation(len(candidates))[:requested])
+
+
 def vary_captions(caption: str, copies: int, rng: np.random.Generator) -> list[str]:
     """`copies` wordings of a caption, all prefix/suffix combinations used before any repeats."""
     combos = [(p, s) for p in CAPTION_PREFIXES for s in CAPTION_SUFFIXES]
@@ -198,6 +212,10 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
     rng = np.random.default_rng(args.seed)
     copies, controls = plan_duplication(len(items), scheme, rng)
     probe = set(choose_probe(copies, controls, args.probe_unduplicated, rng))
+    if args.probe_heldout:  # drawn only when asked, so that other datasets stay identical
+        heldout = choose_heldout(copies, probe, args.probe_heldout, rng)
+        copies.update({i: 0 for i in heldout})  # dup_factor 0: in the probe split, no row in train
+        probe.update(heldout)
     controls = set(controls)
 
     train_rows, probe_rows, samples = [], [], []
@@ -213,7 +231,7 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
             probe_rows.append(dict(image=image, text=item.caption, sample_id=sample_id, dup_factor=factor))
         samples.append(dict(sample_id=sample_id, name=item.name, dup_factor=factor, caption=item.caption,
                             captions=captions, sha256=image_hash(image), probe=index in probe,
-                            control=index in controls))
+                            control=index in controls, heldout=factor == 0))
     train_rows = [train_rows[j] for j in rng.permutation(len(train_rows))]
 
     features = datasets.Features(image=datasets.Image(), text=datasets.Value("string"),

@@ -7,7 +7,11 @@ The folder is a `StableDiffusionPipeline.save_pretrained` folder (safetensors), 
 exactly as a copy of `CompVis/stable-diffusion-v1-4`.
 - `tiny` (32 px, 16x16x4 latents): the VAE is trained briefly on an image pool so that it
   really reconstructs images; its `scaling_factor` is then set to 1/std of the pool's latents,
-  as SD did, so the UNet sees unit-variance latents. `--pretrain_unet_steps N` optionally
+  as SD did, so the UNet sees unit-variance latents. The text encoder is then trained as a small
+  CLIP (contrastive loss against the pool images' latents), as SD's is pretrained: a random one
+  gives captions that share a template nearly identical hidden states, which the UNet cannot key
+  a memory to. The separation of caption embeddings (mean/max pairwise cosine) is printed and
+  recorded before and after, for the pool and for the study's captions. `--pretrain_unet_steps N` optionally
   trains the UNet on the pool (every image once, 10% empty captions) so fine-tuning starts
   from a model that already generates.
 - `sd15-shape`: the SD v1.5 architecture (860 M UNet, 512 px), random weights, not trained;
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,10 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from mem_analysis.cli import run_command
+from mem_analysis.conditioning import caption_separation, clip_loss
 from mem_analysis.data import (check_output_dir, image_to_tensor, list_source_images, load_source_image, subsample,
                                write_folder_atomically)
 from mem_analysis.presets import PRESETS, build_pipeline
-from mem_analysis.sd import encode_images, encode_prompts
+from mem_analysis.sd import encode_images, encode_prompts, tokenize
+
+
+# Mean pairwise cosine of flattened caption embeddings under which the UNet can key memories to captions:
+# Twemoji names under the random encoder (0.73) were memorized, templated captions (0.99) were not.
+USABLE_MEAN_COSINE = 0.9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image_source", default="twemoji",
-                   help="image pool: any --source of build_duplicated_dataset.py (default twemoji)")
+    p.add_argument("--image_source", default=None,
+                   help="image pool: any --source of build_duplicated_dataset.py (default: the source of "
+                        "--exclude_dataset, so the pool's captions are like the study's; else twemoji)")
     p.add_argument("--image_column", default="image")
     p.add_argument("--caption_column", default="text")
     p.add_argument("--max_images", type=int, default=1024, help="pool size, drawn under --seed")
@@ -50,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the KL term (SD used 1e-6)")
+    p.add_argument("--text_encoder_steps", type=int, default=300,
+                   help="CLIP-style training of the text encoder on the pool (0: keep it random)")
+    p.add_argument("--text_encoder_learning_rate", type=float, default=2e-3)
+    p.add_argument("--text_encoder_batch_size", type=int, default=128, help="pairs per contrastive batch")
     p.add_argument("--pretrain_unet_steps", type=int, default=0)
     p.add_argument("--unet_learning_rate", type=float, default=5e-4)
     p.add_argument("--proportion_empty_prompts", type=float, default=0.1)
@@ -66,15 +82,24 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
+def study_manifest(args: argparse.Namespace) -> dict | None:
+    """The manifest of --exclude_dataset (None without it)."""
+    if not args.exclude_dataset:
+        return None
+    manifest = Path(args.exclude_dataset) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--exclude_dataset {args.exclude_dataset} has no manifest.json; "
+                                "pass a folder written by build_duplicated_dataset.py")
+    return json.loads(manifest.read_text())
+
+
 def pool_items(args: argparse.Namespace) -> list:
     """The pool's source images, without those of --exclude_dataset, drawn under --seed."""
-    items = list_source_images(args.image_source, args.image_column, args.caption_column)
-    if args.exclude_dataset:
-        manifest = Path(args.exclude_dataset) / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"--exclude_dataset {args.exclude_dataset} has no manifest.json; "
-                                    "pass a folder written by build_duplicated_dataset.py")
-        excluded = {sample["name"] for sample in json.loads(manifest.read_text())["samples"]}
+    manifest = study_manifest(args)
+    source = args.image_source or (manifest["source"] if manifest else "twemoji")
+    items = list_source_images(source, args.image_column, args.caption_column)
+    if manifest:
+        excluded = {sample["name"] for sample in manifest["samples"]}
         items = [item for item in items if item.name not in excluded]
     return subsample(items, args.max_images, args.seed)
 
@@ -98,6 +123,17 @@ def batches(num_items: int, batch_size: int, steps: int, generator: torch.Genera
         order = order[batch_size:]
 
 
+def take_step(optimizer, loss: torch.Tensor, step: int, steps: int, what: str, schedule=None) -> None:
+    """One optimizer (and lr schedule) step on `loss`; prints the loss every fifth of `steps` and at the last."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    if step % max(steps // 5, 1) == 0 or step == steps - 1:
+        print(f"  {what} step {step:4d}/{steps}  loss {loss.item():.4f}")
+
+
 def train_vae(vae, pixels: torch.Tensor, args: argparse.Namespace, generator: torch.Generator) -> None:
     """Fit the VAE on `pixels`: mean squared reconstruction error + kl_weight * KL(posterior || N(0, I))."""
     vae.train().requires_grad_(True)
@@ -108,12 +144,7 @@ def train_vae(vae, pixels: torch.Tensor, args: argparse.Namespace, generator: to
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         loss = F.mse_loss(reconstruction, x) + args.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % max(args.vae_steps // 5, 1) == 0 or step == args.vae_steps - 1:
-            print(f"  vae step {step:4d}/{args.vae_steps}  loss {loss.item():.4f}")
+        take_step(optimizer, loss, step, args.vae_steps, "vae", schedule)
     vae.eval().requires_grad_(False)
 
 
@@ -134,10 +165,52 @@ def latent_scaling_factor(vae, pixels: torch.Tensor) -> float:
     return float(1.0 / latents.std())
 
 
-def pretrain_unet(pipe, pixels: torch.Tensor, captions: list[str], args: argparse.Namespace,
+def train_text_encoder(pipe, latents: torch.Tensor, captions: list[str], args: argparse.Namespace,
+                       generator: torch.Generator) -> None:
+    """Train the text encoder as a small CLIP: caption i's hidden states (mean over all positions,
+    padding included, since the UNet attends to all of them) against a linear map of image i's latent."""
+    text_encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    ids = tokenize(tokenizer, captions)
+    image_head = torch.nn.Linear(latents[0].numel(), text_encoder.config.hidden_size)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+    text_encoder.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW([*text_encoder.parameters(), *image_head.parameters(), logit_scale],
+                                  lr=args.text_encoder_learning_rate, weight_decay=0.0)
+    steps = args.text_encoder_steps
+    for step, index in enumerate(batches(len(ids), args.text_encoder_batch_size, steps, generator)):
+        text = text_encoder(ids[index]).last_hidden_state.mean(1)
+        loss = clip_loss(text, image_head(latents[index].flatten(1)), logit_scale.clamp(max=math.log(100)))
+        take_step(optimizer, loss, step, steps, "text encoder (contrastive)")
+    text_encoder.eval().requires_grad_(False)
+
+
+def study_captions(args: argparse.Namespace) -> list[str]:
+    """The distinct captions of --exclude_dataset's images (measured, never trained on)."""
+    manifest = study_manifest(args)
+    return sorted({sample["caption"] for sample in manifest["samples"]}) if manifest else []
+
+
+def print_separation(separation: dict[str, dict], seconds: float | None) -> None:
+    """One line per caption set: pairwise cosine of flattened hidden states, random vs trained encoder."""
+    for name, values in separation.items():
+        line = "  ".join(f"{state} encoder mean {v['mean_cosine']:.3f} max {v['max_cosine']:.3f}"
+                         for state, v in values.items())
+        usable = values.get("trained", values["random"])["mean_cosine"] < USABLE_MEAN_COSINE
+        print(f"caption embeddings, {name} ({values['random']['captions']} captions), pairwise cosine: {line}"
+              f" -> conditioning {'usable' if usable else 'NOT usable'} (mean < {USABLE_MEAN_COSINE})")
+    if seconds is not None:
+        print(f"text encoder trained contrastively in {seconds} s")
+
+
+def separation_of(pipe, caption_sets: dict[str, list[str]]) -> dict[str, dict]:
+    """caption_separation of each named caption set under the pipeline's text encoder."""
+    return {name: caption_separation(encode_prompts(pipe.tokenizer, pipe.text_encoder, captions))
+            for name, captions in caption_sets.items() if len(captions) >= 2}
+
+
+def pretrain_unet(pipe, latents: torch.Tensor, captions: list[str], args: argparse.Namespace,
                   generator: torch.Generator) -> None:
-    """Denoising training of the UNet on the pool (epsilon loss, empty caption with probability p)."""
-    latents = torch.cat([encode_images(pipe.vae, chunk) for chunk in pixels.split(256)])
+    """Denoising training of the UNet on the pool's latents (epsilon loss, empty caption with probability p)."""
     unet, scheduler = pipe.unet, pipe.scheduler
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_learning_rate)
@@ -151,11 +224,7 @@ def pretrain_unet(pipe, pixels: torch.Tensor, captions: list[str], args: argpars
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % max(steps // 5, 1) == 0 or step == steps - 1:
-            print(f"  unet step {step:4d}/{steps}  loss {loss.item():.4f}")
+        take_step(optimizer, loss, step, steps, "unet")
     unet.eval().requires_grad_(False)
 
 
@@ -183,7 +252,8 @@ def make(args: argparse.Namespace) -> tuple[object, dict]:
     if args.config_only:
         return build_empty_pipeline(args.preset, args.seed), record
     pipe = build_pipeline(args.preset, args.seed)
-    if args.preset != "tiny" or (args.vae_steps == 0 and args.pretrain_unet_steps == 0):
+    if args.preset != "tiny" or (args.vae_steps == 0 and args.pretrain_unet_steps == 0
+                                 and args.text_encoder_steps == 0):
         return pipe, record
     generator = torch.Generator().manual_seed(args.seed)
     pixels, captions = load_pool(args, PRESETS[args.preset]["resolution"])
@@ -201,9 +271,21 @@ def make(args: argparse.Namespace) -> tuple[object, dict]:
     print(f"VAE on {n_held} held-out images: PSNR {record['vae_psnr_db']:.2f} dB vs mean-image baseline "
           f"{record['mean_image_psnr_db']:.2f} dB; scaling_factor {record['scaling_factor']:.4f} "
           f"({record['vae_seconds']} s)")
+    train_captions = [captions[i] for i in train_index.tolist()]
+    latents = torch.cat([encode_images(pipe.vae, chunk) for chunk in train_pixels.split(256)])
+    caption_sets = dict(pool_held_out=[captions[i] for i in held_index.tolist()], study=study_captions(args))
+    separation = {name: dict(random=value) for name, value in separation_of(pipe, caption_sets).items()}
+    if args.text_encoder_steps > 0:
+        started = time.perf_counter()
+        train_text_encoder(pipe, latents, train_captions, args, generator)
+        record["text_encoder_seconds"] = round(time.perf_counter() - started, 1)
+        for name, value in separation_of(pipe, caption_sets).items():
+            separation[name]["trained"] = value
+    record["caption_separation"] = separation
+    print_separation(separation, record.get("text_encoder_seconds"))
     if args.pretrain_unet_steps > 0:
         started = time.perf_counter()
-        pretrain_unet(pipe, train_pixels, [captions[i] for i in train_index.tolist()], args, generator)
+        pretrain_unet(pipe, latents, train_captions, args, generator)
         record["unet_seconds"] = round(time.perf_counter() - started, 1)
     return pipe, record
 

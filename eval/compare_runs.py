@@ -42,7 +42,7 @@ from mem_analysis.data import load_study_dataset  # noqa: E402
 from mem_analysis.io import write_text_atomic  # noqa: E402
 from mem_analysis.run import read_config  # noqa: E402
 from mem_analysis.severity import embed_images, load_sscd  # noqa: E402
-from mem_analysis.stats import bootstrap_mean, frechet_distance, median_distance, mmd_squared  # noqa: E402
+from mem_analysis.stats import frechet_distance, mean_interval, median_distance, mmd_squared  # noqa: E402
 
 MITIGATION_FLAGS = {"mitigation_wen_threshold": None, "caption_augmentation": None, "text_embedding_noise": 0.0,
                     "dedup_sampling": False}
@@ -114,7 +114,7 @@ def model_features(images: np.ndarray, model, size: int) -> np.ndarray:
 
 def interval(values, n_boot: int) -> dict:
     """{'mean', 'low', 'high'} of the values (95% bootstrap over the values)."""
-    mean, low, high = bootstrap_mean(values, n_boot)
+    mean, low, high = mean_interval(values, n_boot)
     return dict(mean=mean, low=low, high=high)
 
 

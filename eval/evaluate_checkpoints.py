@@ -8,18 +8,23 @@ M1/M2 probes at the run's fixed probe noise, DDIM sampling of every probe captio
 `--num_seeds` seeds with the trajectory recorded (M3 alignment, M4 decomposition, M5 collapse),
 decoding and every severity back end (M6). Rows are gathered on the main process, which
 appends them atomically to RUN/eval/per_seed.csv and per_sample.csv (+ parquet), writes
-TensorBoard scalars to RUN/logs/eval at the checkpoint's global_step, and at the end
+TensorBoard scalars and generated-vs-training image grids at the checkpoint's global_step (one run per
+duplication factor, RUN/logs/eval/dup_F), and at the end the report's headline as text in RUN/logs/eval,
 summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints are skipped.
 
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
 - `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
   `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
-- M1/M2 at the run's probe noise: `loss_cond`, `loss_uncond`, `loss_cfg_<g>`, `k_cond`, `k_uncond`,
-  `k_cfg_<g>`, and `loss_cfg`, `k_cfg` at the row's own g; means over the probe grid, and with
-  `_early` over the high-noise window t >= --high_noise_timestep;
+- M1/M2 at the run's probe noise (averaged over --probe_noise_draws draws per (sample, t); draw 0 is the
+  training probes' noise): `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (epsilon space) and `loss_cond_x0`,
+  `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, L / SNR_t), `k_cond`, `k_uncond`, `k_cfg_<g>` (centred on mu)
+  and `k_..._uncentred`; `loss_cfg`, `loss_cfg_x0`, `k_cfg`, `k_cfg_uncentred` at the row's own g; means over
+  the probe grid, and with `_early` over the high-noise window t >= --high_noise_timestep;
 - M4: `D_x`, `D_T` against the `paper` schedule, `D_x_exact`, `D_T_exact` against the `exact` one,
   `_early` over the first K sampling steps (K = steps with t >= --high_noise_timestep unless
-  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one;
+  --early_steps), `D_x_final...` regressing on the generated latent instead of the training one,
+  `D_x_centred...` on the centred basis [x - mu, mu, x_T], `D_x_mean...` per-step means instead of sums;
+  the latents summed over are --deviation_latents (inputs x_T..x_1, or outputs x_{T-1}..x_0);
 - M3/M5: `cos_*_early`, `fit_*_ratio_early` (fitted / theoretical coefficient), `wen_magnitude`
   (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`.
 """
@@ -40,7 +45,8 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from eval import report
-from mem_analysis import guidance_key, prediction_type_of, probe_metrics, probe_noise, run, summarize_probe_metrics
+from mem_analysis import guidance_key, prediction_type_of, probe_metrics_over_draws, run, summarize_probe_metrics
+from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
 from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
@@ -65,6 +71,7 @@ class EvalSettings(MeasureSettings):
     guidance_scales: tuple[float, ...]
     probe_timesteps: tuple[int, ...]
     probe_guidance_scales: tuple[float, ...]
+    probe_noise_draws: int
     max_samples: int | None
     model: str
     dataset: str
@@ -121,6 +128,10 @@ def parse_args(argv=None):
                    help="t >= this is the high-noise window (default: the run's high_noise_timestep)")
     p.add_argument("--early_steps", type=int, default=None,
                    help="sampling steps counted as early (default: steps with t >= --high_noise_timestep)")
+    p.add_argument("--probe_noise_draws", type=int, default=4,
+                   help="noise draws per (sample, timestep) averaged in the probes (draw 0 = the training probes')")
+    p.add_argument("--deviation_latents", choices=("inputs", "outputs"), default="inputs",
+                   help="latents D sums over: each step's input x_T..x_1, or its output x_{T-1}..x_0")
     p.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N probe samples")
     p.add_argument("--batch_size", type=int, default=64, help="images sampled and decoded per batch")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="override the run's base model")
@@ -134,6 +145,8 @@ def parse_args(argv=None):
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
     if args.num_seeds < 2:
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
+    if args.probe_noise_draws < 1:
+        raise EvalError("--probe_noise_draws must be >= 1")
     try:
         args.guidance_schedule = parse_guidance_schedule(args.guidance_schedule)
     except ValueError as err:
@@ -215,17 +228,19 @@ class Stopwatch:
         self.last = now
 
 
-def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int) -> dict:
-    """M1/M2 at the run's probe noise for samples `index`: per-sample means over the grid and `_early` ones."""
+def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int
+               ) -> tuple[dict, dict]:
+    """M1/M2 at the run's probe noise (averaged over `probe_noise_draws` draws) for samples `index`:
+    per-sample means over the grid and `_early` ones, and the per-timestep values (S, T)."""
     device = unet.device
     timesteps = list(settings.probe_timesteps)
-    noise = probe_noise(probe.sample_ids[index], timesteps, probe.latents.shape[1:], settings.probe_seed)
-    m12 = probe_metrics(unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device),
-                        timesteps, noise, probe.alpha_bar, list(settings.probe_guidance_scales),
-                        mu=probe.mu.to(device), prediction_type=prediction_type_of(components.noise_scheduler),
-                        chunk_size=batch_size)
-    m12 = summarize_probe_metrics(m12, timesteps, settings.high_noise_timestep)
-    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}
+    per_t = probe_metrics_over_draws(
+        unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
+        probe.sample_ids[index], settings.probe_seed, probe.alpha_bar, draws=settings.probe_noise_draws,
+        guidance_scales=list(settings.probe_guidance_scales), mu=probe.mu.to(device),
+        prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
+    m12 = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
+    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}, per_t
 
 
 def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int, sscd=None,
@@ -240,7 +255,7 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
         return result
     components = replace(components, unet=unet)
     clock("start")
-    step_m12 = probe_rows(unet, components, probe, index, settings, batch_size)
+    step_m12, per_t = probe_rows(unet, components, probe, index, settings, batch_size)
     clock("probes")
 
     chunk = prompts_per_call(settings, batch_size, probe.latents[0].numel())
@@ -258,13 +273,19 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
                 result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
                                             **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
             row = dict(common, **{k: float(v[lo + p]) for k, v in step_m12.items()})
-            row.update(loss_cfg=row[f"loss_cfg_{gk}"], k_cfg=row[f"k_cfg_{gk}"],
-                       loss_cfg_early=row[f"loss_cfg_{gk}_early"], k_cfg_early=row[f"k_cfg_{gk}_early"])
+            aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
+                       "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
+            for name, column in aliases.items():  # the values at the row's own g
+                row[name], row[f"{name}_early"] = row[column], row[f"{column}_early"]
             row.update(severity=float(headline.severity[p]), memorized_fraction=float(headline.memorized_fraction[p]),
                        **{f"sev_{b}": float(r.severity[p]) for b, r in measured.scores.items()}, **measured.values[p])
             result.per_sample.append(row)
             result.curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=measured.traj.alpha_bar.numpy(),
-                                      timesteps=measured.traj.timesteps.numpy(), **measured.curves[p]))
+                                      timesteps=measured.traj.timesteps.numpy(),
+                                      probe_timesteps=np.asarray(settings.probe_timesteps),
+                                      probe_loss_cfg=per_t[f"loss_cfg_{gk}"][lo + p].numpy(),
+                                      probe_loss_cfg_x0=per_t[f"loss_cfg_{gk}_x0"][lo + p].numpy(),
+                                      probe_loss_cond_x0=per_t["loss_cond_x0"][lo + p].numpy(), **measured.curves[p]))
             if g == settings.guidance_scale:
                 image = measured.traj.images[p, 0].permute(1, 2, 0).numpy()
                 result.images.append((sid, (image * 255).round().astype(np.uint8)))
@@ -290,6 +311,7 @@ def resolve_settings(args, config) -> EvalSettings:
         guidance_schedule=args.guidance_schedule,
         probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
         probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + guidance_scales))),
+        probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents,
         backends=SEVERITY_BACKENDS + (("sscd",) if args.sscd_path else ()),
         severity_backend=args.severity_backend,
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
@@ -298,11 +320,9 @@ def resolve_settings(args, config) -> EvalSettings:
         lora=bool(config["use_lora"]))
 
 
-def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
-    """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
+def check_same_settings(out_dir: Path, settings) -> None:
+    """Refuse to append to tables in `out_dir` whose settings.json differs from `settings` (as_dict)."""
     saved = out_dir / "settings.json"
-    if not (out_dir / "per_sample.csv").is_file():
-        return set()
     if saved.is_file():
         previous, current = json.loads(saved.read_text()), settings.as_dict()
         previous.setdefault("guidance_schedule", "constant")  # tables written before schedules existed
@@ -310,6 +330,13 @@ def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
         if changed:
             raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
                             "use another --output_dir or the same settings")
+
+
+def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
+    """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
+    if not (out_dir / "per_sample.csv").is_file():
+        return set()
+    check_same_settings(out_dir, settings)
     return set(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].tolist())
 
 
@@ -335,21 +362,49 @@ def save_arrays(path: Path, **arrays):
         np.savez_compressed(tmp, **arrays)
 
 
-def log_scalars(writer, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
-    """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step."""
+def log_scalars(writer, factor_writers: FactorWriters, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
+    """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step:
+    `eval/NAME` in the run logs/eval/dup_F of each factor; the D_x-severity correlation in logs/eval."""
     rows = per_sample[per_sample["guidance_scale"] == settings.guidance_scale]
     names = ["severity", "memorized_fraction", "D_x", "D_T", "D_x_exact", "D_T_exact", "loss_cond",
              "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early", "wen_magnitude", "diversity"]
-    for dup, group in rows.groupby("dup_factor"):
-        for name in names:
-            if name in group:
-                writer.add_scalar(f"eval/{name}/dup_{dup}", float(group[name].mean()), step)
+    factor_writers.log({f"eval/{name}/dup_{dup}": float(group[name].mean())
+                        for dup, group in rows.groupby("dup_factor") for name in names if name in group}, step)
     if len(rows) > 2 and rows["severity"].std() > 0:
         writer.add_scalar("eval/pearson_D_x_severity", float(rows["D_x"].corr(rows["severity"])), step)
     writer.flush()
+    factor_writers.flush()
 
 
-def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer):
+def log_images(factor_writers: FactorWriters, probe: ProbeSet, result: CheckpointResult, step: int) -> None:
+    """Per duplication factor, the images generated at the headline g (first seed) below their training images."""
+    generated = dict(result.images)
+    for factor in sorted(set(int(d) for d in probe.dup_factors)):
+        index = [i for i, (sid, dup) in enumerate(zip(probe.sample_ids, probe.dup_factors))
+                 if dup == factor and int(sid) in generated]
+        if not index:
+            continue
+        training = (probe.pixels[index].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        made = np.stack([generated[int(probe.sample_ids[i])] for i in index])
+        factor_writers.writer(factor).add_image("images/training_above_generated", pair_grid(training, made), step,
+                                                dataformats="HWC")
+
+
+def log_headline(writer, out_dir: Path, step: int) -> None:
+    """The report's headline as TensorBoard text at the last checkpoint: headline.md, else the findings of report.md."""
+    headline = out_dir / "headline.md"
+    if headline.is_file():
+        text = headline.read_text()
+    else:
+        report_text = (out_dir / "report.md").read_text()
+        section = report_text.split("## The paper's three findings, on this run", 1)[-1]
+        text = section.split("\n## ", 1)[0].strip()
+    writer.add_text("report/headline", text, step)
+    writer.flush()
+
+
+def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer,
+                     factor_writers: FactorWriters | None = None):
     """Main process: append one model's rows (tables last: they mark the step done)."""
     for row in result.per_seed + result.per_sample:
         row.update(checkpoint_step=step, checkpoint=name)
@@ -357,13 +412,13 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
     save_arrays(out_dir / "curves" / f"step-{step}.npz",
                 sample_id=np.array([c["sample_id"] for c in curves]),
                 guidance_scale=np.array([c["guidance_scale"] for c in curves]),
-                **{k: np.stack([c[k] for c in curves]) for k in ("w_x", "w_T", "collapse", "alpha_bar", "timesteps")})
+                **{k: np.stack([c[k] for c in curves]) for k in curves[0] if k not in ("sample_id", "guidance_scale")})
     save_arrays(out_dir / "images" / f"step-{step}.npz", sample_id=np.array([i[0] for i in images]),
                 images=np.stack([i[1] for i in images]))
     append_rows(out_dir / "per_seed.csv", result.per_seed, step)
     append_rows(out_dir / "per_sample.csv", result.per_sample, step)
     if writer is not None:
-        log_scalars(writer, pd.DataFrame(result.per_sample), step, settings)
+        log_scalars(writer, factor_writers, pd.DataFrame(result.per_sample), step, settings)
 
 
 def main(args):
@@ -401,6 +456,7 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / f"eval{suffix}"))
+        factor_writers = FactorWriters(writer.log_dir)
     shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
     for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):
@@ -417,14 +473,19 @@ def main(args):
         result = evaluate_samples(unet, components, probe, shard, settings, args.batch_size, sscd, is_main, timings)
         gathered = gather_object([result])
         if is_main:
-            store_checkpoint(out_dir, step, name, CheckpointResult.merge(gathered), settings, writer)
+            merged = CheckpointResult.merge(gathered)
+            store_checkpoint(out_dir, step, name, merged, settings, writer, factor_writers)
+            log_images(factor_writers, probe, merged, step)
         accelerator.wait_for_everyone()
     if is_main:
-        if writer is not None:
-            writer.close()
         if timings:
             print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap)
+        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap, run_dir=run_dir)
+        if writer is not None:
+            last = int(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].max())
+            log_headline(writer, out_dir, last)
+            writer.close()
+            factor_writers.close()
         print(f"wrote {out_dir}/per_seed.csv, per_sample.csv, summary.json, report.md and figures/")
     accelerator.end_training()
 

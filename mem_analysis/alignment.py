@@ -30,11 +30,12 @@ def least_squares_xt(e: torch.Tensor, x: torch.Tensor, x_t: torch.Tensor, latent
 
 
 def noise_alignment(e_c: torch.Tensor, e_0: torch.Tensor, x: torch.Tensor, x_t: torch.Tensor, alpha_bar,
-                    mu: torch.Tensor | None = None, latent_ndim: int = 3) -> dict[str, torch.Tensor]:
+                    mu: torch.Tensor | None = None, latent_ndim: int = 3, x_T: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
     """M3 per leading index (e.g. (S, T) probes or (N, K) trajectory steps), float64.
 
     `cos_{c,0,diff}_x`: cosine of `e_c`, `e_0`, `e_c - e_0` with `x` (and `_xmu` with `x - mu`
-    when `mu` is given); `fit_a_{c,0}`, `fit_b_{c,0}`: least squares `e ~ a x + b x_t`;
+    when `mu` is given, `_xT` with the initial noise `x_T` when given, aligned like `x`); `fit_a_{c,0}`, `fit_b_{c,0}`: least squares `e ~ a x + b x_t`;
     `theory_a = -sqrt(abar / (1 - abar))`, `theory_b = 1 / sqrt(1 - abar)`.
     Shapes: `e_c`, `e_0`, `x_t` (*lead, *latent); `x` (*latent) or left-aligned (*lead[:m], *latent);
     `alpha_bar` broadcasts against `lead` (e.g. (T,) for lead (S, T)).
@@ -50,6 +51,8 @@ def noise_alignment(e_c: torch.Tensor, e_0: torch.Tensor, x: torch.Tensor, x_t: 
         raise ValueError(f"alpha_bar {tuple(abar.shape)} does not broadcast against the leading dims {tuple(lead)}")
     out = {}
     centred = {"x": x} if mu is None else {"x": x, "xmu": x - mu.float().to(x.device)}
+    if x_T is not None:
+        centred["xT"] = align_reference(x_T, e_c, latent_ndim, "x_T", "e_c")
     for suffix, ref in centred.items():
         for name, e in (("c", e_c), ("0", e_0), ("diff", e_c - e_0)):
             out[f"cos_{name}_{suffix}"] = cosine(e, ref, latent_ndim)

@@ -55,6 +55,10 @@ class DenoisingResult:
         """`L_g = mean_elements (eps - e_g)^2`, (S, T)."""
         return per_sample_mse(self.noise, self.prediction(g))
 
+    def loss_x0(self, g: float) -> torch.Tensor:
+        """x0-space loss `mean_elements (x - x0hat(e_g))^2` (S, T); equals `L_g / SNR_t` (science.md identity)."""
+        return per_sample_mse(self.x[:, None].expand_as(self.x_t), self.x0hat(g))
+
 
 def per_sample_mse(noise: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """`mean over the latent elements of (eps - e)^2`, keeping the two leading dims."""

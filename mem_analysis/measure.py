@@ -17,14 +17,15 @@ import torch
 
 from mem_analysis.alignment import noise_alignment, wen_magnitude
 from mem_analysis.data import image_to_tensor, load_study_dataset
-from mem_analysis.decomposition import decompose_latents, schedule_deviation, trajectory_collapse
+from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
+                                       trajectory_latents)
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
-from mem_analysis.severity import Severity, severity
+from mem_analysis.severity import BACKENDS, Severity, self_similarity, severity
 
-# Weight-free back ends of M6; `sscd` joins when an SSCD model is given.
-SEVERITY_BACKENDS = ("pixel_cosine", "ssim", "l2", "nn_identity", "latent_cosine")
+# The weight-free back ends of M6; `sscd` joins when an SSCD model is given.
+SEVERITY_BACKENDS = tuple(backend for backend in BACKENDS if backend != "sscd")
 REFERENCES = ("paper", "exact")
 
 
@@ -58,7 +59,8 @@ class ProbeSet:
 class MeasureSettings:
     """What shapes the per-prompt measurement: the seeds, DDIM steps, severity back ends (`severity_backend`
     is the headline one, judged at `threshold`) and the early window (`early_steps`, else the sampling
-    steps with t >= `high_noise_timestep`)."""
+    steps with t >= `high_noise_timestep`), and the latents D sums over (`deviation_latents`: 'inputs'
+    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md)."""
 
     seeds: tuple[int, ...]
     num_inference_steps: int
@@ -67,6 +69,7 @@ class MeasureSettings:
     threshold: float
     high_noise_timestep: int
     early_steps: int | None
+    deviation_latents: str = field(default="inputs", kw_only=True)
     guidance_schedule: str = field(default="constant", kw_only=True)  # mitigations.guidance_scales
 
 
@@ -143,63 +146,95 @@ def severity_scores(traj: Trajectories, probe: ProbeSet, batch, settings: Measur
     return scores
 
 
-def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.Tensor,
-                        early: int) -> tuple[dict, list, dict]:
-    """M3-M5 of prompt `p`'s seeds (training latent `x`): per-sample values, per-seed values, per-step curves."""
+def reference_free_scores(traj: Trajectories, probe: ProbeSet, settings: MeasureSettings, sscd=None) -> dict[str, Severity]:
+    """M6 without a paired image: each seed's similarity to the prompt's other seeds, for every back end that
+    needs no training pool (pixel_cosine only with `probe.mean_image`, latent_cosine only with `probe.mu`)."""
+    scores = {}
+    for backend in settings.backends:
+        threshold = settings.threshold if backend == settings.severity_backend else None
+        if backend == "latent_cosine" and probe.mu is not None:
+            scores[backend] = self_similarity(traj.final, backend, threshold, probe.mu)
+        elif backend in ("ssim", "l2", "sscd") or (backend == "pixel_cosine" and probe.mean_image is not None):
+            scores[backend] = self_similarity(traj.images, backend, threshold, probe.mean_image, sscd)
+    return scores
+
+
+def prompt_measurements(traj: Trajectories, p: int, x: torch.Tensor, mu: torch.Tensor | None,
+                        early: int, latents: str = "inputs") -> tuple[dict, list, dict]:
+    """M3-M5 of prompt `p`'s seeds (training latent `x`, or (seeds, *latent) one per seed): per-sample values,
+    per-seed values, per-step curves.
+
+    D sums over `latents` ('inputs' x_T..x_1 or 'outputs' x_{T-1}..x_0) of the training-latent, final-latent
+    and (with `mu`) centred decompositions; per-seed rows hold each decomposition's paper-schedule D (for
+    reliability). `wen_magnitude_first` is Wen et al.'s score at the first step of the first seed's
+    generation, `wen_magnitude` its mean over the early steps and all seeds.
+    """
     x_t, x_T, final = traj.x_t[p], traj.x_T[p], traj.final[p]
-    decompositions = {"": decompose_latents(x_t, x, x_T),  # training latent (default)
-                      "_final": decompose_latents(x_t, x, x_T, target="final", final=final)}
-    values = {}
-    for ref in REFERENCES:
-        for window, k in (("", None), ("_early", early)):
-            suffix = ("" if ref == "paper" else "_exact") + window
-            for tag, d in decompositions.items():
-                dev = schedule_deviation(d.w_x, d.w_T, traj.alpha_bar, early_steps=k, reference=ref)
-                values[f"D_x{tag}{suffix}"], values[f"D_T{tag}{suffix}"] = float(dev.D_x), float(dev.D_T)
+    window, alpha_bar = trajectory_latents(x_t, final, traj.alpha_bar, traj.final_alpha_bar, latents)
+    a0 = float(traj.alpha_bar[0])
+    decompositions = {"": decompose_latents(window, x, x_T),  # training latent (default)
+                      "_final": decompose_latents(window, x, x_T, target="final", final=final)}
+    if mu is not None:
+        decompositions["_centred"] = decompose_latents(window, x, x_T, mu=mu)
+    values = deviation_values(decompositions[""], alpha_bar, early, alpha_bar_start=a0)
+    values.update(deviation_values(decompositions["_final"], alpha_bar, early, "_final", reductions=("sum",),
+                                   alpha_bar_start=a0))
+    if mu is not None:
+        values.update(deviation_values(decompositions["_centred"], alpha_bar, early, "_centred", ("paper",),
+                                       alpha_bar_start=a0))
     dec = decompositions[""]
     collapse = trajectory_collapse(x_t, final=traj.images[p])
     wen = wen_magnitude(traj.e_c[p], traj.e_0[p], first_steps=early)  # (seeds,)
     align = noise_alignment(traj.e_c[p][:, :early], traj.e_0[p][:, :early], x, x_t[:, :early],
-                            traj.alpha_bar[:early], mu=mu)
+                            traj.alpha_bar[:early], mu=mu, x_T=x_T)
     values.update({f"{k}_early": float(v.mean()) for k, v in align.items() if k.startswith("cos_")})
     for branch in ("c", "0"):  # fitted coefficients relative to theory (1 = exact denoiser)
         values[f"fit_a_{branch}_ratio_early"] = float((align[f"fit_a_{branch}"] / align["theory_a"]).mean())
         values[f"fit_b_{branch}_ratio_early"] = float((align[f"fit_b_{branch}"] / align["theory_b"]).mean())
-    values.update(wen_magnitude=float(wen.mean()), diversity=float(collapse.final_diversity),
+    first = wen_magnitude(traj.e_c[p][:1], traj.e_0[p][:1], first_steps=1)
+    values.update(wen_magnitude=float(wen.mean()), wen_magnitude_first=float(first[0]),
+                  diversity=float(collapse.final_diversity),
                   # seeds' distance once the early steps are done (step 0 is the seeds' own noise)
                   collapse_early=float(collapse.pairwise_distance[min(early, len(collapse.pairwise_distance) - 1)]),
                   residual=float(dec.residual.mean()))
-    per_seed = []
-    for j in range(x_t.shape[0]):
-        dev = schedule_deviation(dec.w_x[j:j + 1], dec.w_T[j:j + 1], traj.alpha_bar, reference="paper")
-        per_seed.append(dict(D_x=float(dev.D_x), D_T=float(dev.D_T), wen_magnitude=float(wen[j])))
+    per_seed = [dict(row, wen_magnitude=float(wen[j]))
+                for j, row in enumerate(per_seed_deviations(decompositions, alpha_bar, early, a0))]
     curves = dict(w_x=dec.w_x.mean(0).numpy(), w_T=dec.w_T.mean(0).numpy(),
                   collapse=collapse.pairwise_distance.numpy())
     return values, per_seed, curves
 
 
 def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, settings: MeasureSettings,
-                    batch_size: int = 64, sscd=None, clock: Callable[[str], None] | None = None) -> PromptBatch:
+                    batch_size: int = 64, sscd=None, clock: Callable[[str], None] | None = None,
+                    reference_free: bool = False) -> PromptBatch:
     """M3-M6 for probe samples `batch` (indices into `probe`) at one guidance scale, from `settings.seeds`.
+
+    `reference_free`: the prompts have no paired training image (their `latents` and `pixels` are not
+    read): severity is `reference_free_scores` and the decomposition and alignment use each seed's own
+    generated latent (the authors' exploratory variant) in place of the training latent.
 
     Sampling runs `batch_size` images per UNet call and decoding as many per VAE call; `clock(name)`,
     when given, is called after the "sampling", "decoding" and "metrics" phases (for timings).
     """
     clock = clock or (lambda name: None)
     device = components.unet.device
+    # Generated at the probe images' (training) resolution, which need not be the UNet's sample_size.
     traj = sample_trajectories(components, [probe.captions[i] for i in batch], list(settings.seeds),
                                settings.num_inference_steps, guidance_scale, batch_size=batch_size, decode=False,
+                               latent_shape=tuple(probe.latents.shape[1:]),
                                guidance_schedule=settings.guidance_schedule)
     clock("sampling")
     latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
     pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu() for chunk in latents.split(batch_size)])
     traj = replace(traj, images=pixels.reshape(traj.final.shape[:2] + pixels.shape[1:]))
     clock("decoding")
-    scores = severity_scores(traj, probe, batch, settings, sscd)
+    scores = (reference_free_scores(traj, probe, settings, sscd) if reference_free
+              else severity_scores(traj, probe, batch, settings, sscd))
     early = settings.early_steps or max(1, int((traj.timesteps >= settings.high_noise_timestep).sum()))
     values, per_seed, curves = [], [], []
     for p, i in enumerate(batch):
-        value, seed_values, curve = prompt_measurements(traj, p, probe.latents[i], probe.mu, early)
+        x = traj.final[p] if reference_free else probe.latents[i]
+        value, seed_values, curve = prompt_measurements(traj, p, x, probe.mu, early, settings.deviation_latents)
         values.append(value)
         per_seed.append(seed_values)
         curves.append(curve)

@@ -19,23 +19,25 @@ def guidance_key(g: float) -> str:
     return f"{float(g):g}"
 
 
-def probe_noise(sample_ids, timesteps, latent_shape, seed: int) -> torch.Tensor:
+def probe_noise(sample_ids, timesteps, latent_shape, seed: int, draw: int = 0) -> torch.Tensor:
     """Standard normal noise (S, T, *latent_shape), float32 on CPU.
 
     Entry (i, j) is drawn by a torch.Generator seeded from
-    `numpy.random.SeedSequence([seed, sample_ids[i], timesteps[j]])`, so it is independent
-    of the order, batching or sharding of the request.
+    `numpy.random.SeedSequence([seed, sample_ids[i], timesteps[j]])` (draw 0, the training
+    probes' noise) or `SeedSequence([seed, sample_ids[i], timesteps[j], draw])` (draw >= 1), so
+    it is independent of the order, batching or sharding of the request.
     """
     sample_ids = [int(s) for s in torch.as_tensor(sample_ids).reshape(-1).tolist()]
     timesteps = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
-    if min(sample_ids + timesteps + [int(seed)], default=0) < 0:
-        raise ValueError("seed, sample_ids and timesteps must be non-negative integers")
+    if min(sample_ids + timesteps + [int(seed), int(draw)], default=0) < 0:
+        raise ValueError("seed, draw, sample_ids and timesteps must be non-negative integers")
+    extra = [int(draw)] if draw else []
     latent_shape = tuple(int(d) for d in latent_shape)
     noise = torch.empty((len(sample_ids), len(timesteps)) + latent_shape)
     generator = torch.Generator()
     for i, sample_id in enumerate(sample_ids):
         for j, t in enumerate(timesteps):
-            state = np.random.SeedSequence([int(seed), sample_id, t]).generate_state(1, np.uint64)[0]
+            state = np.random.SeedSequence([int(seed), sample_id, t] + extra).generate_state(1, np.uint64)[0]
             generator.manual_seed(int(state))
             noise[i, j] = torch.randn(latent_shape, generator=generator)
     return noise
@@ -47,23 +49,49 @@ def probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
                   chunk_size: int = 32) -> dict[str, torch.Tensor]:
     """M1 + M2 per (sample, timestep), float32 (S, T) tensors on CPU, from one batched UNet pass.
 
-    Keys: `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (`L = mean (eps - e)^2`) and `k_cond`,
-    `k_uncond`, `k_cfg_<g>` (`k = <x0hat(e) - mu, x - mu> / ||x - mu||^2`, uncentred when
-    `mu` is None), with `<g>` = `f"{g:g}"`. Arguments as in `denoising_losses`.
+    Keys: `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (epsilon space, `L = mean (eps - e)^2`);
+    `loss_cond_x0`, `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, `mean (x - x0hat(e))^2 = L / SNR_t`);
+    `k_cond`, `k_uncond`, `k_cfg_<g>` (`k = <x0hat(e) - mu, x - mu> / ||x - mu||^2`, uncentred when
+    `mu` is None) and `k_cond_uncentred`, `k_uncond_uncentred`, `k_cfg_<g>_uncentred`
+    (`<x0hat(e), x> / ||x||^2`, the paper's `x0hat = k x`), with `<g>` = `f"{g:g}"`.
+    Arguments as in `denoising_losses`.
     """
     result = denoising_losses(unet, latents, cond, uncond, timesteps, noise, alpha_bar,
                               guidance_scales, prediction_type, chunk_size)
     latent_ndim = latents.ndim - 1
     mu = None if mu is None else mu.to(result.x.device)
 
-    def k(g: float) -> torch.Tensor:
-        return overestimation(result.x0hat(g), result.x, mu, latent_ndim)
+    def k(g: float, centre=mu) -> torch.Tensor:
+        return overestimation(result.x0hat(g), result.x, centre, latent_ndim)
 
     rows = {"loss_cond": result.loss_cond, "loss_uncond": result.loss_uncond}
     rows.update({f"loss_cfg_{guidance_key(g)}": loss for g, loss in result.loss_cfg.items()})
+    rows.update({"loss_cond_x0": result.loss_x0(1.0), "loss_uncond_x0": result.loss_x0(0.0)})
+    rows.update({f"loss_cfg_{guidance_key(g)}_x0": result.loss_x0(g) for g in result.loss_cfg})
     rows.update({"k_cond": k(1.0), "k_uncond": k(0.0)})
     rows.update({f"k_cfg_{guidance_key(g)}": k(g) for g in result.loss_cfg})
+    rows.update({"k_cond_uncentred": k(1.0, None), "k_uncond_uncentred": k(0.0, None)})
+    rows.update({f"k_cfg_{guidance_key(g)}_uncentred": k(g, None) for g in result.loss_cfg})
     return {name: value.float().cpu() for name, value in rows.items()}
+
+
+def probe_metrics_over_draws(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, timesteps,
+                             sample_ids, seed: int, alpha_bar: torch.Tensor, draws: int = 1, **kwargs
+                             ) -> dict[str, torch.Tensor]:
+    """`probe_metrics` averaged over `draws` noise draws per (sample, timestep): `mean_d metric(eps_d)`.
+
+    Draw d is `probe_noise(sample_ids, timesteps, latents.shape[1:], seed, draw=d)`, so draw 0 is the
+    training probes' noise and `draws=1` gives exactly the training probes' values. `kwargs` go to
+    `probe_metrics` (guidance_scales, mu, prediction_type, chunk_size).
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    total = {}
+    for d in range(draws):
+        noise = probe_noise(sample_ids, timesteps, latents.shape[1:], seed, draw=d)
+        rows = probe_metrics(unet, latents, cond, uncond, timesteps, noise, alpha_bar, **kwargs)
+        total = {k: total.get(k, 0) + v for k, v in rows.items()}
+    return {k: v / draws for k, v in total.items()}
 
 
 def summarize_probe_metrics(metrics: dict[str, torch.Tensor], timesteps, high_noise_timestep: int = HIGH_NOISE_TIMESTEP

@@ -5,6 +5,7 @@ through them, so the layout is stated once:
 
     RUN/config.yaml               the resolved flags of train/finetune.py (`read_config` adds RUN_DEFAULTS)
     RUN/probe_mu.safetensors      {"mu": the training-set mean latent of the centred k}
+    RUN/warnings.jsonl            the early warning per probe step and sample (mem_analysis.early_warning)
     RUN/checkpoint-N/             complete once renamed from checkpoint-N.tmp; holds training_state.json
                                   and unet/ (full), unet_ema/ (EMA) or pytorch_lora_weights.safetensors (LoRA)
 """
@@ -39,6 +40,7 @@ RUN_DEFAULTS = {
     "probe_guidance_scales": [1.5, 3.0, 7.5],
     "probe_seed": 0,
     "high_noise_timestep": HIGH_NOISE_TIMESTEP,
+    "warning_fpr": 0.01,
 }
 
 

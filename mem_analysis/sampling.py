@@ -30,6 +30,7 @@ class Trajectories:
     entering step k and the conditional / unconditional noise predictions there;
     `final` (P, N, *latent): the sampler's output latents; `images` (P, N, 3, H, W) in [0, 1] or None;
     `guidance_schedule` and `step_guidance` (K,) float64: the schedule and the scale g_k used at each step.
+    `final_alpha_bar`: the `abar` DDIM gives its last output (its `final_alpha_cumprod`).
     """
 
     prompts: list[str]
@@ -43,6 +44,7 @@ class Trajectories:
     e_0: torch.Tensor
     final: torch.Tensor
     images: torch.Tensor | None
+    final_alpha_bar: float = 1.0
     guidance_schedule: str = "constant"
     step_guidance: torch.Tensor | None = None
 
@@ -94,7 +96,8 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
                         batch_size: int = 16, initial_noise: torch.Tensor | None = None,
                         forward_noised_from: torch.Tensor | None = None, noise_fn=None,
                         negative_prompt: str = "", spill_dir: str | Path | None = None,
-                        decode: bool = True, guidance_schedule: str = "constant") -> Trajectories:
+                        decode: bool = True, latent_shape: tuple[int, int, int] | None = None,
+                        guidance_schedule: str = "constant") -> Trajectories:
     """Deterministic DDIM (eta = 0) with CFG for every (prompt, seed), `batch_size` images per UNet call.
 
     Step k: `e_g = e_0 + g_k (e_c - e_0)` (model outputs, then the scheduler's own prediction_type),
@@ -105,7 +108,9 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     `forward_noised_from` is (*latent) or (P, *latent).
     `noise_fn(latents, t, prompt_index, seed_index) -> (out_c, out_0)` replaces the UNet
     (outputs in the scheduler's prediction space), e.g. for oracle checks.
-    `spill_dir` memory-maps the recordings to .npy files there.
+    `spill_dir` memory-maps the recordings to .npy files there. `latent_shape` (C, h, w) defaults to the
+    UNet's sample_size (the pipeline's default resolution); give the training latents' shape when the
+    model was trained at another resolution.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
@@ -122,7 +127,7 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     P, N, K = len(prompts), len(seeds), len(timesteps)
     step_guidance = guidance_scales(guidance_schedule, timesteps.cpu(), guidance_scale,
                                     scheduler.config.num_train_timesteps)
-    latent_shape = latent_shape_of(unet)
+    latent_shape = tuple(latent_shape) if latent_shape is not None else latent_shape_of(unet)
 
     if initial_noise is None:
         x_T = initial_noise_for_seeds(seeds, latent_shape, dtype, device, scheduler.init_noise_sigma)
@@ -181,4 +186,4 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     return Trajectories(prompts, seeds, float(guidance_scale), timesteps.cpu(), alpha_bar,
                         per_prompt(x_T.float().cpu()), per_prompt(x_rec), per_prompt(ec_rec), per_prompt(e0_rec),
                         per_prompt(final), per_prompt(torch.cat(images)) if decode else None,
-                        parse_guidance_schedule(guidance_schedule), step_guidance)
+                        float(scheduler.final_alpha_cumprod), parse_guidance_schedule(guidance_schedule), step_guidance)

@@ -51,14 +51,17 @@ def ssim_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.T
 
 
 def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> torch.Tensor:
-    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0."""
+    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0.
+
+    `paired_index[p] = -1`: the paired image is not in the pool (held out of training), so always 0.0.
+    """
     paired_index = torch.as_tensor(paired_index).reshape(-1)
     if paired_index.numel() != generated.shape[0]:
         raise ValueError(f"paired_index needs one pool index per prompt ({generated.shape[0]}), got {paired_index.numel()}")
     if pool.shape[1:] != generated.shape[2:]:
         raise ValueError(f"pool images {tuple(pool.shape[1:])} and generated {tuple(generated.shape[2:])} differ in shape")
-    if paired_index.min() < 0 or paired_index.max() >= len(pool):
-        raise ValueError(f"paired_index must lie in [0, {len(pool) - 1}] (the training pool)")
+    if paired_index.min() < -1 or paired_index.max() >= len(pool):
+        raise ValueError(f"paired_index must lie in [0, {len(pool) - 1}] (the training pool), or be -1 (held out)")
     P, N = generated.shape[:2]
     nearest = torch.cdist(generated.double().reshape(P * N, -1), pool.double().reshape(len(pool), -1)).argmin(1)
     return (nearest.reshape(P, N) == paired_index[:, None].to(nearest.device)).double()
@@ -144,5 +147,36 @@ def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, bac
         if sscd_model is None:
             raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
         similarity = sscd_similarity(generated, reference, sscd_model, sscd_input_size)
+    threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
+    return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)
+
+
+def self_similarity(generated: torch.Tensor, backend: str = "ssim", threshold: float | None = None,
+                    mean_image: torch.Tensor | None = None, sscd_model=None, sscd_input_size: int = 288) -> Severity:
+    """Reference-free M6 (no training image known): seed j's similarity is its mean similarity to the
+    prompt's other seeds, `s_j = mean_{i != j} sim(g_j, g_i)`; severity = `mean_j s_j`, memorized
+    fraction = `mean_j [s_j > threshold]`. `generated` (P, N >= 2, ...); back ends as `severity`
+    but `nn_identity` (it needs a training pool). SSCD descriptors are computed once per image.
+    """
+    if backend == "nn_identity" or backend not in BACKENDS:
+        raise ValueError(f"reference-free severity has no back end {backend!r}; choose one of "
+                         f"{tuple(b for b in BACKENDS if b != 'nn_identity')}")
+    if generated.ndim < 3 or generated.shape[1] < 2:
+        raise ValueError(f"generated must be (prompts, seeds >= 2, ...), got {tuple(generated.shape)}")
+    P, N = generated.shape[:2]
+    pairwise = torch.empty(P, N, N, dtype=torch.float64)  # [p, j, i] = sim(g_j, g_i)
+    if backend == "sscd":
+        if sscd_model is None:
+            raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
+        model = load_sscd(sscd_model) if isinstance(sscd_model, (str, Path)) else sscd_model
+        e = embed_images(generated.reshape((P * N,) + tuple(generated.shape[2:])), model,
+                         sscd_input_size).reshape(P, N, -1)
+        pairwise = (e @ e.transpose(1, 2)).double()
+    else:  # every back end here is symmetric: compute each pair once
+        for i in range(N - 1):
+            sim = severity(generated[:, i + 1:], generated[:, i], backend=backend, mean_image=mean_image).similarity
+            pairwise[:, i + 1:, i], pairwise[:, i, i + 1:] = sim, sim
+    off_diagonal = ~torch.eye(N, dtype=torch.bool)
+    similarity = pairwise[:, off_diagonal].reshape(P, N, N - 1).mean(-1)
     threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
     return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)

@@ -1,9 +1,9 @@
 """M7 relations (docs/science.md M7): correlations with bootstrap intervals, detection AUROC / TPR at low FPR,
-onset step; bootstrap means and distances between image distributions (MMD, Frechet) for comparing runs.
-Ranks come from SciPy and ROC quantities from scikit-learn; the bootstrap and onset are ours."""
+onset step, split-half reliability across seeds and the correlation corrected for it, distances between image
+distributions (MMD, Frechet) for comparing runs. Ranks come from SciPy and ROC quantities from scikit-learn;
+the bootstrap, onset and reliability are ours."""
 from __future__ import annotations
 
-import math
 from collections import namedtuple
 
 import numpy as np
@@ -68,9 +68,23 @@ def check_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-def auroc(scores, labels) -> float:
-    """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)), higher score = positive."""
-    scores, labels = check_labels(scores, labels)
+DIRECTIONS = ("higher", "lower")
+MIN_NEGATIVES_FOR_1PCT_FPR = 100
+
+
+def oriented(scores, direction: str) -> np.ndarray:
+    """Scores turned so that higher = memorized: `s` for direction 'higher', `-s` for 'lower'."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS} (which way a memorized sample's score goes), "
+                         f"got {direction!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores if direction == "higher" else -scores
+
+
+def auroc(scores, labels, direction: str = "higher") -> float:
+    """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)) with `s` oriented by
+    `direction`: 'higher' (a memorized sample scores higher) or 'lower' (it scores lower, e.g. diversity)."""
+    scores, labels = check_labels(oriented(scores, direction), labels)
     return float(roc_auc_score(labels, scores))
 
 
@@ -79,6 +93,60 @@ def tpr_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
     scores, labels = check_labels(scores, labels)
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(tpr[fpr <= max_fpr].max())  # the curve starts at (0, 0), so the set is never empty
+
+
+def detection(scores, labels, direction: str = "higher") -> dict:
+    """AUROC in the stated direction and the TPR at low FPR that the number of negatives supports.
+
+    With at least 100 negatives: TPR at 1% FPR. With fewer, 1% FPR means less than one false
+    positive, so the reported figure is the TPR at zero false positives, labelled with n negatives.
+    """
+    scores, labels = check_labels(oriented(scores, direction), labels)
+    n_neg = int((~labels).sum())
+    if n_neg >= MIN_NEGATIVES_FOR_1PCT_FPR:
+        label, tpr = "TPR at 1% FPR", tpr_at_fpr(scores, labels, 0.01)
+    else:
+        label, tpr = f"TPR at 0 FP ({n_neg} negatives)", tpr_at_fpr(scores, labels, 0.0)
+    return dict(auroc=auroc(scores, labels), direction=direction, tpr=float(tpr), tpr_label=label,
+                n_positives=int(labels.sum()), n_negatives=n_neg)
+
+
+def is_constant(values) -> bool:
+    """True when the finite values are equal up to rounding (`ptp <= 1e-9 max(1, max |v|)`): they rank nothing."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return values.size == 0 or np.ptp(values) <= 1e-9 * max(1.0, np.abs(values).max())
+
+
+def split_half_reliability(values) -> dict:
+    """Split-half reliability across seeds of a per-sample mean, with the Spearman-Brown step-up.
+
+    `values` (S samples, N seeds): `r_half` = Pearson across samples between the means over the
+    even-indexed and the odd-indexed seeds; `reliability = 2 r_half / (1 + r_half)` (Spearman-Brown),
+    the reliability of the mean over all N seeds. Samples with a NaN are dropped; None when undefined.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ValueError(f"values must be (samples, seeds) with at least 2 seeds, got shape {values.shape}")
+    values = values[~np.isnan(values).any(1)]
+    a, b = values[:, 0::2].mean(1), values[:, 1::2].mean(1)
+    if len(a) < 3 or is_constant(a) or is_constant(b):
+        return dict(r_half=None, reliability=None, n_samples=int(len(a)), n_seeds=int(values.shape[1]))
+    r = float(pearson_rows(a, b))
+    return dict(r_half=r, reliability=spearman_brown(r), n_samples=int(len(a)), n_seeds=int(values.shape[1]))
+
+
+def spearman_brown(r_half: float, factor: float = 2.0) -> float:
+    """Reliability of a measure `factor` times longer: `factor r / (1 + (factor - 1) r)`."""
+    return float(factor * r_half / (1 + (factor - 1) * r_half))
+
+
+def disattenuated(r_xy: float, reliability_x: float, reliability_y: float = 1.0) -> float | None:
+    """Correlation corrected for measurement noise (Spearman 1904): `r_xy / sqrt(rel_x rel_y)`; None when
+    a reliability is not positive. It can exceed 1 when the reliabilities are themselves noisy."""
+    if r_xy is None or reliability_x is None or reliability_y is None or reliability_x <= 0 or reliability_y <= 0:
+        return None
+    return float(r_xy / np.sqrt(reliability_x * reliability_y))
 
 
 def onset_step(steps, severity, threshold: float) -> np.ndarray:
@@ -97,17 +165,48 @@ def onset_step(steps, severity, threshold: float) -> np.ndarray:
     return np.where(over.any(-1), steps[first], np.nan)
 
 
-def bootstrap_mean(values, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
-                   ) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of the finite values and its percentile-bootstrap interval
-    (resampling the values with replacement); NaNs when there is no finite value."""
+SetDetection = namedtuple("SetDetection", ["direction", "auroc", "low", "high", "tpr", "tpr_label", "n_pos", "n_neg"])
+
+
+def set_detection(positives, negatives, direction: str = "higher", n_bootstrap: int = 1000,
+                  confidence: float = 0.95, seed: int = 0) -> SetDetection:
+    """`detection` of two sets (e.g. memorized vs normal prompts) with a percentile bootstrap interval of the AUROC.
+
+    `direction` is stated in advance ('lower' when a memorized prompt's score is predicted lower, e.g. diversity;
+    mem_analysis.verdicts.direction), never chosen from the data. The TPR follows `detection`'s rule (1% FPR with
+    at least 100 negatives, else at 0 false positives). The interval resamples each set separately; NaNs dropped.
+    """
+    pos = np.asarray(positives, dtype=np.float64).reshape(-1)
+    neg = np.asarray(negatives, dtype=np.float64).reshape(-1)
+    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"need scores in both sets, got {pos.size} and {neg.size}")
+    labels = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+    d = detection(np.r_[pos, neg], labels, direction)
+    low = high = float("nan")
+    if n_bootstrap > 0:
+        pos, neg = oriented(pos, direction), oriented(neg, direction)
+        rng = np.random.default_rng(seed)
+        boot = np.concatenate([pos[rng.integers(0, pos.size, (n_bootstrap, pos.size))],
+                               neg[rng.integers(0, neg.size, (n_bootstrap, neg.size))]], 1)
+        ranks = rankdata(boot, axis=1)
+        values = (ranks[:, :pos.size].sum(1) - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+        low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return SetDetection(direction, d["auroc"], float(low), float(high), d["tpr"], d["tpr_label"],
+                        d["n_positives"], d["n_negatives"])
+
+
+def mean_interval(values, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the finite values with a percentile bootstrap interval (NaN when empty)."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return math.nan, math.nan, math.nan
-    boots = np.random.default_rng(seed).choice(values, size=(n_bootstrap, values.size)).mean(1)
-    tail = (1 - confidence) / 2
-    return float(values.mean()), float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
+        return float("nan"), float("nan"), float("nan")
+    if n_bootstrap <= 0:
+        return float(values.mean()), float("nan"), float("nan")
+    boots = values[np.random.default_rng(seed).integers(0, values.size, (n_bootstrap, values.size))].mean(1)
+    low, high = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(values.mean()), float(low), float(high)
 
 
 def squared_distances(a, b) -> np.ndarray:

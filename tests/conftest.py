@@ -2,8 +2,10 @@
 
 - `tiny_model_dir`: a `tiny` base model folder written by data_scripts/make_base_model.py
   (StableDiffusionPipeline.save_pretrained layout, safetensors; 32 px images, 16x16x4 latents)
-  whose VAE was trained for a few seconds on 128 Twemoji images (seed 0) and whose
-  `vae.config.scaling_factor` is 1/std of their latents. The UNet is untrained.
+  whose VAE was trained for a few seconds on 128 Twemoji images (seed 0), whose
+  `vae.config.scaling_factor` is 1/std of their latents, and whose text encoder was trained
+  contrastively on those images' names for only 20 steps (tests/test_conditioning.py trains one
+  fully). The UNet is untrained.
   Load it with `mem_analysis.sd.load_components(tiny_model_dir)`.
 - `tiny_dataset_dir`: a study dataset written by data_scripts/build_duplicated_dataset.py:
   48 Twemoji images at 32 px, `--dup_factors 1,4,8 --samples_per_factor 2`, fixed captions,
@@ -12,11 +14,14 @@
   4 duplicated images + the 2 factor-1 images + 2 more never-duplicated ones = 8 rows.
   `DIR/manifest.json` records each sample_id's dup_factor, caption and hash.
   Open it with `mem_analysis.data.load_study_dataset(tiny_dataset_dir)`.
-Treat both folders as read-only: copy them (shutil.copytree) before changing anything.
+- `trained_run`: a 4-step full fine-tuning run of the tiny model on the tiny dataset
+  (configs/finetune_tiny.yaml, lr 1e-3) with checkpoints at steps 2 and 4 and probes on.
+Treat the folders as read-only: copy them (shutil.copytree) before changing anything.
 """
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DATASET_ARGS = ["--source", "twemoji", "--max_images", "48", "--dup_factors", "1,4,8",
                      "--samples_per_factor", "2", "--resolution", "32", "--seed", "0"]
 TINY_MODEL_ARGS = ["--preset", "tiny", "--seed", "0", "--max_images", "128", "--vae_steps", "30",
-                   "--train_batch_size", "16"]
+                   "--train_batch_size", "16", "--text_encoder_steps", "20"]
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +70,28 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run(cmd, env_extra=None, check=True) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; show its output when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # 2 threads spin badly on a loaded machine
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> Path:
+    """A 4-step full fine-tuning run with checkpoints at steps 2 and 4 and probes on; read-only."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    run(ACCELERATE + ["--num_processes", "1", ROOT / "train" / "finetune.py", "--config",
+                      ROOT / "configs" / "finetune_tiny.yaml", "--pretrained_model_name_or_path", tiny_model_dir,
+                      "--train_data_dir", tiny_dataset_dir, "--output_dir", out, "--max_train_steps", "4",
+                      "--checkpointing_steps", "2", "--probe_steps", "2", "--learning_rate", "1e-3"])
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    return out

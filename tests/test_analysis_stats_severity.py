@@ -72,8 +72,21 @@ def test_severity_backends_on_analytic_images():
     pool = torch.cat([torch.rand(5, 3, 16, 16), reference])
     nn = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, 6])
     assert nn.similarity[0].tolist() == [1.0, 1.0, 1.0] and nn.similarity[1, 0] == 1.0
-    latent = severity(torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 8, 8), "latent_cosine")
-    assert latent.similarity.shape == (2, 4) and latent.threshold == 0.75
+    heldout = severity(generated, None, "nn_identity", pool=pool, paired_index=[5, -1])  # prompt 1 never trained
+    assert heldout.similarity[0].tolist() == [1.0, 1.0, 1.0] and heldout.similarity[1].tolist() == [0.0, 0.0, 0.0]
+    # SSIM of constant images a, b (no variance): (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * data_range)^2
+    flat = severity(torch.full((1, 1, 3, 16, 16), 0.3), torch.full((1, 3, 16, 16), 0.6), "ssim")
+    assert flat.similarity.item() == pytest.approx((0.36 + 1e-4) / (0.45 + 1e-4), rel=1e-9)
+    # latent cosine (centred on mu when given) on constructed latents: a scaled copy, the negation, an orthogonal one
+    ref = torch.zeros(1, 4, 8, 8)
+    ref[0, 0, 0, 0] = 1.0
+    other = torch.zeros(4, 8, 8)
+    other[1, 0, 0] = 1.0
+    mu = 0.5 * other
+    generated_latents = torch.stack([mu + 3 * ref[0], mu - ref[0], mu + other])[None]
+    latent = severity(generated_latents, mu + ref, "latent_cosine", mean_image=mu)
+    torch.testing.assert_close(latent.similarity, torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64))
+    assert latent.threshold == 0.75 and latent.memorized_fraction.item() == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="mean_image"):
         severity(generated, reference, "pixel_cosine")
     with pytest.raises(ValueError, match="reference must be"):
@@ -120,3 +133,51 @@ def test_wen_magnitude_and_trajectory_collapse():
     assert collapse.final_diversity == 0
     with pytest.raises(ValueError, match="two seeds"):
         trajectory_collapse(trajectory[:1])
+
+
+def test_self_similarity_on_analytic_seeds(tmp_path):
+    """Reference-free severity: each seed's mean similarity to the prompt's other seeds."""
+    from mem_analysis.severity import self_similarity
+
+    torch.manual_seed(2)
+    image = torch.rand(3, 16, 16)
+    copies = image.expand(4, -1, -1, -1)  # prompt 0: every seed the same image
+    varied = torch.stack([image, 1 - image, image, torch.rand(3, 16, 16)])  # prompt 1
+    generated = torch.stack([copies, varied])
+    mean_image = torch.full((3, 16, 16), 0.5)
+    for backend in ("pixel_cosine", "ssim", "l2"):
+        result = self_similarity(generated, backend, mean_image=mean_image)
+        torch.testing.assert_close(result.similarity[0], torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
+        assert result.memorized_fraction[0] == 1.0 and result.severity[1] < 1
+    # seed 0 of prompt 1: cosine 1 with seed 2, -1 with seed 1 (centred at 0.5: 1 - x is -x), c with seed 3
+    centred = lambda a, b: float(torch.nn.functional.cosine_similarity((a - 0.5).flatten(), (b - 0.5).flatten(), 0))  # noqa: E731
+    cosine = self_similarity(generated, "pixel_cosine", mean_image=mean_image).similarity[1]
+    assert math.isclose(float(cosine[0]), (1 - 1 + centred(image, varied[3])) / 3, rel_tol=1e-6)
+    path = tmp_path / "sscd.torchscript.pt"
+    torch.jit.script(TinyDescriptor()).save(str(path))
+    sscd = self_similarity(generated, "sscd", sscd_model=path, sscd_input_size=32)
+    torch.testing.assert_close(sscd.similarity[0], torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no back end 'nn_identity'"):
+        self_similarity(generated, "nn_identity")
+
+
+def test_set_detection_stated_direction_interval_and_tpr():
+    from mem_analysis.stats import set_detection
+
+    rng = np.random.default_rng(3)
+    memorized, normal = rng.normal(2.0, 1.0, 60), rng.normal(0.0, 1.0, 200)
+    higher = set_detection(memorized, normal, "higher", n_bootstrap=300)
+    labels = np.r_[np.ones(60), np.zeros(200)]
+    assert higher.direction == "higher"
+    assert math.isclose(higher.auroc, roc_auc_score(labels, np.r_[memorized, normal]), rel_tol=1e-12)
+    assert higher.low < higher.auroc < higher.high and (higher.n_pos, higher.n_neg) == (60, 200)
+    fpr, tpr, _ = roc_curve(labels, np.r_[memorized, normal], drop_intermediate=False)
+    assert math.isclose(higher.tpr, tpr[fpr <= 0.01].max()) and higher.tpr_label == "TPR at 1% FPR"
+    lower = set_detection(-memorized, -normal, "lower", n_bootstrap=300)  # lower for memorized prompts, as stated
+    assert lower.direction == "lower" and math.isclose(lower.auroc, higher.auroc)
+    assert math.isclose(lower.low, higher.low) and math.isclose(lower.high, higher.high)
+    wrong_way = set_detection(-memorized, -normal, "higher", n_bootstrap=0)  # the direction is not flipped to fit
+    assert math.isclose(wrong_way.auroc, 1 - higher.auroc)
+    separated = set_detection([5.0, 6.0, 7.0], [0.0, 1.0, np.nan], n_bootstrap=50)
+    assert (separated.auroc, separated.tpr, separated.n_neg) == (1.0, 1.0, 2)
+    assert separated.tpr_label == "TPR at 0 FP (2 negatives)"

@@ -103,7 +103,23 @@ def test_sample_trajectories_equals_stable_diffusion_pipeline(pipe, components):
     torch.testing.assert_close(traj.x_t[:, :, 0], traj.x_T)
     assert torch.equal(traj.timesteps, pipe.scheduler.timesteps)
     dec = decompose_latents(traj.x_t[0], traj.final[0, 0], traj.x_T[0])
-    assert torch.isfinite(schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar).D_x)
+    # step 0's input is the seed's own noise, which is in the basis: w_x = 0, w_T = 1, no residual
+    torch.testing.assert_close(dec.w_x[:, 0], torch.zeros(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dec.w_T[:, 0], torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert dec.residual[:, 0].max() < 1e-6 and dec.residual[:, 1:].min() > 0  # a real UNet leaves a residual later
+    # so step 0 adds -sqrt(abar_t0) to D_x and -(1 - sqrt(1 - abar_t0)) to D_T, whatever the network
+    first = schedule_deviation(dec.w_x, dec.w_T, traj.alpha_bar, early_steps=1)
+    assert float(first.D_x) == pytest.approx(-float(traj.alpha_bar[0].sqrt()), abs=1e-6)
+    assert float(first.D_T) == pytest.approx(float((1 - traj.alpha_bar[0]).sqrt()) - 1, abs=1e-6)
+
+
+def test_sample_trajectories_at_another_resolution_equals_the_pipeline_there(pipe, components):
+    """A model trained at another resolution than its sample_size (e.g. SD v1.5 at 64 px) is sampled at that one."""
+    traj = sample_trajectories(components, ["a red circle"], [3], num_inference_steps=3, latent_shape=(4, 8, 8))
+    images = pipe("a red circle", height=16, width=16, num_inference_steps=3, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert traj.final.shape == (1, 1, 4, 8, 8)
+    torch.testing.assert_close(traj.images[0, 0], images[0].float(), rtol=0, atol=1e-4)
 
 
 def test_sampler_spills_recordings_to_disk(components, tmp_path):

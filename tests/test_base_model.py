@@ -67,7 +67,7 @@ def test_psnr_matches_its_formula():
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     short = ["--preset", "tiny", "--max_images", "16", "--vae_steps", "2", "--pretrain_unet_steps", "2",
-             "--train_batch_size", "8"]
+             "--text_encoder_steps", "2", "--train_batch_size", "8"]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         make_base_model.main(["--output_dir", str(tmp_path / name), "--seed", str(seed), *short])
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").glob("*/*.safetensors"))
@@ -75,16 +75,17 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
         assert (tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
-    # VAE and UNet were trained, the text encoder left as built
+    # VAE, UNet and text encoder were all trained
     untrained = build_pipeline("tiny", 0)
     trained = {name: load_file(tmp_path / "a" / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "vae")}
+    trained["text_encoder"] = load_file(next((tmp_path / "a" / "text_encoder").glob("*.safetensors")))
     for name, weights in trained.items():
         reference = getattr(untrained, name).state_dict()
-        assert any(not torch.equal(weights[k], reference[k]) for k in weights)
-    text = load_file(next((tmp_path / "a" / "text_encoder").glob("*.safetensors")))
-    assert all(torch.equal(v, untrained.text_encoder.state_dict()[k]) for k, v in text.items())
+        assert any(not torch.equal(weights[k], reference[k]) for k in weights), f"{name} was not trained"
     record = json.loads((tmp_path / "a" / "make_base_model.json").read_text())
     assert record["seed"] == 0 and record["vae_psnr_db"] > 0 and "unet_seconds" in record
+    assert "text_encoder_seconds" in record and set(record["caption_separation"]["pool_held_out"]) == {"random",
+                                                                                                      "trained"}
 
 
 def test_sd15_shape_has_the_sd_v1_5_architecture(tmp_path):

@@ -114,6 +114,26 @@ def test_repeated_scheme_uses_first_images_and_fresh_ones(tmp_path):
     assert ids == sorted(ids) and manifest["used_images"] == 13
 
 
+def test_probe_heldout_images_are_probed_never_trained_and_leave_the_rest_unchanged(tmp_path):
+    flags = ["--max_images", "30", "--dup_factors", "1,4", "--samples_per_factor", "2"]
+    plain = load_study_dataset(build(tmp_path / "plain", *flags))
+    out = build(tmp_path / "heldout", *flags, "--probe_heldout", "3")
+    dataset = load_study_dataset(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    heldout = [s["sample_id"] for s in manifest["samples"] if s["heldout"]]
+    assert len(heldout) == 3 and all(s["dup_factor"] == 0 and s["probe"] and s["captions"] == []
+                                     for s in manifest["samples"] if s["heldout"])
+    assert not set(heldout) & set(dataset["train"]["sample_id"])
+    assert rows_per_factor(dataset["probe"]) == {0: 3, 1: 2, 4: 2}
+    assert manifest["counts"]["0"] == dict(images=3, rows=0, probe=3)
+    # the same probe otherwise, and the held-out images were once-seen train rows of the plain dataset
+    kept = [(s, f) for s, f in zip(dataset["probe"]["sample_id"], dataset["probe"]["dup_factor"]) if f]
+    assert kept == list(zip(plain["probe"]["sample_id"], plain["probe"]["dup_factor"]))
+    assert len(dataset["train"]) == len(plain["train"]) - 3 and set(heldout) <= set(plain["train"]["sample_id"])
+    with pytest.raises(SystemExit, match="--probe_heldout 99"):
+        build(tmp_path / "too_many", *flags, "--probe_heldout", "99")
+
+
 def test_varied_captions_differ_per_copy(tmp_path):
     out = build(tmp_path / "v", "--max_images", "12", "--dup_factors", "1,8", "--samples_per_factor", "1",
                 "--caption_mode", "varied")

@@ -15,7 +15,7 @@ import yaml
 
 from mem_analysis.run import list_checkpoints
 from train import finetune, finetune_data
-from train.finetune_config import FLAGS, ConfigError, resolve_config
+from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
 from train.finetune_state import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,20 @@ def test_flags_override_yaml_and_lists_parse(tmp_path):
     assert args.learning_rate == 0.25 and args.probe_timesteps == [10, 20]
     assert args.probe_guidance_scales == [2.0, 4.5] and args.use_ema is False
     assert args.train_batch_size == FLAGS["train_batch_size"][0]
+
+
+def test_auto_train_steps_are_passes_over_the_rows_to_the_checkpoint_interval():
+    # the Twemoji demo (1,385 rows, batch 32): 35 passes are 1,514.8 steps, 1,500 at interval 300
+    assert auto_train_steps(1385, 32, 300) == 1500
+    assert auto_train_steps(2448, 32, 300) == 2700  # 2,677.5 steps
+    assert auto_train_steps(2448, 32, 0) == 2678  # no checkpoints: ceil(35 * 2448 / 32)
+    assert auto_train_steps(1385, 64, 300) == 900  # twice the batch: 758 steps
+    assert auto_train_steps(68, 32, 300) == 300  # at least one interval
+    base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
+    assert resolve_config([*base, "--max_train_steps", "auto"]).max_train_steps == "auto"
+    assert resolve_config([*base, "--max_train_steps", "7"]).max_train_steps == 7
+    with pytest.raises(ConfigError, match="max_train_steps"):
+        resolve_config([*base, "--max_train_steps", "automatic"])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -158,6 +172,10 @@ def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tin
     assert not (run / "checkpoint-4.tmp").exists()
     steps = [json.loads(line)["step"] for line in (run / "probes.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [0, 2, 4, 6] and all(steps.count(s) == 8 for s in (0, 2, 4, 6))
+    warnings = [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
+    keys = [(w["step"], w["sample_id"]) for w in warnings]
+    assert len(keys) == len(set(keys))  # the resumed run rewrote steps 4 and 6 without repeating them
+    assert [w["step"] for w in warnings].count(4) == 8 and {w["step"] for w in warnings} == {0, 2, 4, 6}
 
 
 def test_diverging_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
@@ -172,6 +190,23 @@ def test_diverging_loss_stops_with_step_and_keeps_checkpoint(tiny_model_dir, tin
     assert last.name == f"checkpoint-{failed_step - 1}" and last.name in err[0]
     assert json.loads((last / "training_state.json").read_text())["global_step"] == failed_step - 1
     assert not (run / "model_index.json").exists()
+
+
+def test_loss_read_at_logging_steps_still_names_the_failed_step(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    """With the loss read back only every 7 steps, a divergence is reported at the same step as when read every step,
+    and no checkpoint is written after it."""
+    failed = []
+    for logging_steps, checkpointing_steps in ((1, 0), (7, 7)):
+        fresh_accelerate_state_reset()
+        run = tmp_path / f"log{logging_steps}"
+        code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--learning_rate", 1e30, "--max_train_steps",
+                                 30, "--logging_steps", logging_steps, "--checkpointing_steps", checkpointing_steps,
+                                 "--probe_steps", 0))
+        err = error_lines(capsys.readouterr().err)
+        assert code == 1 and len(err) == 1 and "loss is nan" in err[0]
+        failed.append(int(err[0].split(" at step ")[1].split(";")[0]))
+    assert 1 < failed[0] < 7 and failed[1] == failed[0]  # read at step 7, yet named exactly
+    assert list_checkpoints(tmp_path / "log7") == [] and not (tmp_path / "log7" / "model_index.json").exists()
 
 
 def fresh_accelerate_state_reset() -> None:
@@ -302,3 +337,25 @@ def test_mitigations_off_or_inactive_change_nothing_and_resume_exactly(tiny_mode
     c, d = unet_tensors(full / "unet"), unet_tensors(resumed / "unet")
     assert all(c[k].equal(d[k]) for k in c)
     assert any(not a[k].equal(unet_tensors(full / "checkpoint-2" / "unet")[k]) for k in a)
+
+
+def test_each_alarmed_sample_is_announced_once_with_caption_and_first_step(tiny_model_dir, tiny_dataset_dir,
+                                                                            tmp_path, capsys):
+    """A loose false-alarm rate (45 %) makes alarms fire on an untrained model; each is printed once."""
+    import datasets
+
+    run = tmp_path / "run"
+    assert finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--max_train_steps", 3, "--probe_steps", 1,
+                             "--probe_timesteps", 500, 900, "--warning_fpr", 0.45)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[early warning]")]
+    warnings = [json.loads(line) for line in (run / "warnings.jsonl").read_text().splitlines()]
+    first = {}
+    for w in warnings:
+        if w["alarm"]:
+            first.setdefault(w["sample_id"], w["step"])
+    assert first and len(lines) == len(first)
+    probe = datasets.load_from_disk(str(tiny_dataset_dir))["probe"]
+    caption_of = dict(zip(probe["sample_id"], probe["text"]))
+    for sid, step in first.items():
+        (line,) = [line for line in lines if f" sample {sid} " in line]
+        assert line.startswith(f"[early warning] step {step}: ") and repr(caption_of[sid]) in line

@@ -14,7 +14,7 @@ from mem_analysis.mitigations import (augment_caption, dedup_sampling_weights, g
                                       wen_filter_weights)
 from mem_analysis.presets import SD_SCHEDULER
 from mem_analysis.sd import SDComponents
-from mem_analysis.stats import bootstrap_mean, frechet_distance, median_distance, mmd_squared
+from mem_analysis.stats import frechet_distance, mean_interval, median_distance, mmd_squared
 
 LATENT = (4, 8, 8)
 
@@ -140,5 +140,5 @@ def test_distribution_distances_against_analytic_cases():
     x = rng.normal(size=(20000, 2)) * np.array([1.0, 2.0])
     y = rng.normal(size=(20000, 2)) * np.array([3.0, 2.0]) + np.array([1.0, 0.0])
     assert frechet_distance(x, y) == pytest.approx(1.0 + (1 - 3) ** 2 + 0.0, abs=0.1)
-    mean, low, high = bootstrap_mean(np.array([1.0, 2.0, 3.0, np.nan]), 200)
+    mean, low, high = mean_interval(np.array([1.0, 2.0, 3.0, np.nan]), 200)
     assert mean == 2.0 and 1.0 <= low <= mean <= high <= 3.0

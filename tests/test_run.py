@@ -85,7 +85,7 @@ def test_training_defaults_are_evaluations_resolved_defaults(tmp_path):
 
 
 def test_commands_run_as_scripts_and_modules_without_warnings():
-    """The packages need no sys.path edit (a script's own folder is on its path, not the repository), and
+    """The packages need no edit of the import path (a script sees its own folder, not the repository), and
     importing diffusers' pipelines through mem_analysis logs nothing about torchvision."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

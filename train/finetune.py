@@ -5,20 +5,25 @@
 Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
 Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
 unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
-config.yaml, probes.jsonl, logs/finetune (TensorBoard), checkpoint-N/, the final pipeline, and
+config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F), checkpoint-N/, the final pipeline, and
 probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
 `mem_analysis.probes.probe_metrics` gives L_c, L_0, L_g and k (docs/science.md M1, M2) on the
 training weights (not EMA). Each process probes a shard; rows are gathered and written once.
+The loss stays on the device between logging steps (`--logging_steps`; also read before probes,
+validation and checkpoints), so the loop does not wait for the accelerator on every micro-step;
+a non-finite loss stops the run naming its step, before any checkpoint is written after it.
 Resume: random draws of a micro-batch depend only on (seed, process, micro-step) and the data
 order only on (seed, epoch), so `--resume_from_checkpoint latest` skips to the exact batch and
 continues as the uninterrupted run would; probe rows after the resumed step are rewritten.
+Early warning: each probe step's rows are scored by `mem_analysis.early_warning` against the
+never-duplicated (or held-out) probe samples; scores go to RUN/warnings.jsonl and TensorBoard
+(`warning/...`), and a sample is announced once, when its alarm first fires (`--warning_fpr`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -36,29 +41,48 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from mem_analysis import run
+from mem_analysis.board import FactorWriters
 from mem_analysis.cli import run_command
 from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude, wen_filter_weights
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
-from train.finetune_config import ConfigError, TrainingError, resolve_config
-from train.finetune_data import (EpochSampler, TrainExamples, build_probe_inputs, keep_probe_rows, load_splits,
-                                 probe_scalars, row_sampling_weights)
+from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
+from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, TrainExamples, append_rows,
+                                 bounded_captions, build_probe_inputs, keep_probe_rows, load_splits, probe_scalars,
+                                 row_sampling_weights, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
 
 def build_accelerator(args) -> Accelerator:
-    """Accelerator with TensorBoard in output_dir/logs; gloo process groups for DeepSpeed on CPU."""
+    """Accelerator with TensorBoard in output_dir/logs; gloo process groups for DeepSpeed on CPU; checkpoints
+    written once per node with save_on_each_node."""
     handlers = []
     # DeepSpeed miscounts the world size on CPU unless the process group is gloo; a plain run rejects this.
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    project = ProjectConfiguration(project_dir=args.output_dir,
+    project = ProjectConfiguration(project_dir=args.output_dir, save_on_each_node=args.save_on_each_node,
                                    logging_dir=os.path.join(args.output_dir, args.logging_dir))
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision, log_with=args.report_to,
-                       project_config=project, kwargs_handlers=handlers)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              project_config=project, kwargs_handlers=handlers)
+    if args.save_on_each_node and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Each node's first process then writes the engine's model states too: a node resumes from its own disk.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    return accelerator
+
+
+def check_same_resume(accelerator, resume_path: Path | None) -> None:
+    """Stop (one line, every process) unless all processes resume from the same checkpoint step, e.g. when
+    nodes with their own output folders (--save_on_each_node) hold different latest checkpoints."""
+    if accelerator.num_processes == 1:
+        return
+    names = gather_object([resume_path.name if resume_path else "none (fresh start)"])
+    if len(set(names)) > 1:
+        raise TrainingError(f"processes would resume from different checkpoints ({', '.join(sorted(set(names)))}); "
+                            f"give every node the same checkpoint-N, or --resume_from_checkpoint PATH")
 
 
 def step_generator(seed: int, rank: int, micro_step: int, device, stream: int = 0) -> torch.Generator:
@@ -120,14 +144,66 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, unco
     return (per_sample * weights).mean(), None
 
 
-def accumulate_wen_log(log: dict, magnitudes, args, accelerator) -> dict:
-    """Adds this micro-batch's Wen filter scalars over all processes: share of examples filtered, mean
-    magnitude ||e_c - e_0||, and the number of processes whose whole batch was filtered."""
-    share = (magnitudes > args.mitigation_wen_threshold).float().mean()
-    rows = accelerator.gather(torch.stack([share, magnitudes.float().mean()])[None])
-    values = {"wen_filtered_share": rows[:, 0].mean().item(), "wen_magnitude_mean": rows[:, 1].mean().item(),
-              "wen_fully_filtered_processes": (rows[:, 0] == 1).sum().item()}
-    return {name: log.get(name, 0.0) + value for name, value in values.items()}
+class WenWindow:
+    """Wen filter scalars summed on the device between logging steps (read with the loss, no extra host sync):
+    the share of examples filtered, the mean magnitude ||e_c - e_0||, and the processes whose whole batch
+    was filtered, each a mean per micro-step over the window."""
+
+    def __init__(self, device):
+        self.total = torch.zeros(3, device=device)  # this process: share sum, magnitude sum, fully filtered count
+
+    def add(self, magnitudes: torch.Tensor, threshold: float) -> None:
+        """Add one micro-batch's magnitudes."""
+        share = (magnitudes > threshold).float().mean()
+        self.total += torch.stack([share, magnitudes.float().mean(), (share == 1).float()])
+
+    def read(self, accelerator, micro_steps: int) -> dict[str, float]:
+        """The window's scalars over all processes (call on every process), then a new window."""
+        rows = accelerator.gather(self.total[None]).cpu() if accelerator.num_processes > 1 else self.total[None].cpu()
+        self.total.zero_()
+        rows = rows / max(micro_steps, 1)
+        return {"wen_filtered_share": float(rows[:, 0].mean()), "wen_magnitude_mean": float(rows[:, 1].mean()),
+                "wen_fully_filtered_processes": float(rows[:, 2].sum())}
+
+
+class LossWindow:
+    """Training loss summed on the device between host reads, and the first step whose loss was not finite.
+
+    Reading a device value on the host waits for all queued work, so the loop reads only at logging,
+    probe, validation and checkpoint steps; the non-finite check stays exact to the step.
+    """
+
+    def __init__(self, device, start: float):
+        self.total = torch.zeros((), device=device)
+        self.failed_step = torch.zeros((), device=device)  # 0: every loss so far was finite
+        self.failed_loss = torch.zeros((), device=device)
+        self.steps, self.start, self.excluded = 0, start, 0.0
+
+    def seconds(self, now: float) -> float:
+        """Training seconds of the window (probes, validation and checkpoints left out)."""
+        return now - self.start - self.excluded
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """Add one micro-step's loss (already divided by the accumulation steps) of optimizer step `step`."""
+        first = ~torch.isfinite(loss) & (self.failed_step == 0)
+        self.failed_step = torch.where(first, float(step), self.failed_step)
+        self.failed_loss = torch.where(first, loss.float(), self.failed_loss)
+        self.total += loss.float()
+
+    def read(self, accelerator) -> tuple[float, int, float]:
+        """(mean loss per step over processes, first non-finite step or 0, its loss), read once on the host."""
+        local = torch.stack([self.total / max(self.steps, 1), self.failed_step, self.failed_loss])
+        rows = accelerator.gather(local[None]).cpu() if accelerator.num_processes > 1 else local[None].cpu()
+        failed = rows[rows[:, 1] > 0]
+        if len(failed):
+            first = failed[failed[:, 1].argmin()]
+            return float("nan"), int(first[1]), float(first[2])
+        return float(rows[:, 0].mean()), 0, 0.0
+
+    def reset(self, start: float) -> None:
+        """Start a new logging window."""
+        self.total.zero_()
+        self.steps, self.start, self.excluded = 0, start, 0.0
 
 
 def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
@@ -155,6 +231,7 @@ def main(argv=None) -> int:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
+    check_same_resume(accelerator, resume_path)
     train_split, probe_split = load_splits(args)
 
     # Models: the frozen text encoder and VAE are created outside zero.Init so ZeRO-3 leaves them whole.
@@ -171,7 +248,7 @@ def main(argv=None) -> int:
     parts.vae.to(accelerator.device, dtype=weight_dtype)
     parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora:
-        add_lora(unet, args.rank, weight_dtype)
+        add_lora(unet, args.rank, weight_dtype, args.seed)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.channels_last:
@@ -201,6 +278,10 @@ def main(argv=None) -> int:
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.train_batch_size * accelerator.num_processes))
                                 / args.gradient_accumulation_steps)
+    auto_line = resolve_train_steps(args, train_split, args.train_batch_size * accelerator.num_processes
+                                    * args.gradient_accumulation_steps)
+    if auto_line:
+        accelerator.print(auto_line)
     max_train_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
     # The prepared scheduler steps once per process per optimizer step (as in diffusers' examples).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
@@ -238,16 +319,21 @@ def main(argv=None) -> int:
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     probe_path = output_dir / "probes.jsonl"
+    warn = None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         run.write_config(output_dir, vars(args))
         # Rows after the resumed step belong to the interrupted run and are written again below.
-        keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
-    tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-    accelerator.init_trackers("finetune", config=tracker_config,
-                              init_kwargs={"tensorboard": {"purge_step": global_step + 1} if resume_path else {}})
+        kept_probes = keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
+        kept_warnings = keep_probe_rows(output_dir / "warnings.jsonl", last_step=global_step if resume_path else -1)
+        if args.probe_steps:
+            warn = EarlyWarningLog(output_dir / "warnings.jsonl", probe_split, args, kept_probes, kept_warnings)
+    # No hparams config: it would add a TensorBoard run without scalars; config.yaml holds the configuration.
+    purge_step = global_step + 1 if resume_path else None
+    accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": purge_step} if purge_step else {}})
     # Per-step scalars go straight to the writer: accelerator.log flushes the event file on every call.
     writer = accelerator.get_tracker("tensorboard", unwrap=True) if main_process else None
+    factor_writers = FactorWriters(output_dir / args.logging_dir / "finetune", purge_step) if main_process else None
     probe = None
     if args.probe_steps:
         probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
@@ -256,22 +342,32 @@ def main(argv=None) -> int:
         if main_process:
             run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    # Random-word / random-number caption augmentation makes nearly every caption new: no cache then.
+    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings and bounded_captions(args))
 
     def probe_and_log(step: int) -> None:
-        """Probe rows appended to probes.jsonl and per-dup-factor means to TensorBoard (main process writes)."""
+        """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
+        warning scalars to TensorBoard (the main process writes)."""
         rows = run_probes(unet, probe, args, step, accelerator)
+        scalars = probe_scalars(rows, args.high_noise_timestep)
         if main_process:
-            with open(probe_path, "a") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-        accelerator.log(probe_scalars(rows, args.high_noise_timestep), step=step)
+            append_rows(probe_path, rows)
+            warnings, announcements = warn(rows)
+            for line in announcements:
+                tqdm.write(line)
+            warning_values, top_table = warning_scalars(warnings)
+            scalars.update(warning_values)
+            writer.add_text("warning/top_samples", top_table, step)
+        if factor_writers is not None:  # per-factor means go to the runs logs/finetune/dup_F
+            accelerator.log(factor_writers.log(scalars, step), step=step)
+            factor_writers.flush()
 
     if probe is not None and global_step == 0:
         probe_and_log(0)
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
     unet.train()
-    last_time, running_loss, wen_log = time.perf_counter(), 0.0, {}
+    window = LossWindow(accelerator.device, time.perf_counter())
+    wen_window = WenWindow(accelerator.device) if args.mitigation_wen_threshold is not None else None
     compile_reported = not args.torch_compile
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -284,23 +380,16 @@ def main(argv=None) -> int:
             generator = step_generator(args.seed, rank, micro_step, accelerator.device)
             with accelerator.accumulate(unet):
                 latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
-                with torch.no_grad():
-                    hidden = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
-                hidden = mitigate_embeddings(hidden, args, rank, micro_step)
+                # Embedding noise is drawn after the cache lookup, so every use of a caption gets fresh noise.
+                hidden = mitigate_embeddings(caption_embeddings(batch["input_ids"]), args, rank, micro_step)
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
                 loss, wen_magnitudes = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args,
                                                       uncond_hidden)
-                if wen_magnitudes is not None:
-                    wen_log = accumulate_wen_log(wen_log, wen_magnitudes, args, accelerator)
-                mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
-                if not math.isfinite(mean_loss):
-                    progress.close()
-                    complete = run.list_checkpoints(output_dir)
-                    raise TrainingError(f"loss is {mean_loss} at step {global_step + 1}; stopped. Last complete "
-                                        f"checkpoint: {complete[-1] if complete else 'none'}")
-                running_loss += mean_loss / args.gradient_accumulation_steps
+                window.add(loss.detach() / args.gradient_accumulation_steps, global_step + 1)
+                if wen_window is not None:
+                    wen_window.add(wen_magnitudes, args.mitigation_wen_threshold)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -312,37 +401,57 @@ def main(argv=None) -> int:
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            now = time.perf_counter()
             if not compile_reported:
                 compile_reported = True
-                accelerator.print(f"torch.compile: first step {now - last_time:.1f} s (compilation included)")
-            samples = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-            if writer is not None:
-                writer.add_scalar("train/loss", running_loss, global_step)
-                writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
-                writer.add_scalar("train/samples_per_second", samples / (now - last_time), global_step)
-                for name, value in wen_log.items():
-                    writer.add_scalar(f"train/{name}", value / args.gradient_accumulation_steps, global_step)
-            wen_log = {}
+                accelerator.print(f"torch.compile: first step {window.seconds(time.perf_counter()):.1f} s "
+                                  f"(compilation included)")
+            window.steps += 1
+            log_due = global_step % args.logging_steps == 0 or global_step >= max_train_steps
+            probe_due = probe is not None and global_step % args.probe_steps == 0
+            validation_due = args.validation_steps and global_step % args.validation_steps == 0 and zero_stage != 3
+            checkpoint_due = args.checkpointing_steps and global_step % args.checkpointing_steps == 0
             progress.update(1)
-            progress.set_postfix(loss=f"{running_loss:.4f}")
-            running_loss = 0.0
-            if probe is not None and global_step % args.probe_steps == 0:
+            # The loss is read on the host only here: before anything uses or keeps the weights, and to log.
+            if log_due or probe_due or validation_due or checkpoint_due:
+                mean_loss, failed_step, failed_loss = window.read(accelerator)
+                if failed_step:
+                    progress.close()
+                    complete = run.list_checkpoints(output_dir)
+                    raise TrainingError(f"loss is {failed_loss} at step {failed_step}; stopped. Last complete "
+                                        f"checkpoint: {complete[-1] if complete else 'none'}")
+                if log_due:
+                    now = time.perf_counter()
+                    samples = (args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+                               * window.steps)
+                    if writer is not None:
+                        writer.add_scalar("train/loss", mean_loss, global_step)
+                        writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
+                        writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
+                    if wen_window is not None:  # read on every process (a gather when there are several)
+                        wen_values = wen_window.read(accelerator, window.steps * args.gradient_accumulation_steps)
+                        for name, value in wen_values.items() if writer is not None else ():
+                            writer.add_scalar(f"train/{name}", value, global_step)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    window.reset(now)
+            paused = time.perf_counter()
+            if probe_due:
                 probe_and_log(global_step)
-            if args.validation_steps and global_step % args.validation_steps == 0 and zero_stage != 3:
+            if validation_due:
                 log_validation(accelerator, unet, ema_unet, parts, probe_split, args, global_step, resolution)
             # Probes come before the checkpoint, so a checkpoint's step already has its probe rows.
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            if checkpoint_due:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                 {"epoch": epoch, "num_processes": accelerator.num_processes,
                                  "distributed_type": str(accelerator.distributed_type),
                                  "use_lora": args.use_lora, "use_ema": args.use_ema})
-            last_time = time.perf_counter()
+            window.excluded += time.perf_counter() - paused  # samples/s counts training time only
             if global_step >= max_train_steps:
                 break
     progress.close()
     accelerator.wait_for_everyone()
     save_final_model(accelerator, unet, ema_unet, args, output_dir, zero_stage)
+    if factor_writers is not None:
+        factor_writers.close()
     accelerator.end_training()
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
+from mem_analysis.early_warning import mean_loss_cond, score_step
 from mem_analysis.io import write_text_atomic
 from mem_analysis.mitigations import augment_caption, dedup_sampling_weights
 from mem_analysis.probes import probe_noise
@@ -98,6 +100,12 @@ def captions_by_sample(split, caption_column: str) -> dict[int, list[str]]:
     return found
 
 
+def bounded_captions(args) -> bool:
+    """Whether the training captions form a fixed set: true unless a random-word or random-number caption
+    augmentation makes nearly every drawn caption new (then per-caption caches would only grow)."""
+    return getattr(args, "caption_augmentation", None) in (None, "multiple_captions")
+
+
 class TrainExamples(torch.utils.data.Dataset):
     """Training rows as pixels in [-1, 1] and token ids; key (row, epoch) seeds that row's augmentation.
 
@@ -108,9 +116,14 @@ class TrainExamples(torch.utils.data.Dataset):
 
     def __init__(self, split, tokenizer, resolution: int, args):
         self.split, self.tokenizer, self.resolution, self.args = split, tokenizer, resolution, args
+        self.captions = split[args.caption_column]  # text only: no image is decoded
+        # Without random crop or flip a row's pixels never change, so --cache_train_pixels keeps them.
+        self.pixel_cache = {} if args.cache_train_pixels and args.center_crop and not args.random_flip else None
+        self.token_cache = {}
         kind = getattr(args, "caption_augmentation", None)
         self.vocabulary = caption_vocabulary(tokenizer) if kind == "rand_word_add" else ()
         self.alternatives = captions_by_sample(split, args.caption_column) if kind == "multiple_captions" else {}
+        self.sample_ids = split["sample_id"] if self.alternatives else None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -126,15 +139,28 @@ class TrainExamples(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, epoch = key
         rng = np.random.default_rng([self.args.seed, epoch, index])
-        row = self.split[index]  # decodes the row's image once
-        caption = pick_caption(row[self.args.caption_column], rng)
+        caption = original = pick_caption(self.captions[index], rng)
         kind = getattr(self.args, "caption_augmentation", None)
         if kind is not None:
+            alternatives = self.alternatives.get(int(self.sample_ids[index]), ()) if self.alternatives else ()
             caption = augment_caption(caption, kind, self.args.caption_augmentation_p,
                                       np.random.default_rng([self.args.seed, epoch, index, 1]), self.vocabulary,
-                                      self.alternatives.get(int(row["sample_id"]), ()) if self.alternatives else ())
-        return {"pixel_values": self.pixels(index, rng, row[self.args.image_column]),
-                "input_ids": tokenize(self.tokenizer, [caption])[0]}
+                                      alternatives)
+        if caption in self.token_cache:
+            input_ids = self.token_cache[caption]
+        else:
+            input_ids = tokenize(self.tokenizer, [caption])[0]
+            if caption == original or bounded_captions(self.args):  # random-word captions are not kept
+                self.token_cache[caption] = input_ids
+        return {"pixel_values": self.row_pixels(index, rng), "input_ids": input_ids}
+
+    def row_pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        """Row `index`'s training pixels, decoded once per row when they are cached."""
+        if self.pixel_cache is None:
+            return self.pixels(index, rng)
+        if index not in self.pixel_cache:
+            self.pixel_cache[index] = self.pixels(index, rng)
+        return self.pixel_cache[index]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -171,6 +197,33 @@ def row_sampling_weights(split, args) -> np.ndarray | None:
     if "dup_factor" not in split.column_names:
         raise ValueError("dedup_sampling needs a dup_factor column in the train split (a study dataset)")
     return dedup_sampling_weights(split["dup_factor"])
+
+
+class CaptionEmbeddings:
+    """Frozen text encoder outputs of token-id rows, each distinct row encoded once and then reused.
+
+    The text encoder is frozen and its output for a caption does not depend on the other captions of
+    the batch, so a lookup returns what encoding the batch would (the tests check equal losses).
+    With `cache=False` every call encodes its batch (finetune does so when a random-word or random-number
+    caption augmentation makes the captions unbounded; rows are keyed by token ids, so the augmented
+    caption, not the dataset's, is what a cached row holds).
+    """
+
+    def __init__(self, text_encoder, cache: bool = True):
+        self.text_encoder, self.cache, self.stored = text_encoder, cache, {}
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids -> (N, L, D) hidden states."""
+        input_ids = input_ids.to(self.text_encoder.device)
+        if not self.cache:
+            return self.text_encoder(input_ids, return_dict=False)[0]
+        keys = [tuple(row) for row in input_ids.tolist()]
+        missing = [row for row in dict.fromkeys(keys) if row not in self.stored]
+        if missing:
+            hidden = self.text_encoder(torch.tensor(missing, device=input_ids.device), return_dict=False)[0]
+            self.stored.update(zip(missing, hidden.unbind(0)))
+        return torch.stack([self.stored[key] for key in keys])
 
 
 @dataclass
@@ -242,18 +295,76 @@ def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float
     return scalars
 
 
-def keep_probe_rows(path: Path, last_step: int) -> None:
-    """Rewrite probes.jsonl (atomically) with only its rows of step <= last_step, each (step, sample, t) once."""
+def keep_probe_rows(path: Path, last_step: int) -> list[dict]:
+    """Rewrite a run's JSON-lines file (probes.jsonl, warnings.jsonl) atomically with only its rows of
+    step <= last_step, each (step, sample, timestep) once; returns the kept rows."""
     if not path.exists():
-        return
-    kept, seen = [], set()
+        return []
+    kept, lines, seen = [], [], set()
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-        key = (row["step"], row["sample_id"], row["timestep"])
+        key = (row["step"], row["sample_id"], row.get("timestep"))
         if row["step"] <= last_step and key not in seen:
             seen.add(key)
-            kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
+            kept.append(row)
+            lines.append(line + "\n")
+    write_text_atomic(path, "".join(lines))
+    return kept
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file and sync it to disk (a kill loses at most the line being written)."""
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class EarlyWarningLog:
+    """Per probe step: mem_analysis.early_warning scores appended to RUN/warnings.jsonl, and one console
+    line per sample the first time its alarm fires (a resumed run remembers the alarms before its step)."""
+
+    def __init__(self, path: Path, probe_split, args, kept_probes: list[dict], kept_warnings: list[dict]):
+        self.path, self.fpr, self.high_noise_from = path, args.warning_fpr, args.high_noise_timestep
+        first = min((row["step"] for row in kept_probes), default=None)
+        self.baseline = mean_loss_cond([r for r in kept_probes if r["step"] == first]) if kept_probes else None
+        self.announced = {int(w["sample_id"]) for w in kept_warnings if w["alarm"]}
+        self.captions = {int(sid): pick_caption(caption, None)
+                         for sid, caption in zip(probe_split["sample_id"], probe_split[args.caption_column])}
+
+    def __call__(self, rows: list[dict]) -> tuple[list[dict], list[str]]:
+        """Warning rows of one probe step's probe rows (written to the file), and the announcements to print."""
+        if self.baseline is None:  # the first probe step of the run is the start L_c falls from
+            self.baseline = mean_loss_cond(rows)
+        warnings = score_step(rows, self.baseline, self.fpr, self.high_noise_from)
+        append_rows(self.path, warnings)
+        messages = []
+        for w in warnings:
+            if w["alarm"] and w["sample_id"] not in self.announced:
+                self.announced.add(w["sample_id"])
+                messages.append(f"[early warning] step {w['step']}: sample {w['sample_id']} (dup {w['dup_factor']}, "
+                                f"{self.captions.get(w['sample_id'], '?')!r}) crossed the memorization alarm "
+                                f"(score {w['score']:.2f} > {w['threshold']:.2f} at a {self.fpr:g} false-alarm rate)")
+        return warnings, messages
+
+
+def warning_scalars(warnings: list[dict], top: int = 5) -> tuple[dict[str, float], str]:
+    """TensorBoard scalars (mean / max score and alarm share per dup factor, the threshold) and a markdown
+    table of the `top` highest-scoring samples."""
+    scored = [w for w in warnings if w["score"] is not None]
+    scalars, groups = {}, {}
+    for w in scored:
+        groups.setdefault(w["dup_factor"], []).append(w)
+    for dup, group in sorted(groups.items()):
+        scalars[f"warning/score/dup_{dup}"] = float(np.mean([w["score"] for w in group]))
+        scalars[f"warning/max_score/dup_{dup}"] = float(max(w["score"] for w in group))
+        scalars[f"warning/alarm_fraction/dup_{dup}"] = float(np.mean([w["alarm"] for w in group]))
+    if scored:
+        scalars["warning/threshold"] = float(np.median([w["threshold"] for w in scored]))
+    best = sorted(scored, key=lambda w: -w["score"])[:top]
+    table = "| sample_id | dup_factor | score | alarm |\n|---|---|---|---|\n" + "".join(
+        f"| {w['sample_id']} | {w['dup_factor']} | {w['score']:.2f} | {w['alarm']} |\n" for w in best)
+    return scalars, table

@@ -2,7 +2,9 @@
 
 A checkpoint is written by `accelerator.save_state` into `checkpoint-N.tmp` on every process
 (DeepSpeed's save is collective) and renamed to `checkpoint-N` by the main process once
-complete, so a folder named checkpoint-N always holds a whole checkpoint. The save hook writes
+complete, so a folder named checkpoint-N always holds a whole checkpoint. With `--save_on_each_node`
+(clusters whose nodes do not share a file system) the first process of every node writes its
+node's copy, and DeepSpeed keeps its model states per node (`use_node_local_storage`). The save hook writes
 the trained weights in diffusers format (`unet/`, `unet_ema/`, `pytorch_lora_weights.safetensors`)
 instead of accelerate's `model.safetensors`; the load hook reads them back.
 """
@@ -46,13 +48,17 @@ def zero3_init_disabled():
         plugin.set_deepspeed_weakref()
 
 
-def add_lora(unet, rank: int, weight_dtype) -> None:
-    """Freeze the UNet (in the compute dtype) and add trainable float32 LoRA adapters on the attention projections."""
+def add_lora(unet, rank: int, weight_dtype, seed: int = 0) -> None:
+    """Freeze the UNet (in the compute dtype) and add trainable float32 LoRA adapters on the attention projections,
+    initialised from `seed` (the same adapters in every launch, whatever drew random numbers before)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     unet.to(dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
     cast_training_params(unet, dtype=torch.float32)
 
 
@@ -66,13 +72,21 @@ def save_lora(unet, directory) -> None:
                                               safe_serialization=True)
 
 
+def checkpoint_writer(accelerator) -> bool:
+    """Whether this process writes checkpoints and the final model: the main process, or with
+    save_on_each_node the first process of each node (accelerate's ProjectConfiguration semantics)."""
+    if accelerator.project_configuration.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
 def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
     """Save/load hooks that keep the trained weights in diffusers format inside accelerate's checkpoints."""
 
     def save_hook(models, weights, output_dir):
         # Under ZeRO-3 the whole weights exist only after a collective gather, so every process calls it.
         full = accelerator.get_state_dict(models[0]) if zero_stage == 3 and not args.use_lora else None
-        if accelerator.is_main_process:
+        if checkpoint_writer(accelerator):
             for model in models:
                 unet = accelerator.unwrap_model(model)
                 if args.use_lora:
@@ -125,14 +139,15 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
     """Write checkpoint-N atomically (temporary folder, then rename) and prune to the newest `total_limit`."""
     final = run.checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
+    writer = checkpoint_writer(accelerator)
+    if writer and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
+    if writer:
         run.write_training_state(tmp, step, **info)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -146,7 +161,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int |
 def save_final_model(accelerator, unet, ema_unet, args, output_dir: Path, zero_stage) -> None:
     """The trained model as a pipeline folder in output_dir (EMA weights with EMA; LoRA also fused in)."""
     full = accelerator.get_state_dict(unet) if zero_stage == 3 and not args.use_lora else None
-    if not accelerator.is_main_process:
+    if not checkpoint_writer(accelerator):
         return
     model = accelerator.unwrap_model(unet)
     with zero3_init_disabled():

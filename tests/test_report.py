@@ -1,0 +1,134 @@
+"""eval/report.py's summaries, verdicts, premise, detection and reliability on small hand-made tables,
+and the README's figures against the headline file a command wrote."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETTINGS = dict(guidance_scale=7.5, threshold=0.75, high_noise_timestep=700, early_steps=None, seeds=[0, 1],
+                severity_backend="pixel_cosine", num_inference_steps=30, model="tiny", probe_noise_draws=4)
+
+
+def hand_table() -> pd.DataFrame:
+    """6 samples at one checkpoint: severity rises with sample order; two are memorized (> 0.75)."""
+    severity = np.array([0.1, 0.2, 0.3, 0.4, 0.8, 0.9])
+    return pd.DataFrame(dict(
+        checkpoint_step=500, sample_id=np.arange(6), dup_factor=[1, 1, 4, 4, 64, 64], guidance_scale=7.5,
+        severity=severity, memorized_fraction=[0, 0, 0, 0, 1, 1],
+        loss_cfg_x0_early=severity * 2,                 # rises with severity: finding 1 holds
+        loss_cfg=severity[::-1].copy(),                  # epsilon space falls: secondary only
+        collapse_early=severity + 1,                     # predicted to fall, rises: does not hold
+        cos_diff_xmu_early=-severity,                    # falls as predicted: holds
+        diversity=[0.9, 0.8, 0.7, 0.6, 0.1, 0.2],        # lower = memorized
+        D_x_early=np.full(6, 0.5),                       # constant: cannot be tested
+        D_T=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6], D_x=severity * 3,
+        k_uncond_early=[0.0, 0.1, 0.1, 0.1, 0.4, 0.5], k_uncond_uncentred_early=[0.3] * 6,
+    ))
+
+
+@pytest.fixture(scope="module")
+def summary():
+    table = hand_table()
+    out = report.summarize(table, SETTINGS, n_boot=200)
+    out.update(report.read_findings(out, table, None, SETTINGS))
+    return out
+
+
+def test_verdicts_are_decided_by_the_named_measures(summary):
+    f = summary["findings"]
+    assert f["i"]["verdict"] == "holds" and f["i"]["measures"] == {"loss_cfg_x0_early": "holds"}
+    assert f["ii"]["verdict"] == "partly holds (collapse_early does not hold; cos_diff_xmu_early holds)"
+    assert f["iii"]["verdict"] == "holds (D_x_early cannot be tested)"
+    lines = report.findings(summary, SETTINGS, 500, hand_table())
+    verdict_lines = [i for i, line in enumerate(lines) if line.startswith("**")]
+    assert [lines[i].split(" -- ")[1] for i in verdict_lines] == [
+        "holds.", "partly holds (collapse_early does not hold; cos_diff_xmu_early holds).",
+        "holds (D_x_early cannot be tested)."]
+    for i, key in zip(verdict_lines, ("loss_cfg_x0_early", "collapse_early", "D_x_early")):
+        assert lines[i + 1].startswith(f"- Decided by {key} r = ") and "Why these:" in lines[i + 1]
+    assert "diversity r = " in lines[verdict_lines[1] + 2]  # final diversity only as secondary
+
+
+def test_detection_uses_each_scores_direction_and_counts_negatives(summary):
+    entry = summary["checkpoints"]["500"]["7.5"]
+    assert entry["n_memorized"] == 2
+    diversity = entry["detection"]["diversity"]
+    assert diversity["direction"] == "lower" and diversity["auroc"] == 1.0
+    assert diversity["tpr_label"] == "TPR at 0 FP (4 negatives)" and diversity["tpr"] == 1.0
+    # collapse_early is predicted lower but rises with severity: AUROC 0 in its stated direction
+    assert entry["detection"]["collapse_early"]["auroc"] == 0.0
+    assert entry["detection"]["D_T"] == dict(auroc=1.0, direction="higher", tpr=1.0, n_positives=2, n_negatives=4,
+                                             tpr_label="TPR at 0 FP (4 negatives)")
+
+
+def test_premise_per_duplication_factor(summary):
+    premise = summary["premise"]
+    assert premise["k_uncond_by_dup"] == pytest.approx({"1": 0.05, "4": 0.1, "64": 0.45})
+    assert premise["holds_for"] == [1, 4] and premise["fails_for"] == [64]
+    assert premise["verdict"].startswith("fails for duplication factor(s) 64 (k_0 = 0.45 at 64x)")
+    assert "(1 - k_0) = 0.55" in premise["verdict"]
+    lines = report.premise_lines(premise)
+    assert "| 64 | 2 | 0.45 | 0.30 |" in lines
+
+
+def test_reliability_by_hand():
+    # two seeds; D_x seed 0 = [1, 2, 3, 4], seed 1 = [1, 3, 2, 4]: r_half 0.8, Spearman-Brown 1.6 / 1.8
+    per_seed = pd.DataFrame(dict(sample_id=np.repeat(np.arange(4), 2), seed=[0, 1] * 4,
+                                 D_x=[1, 1, 2, 3, 3, 2, 4, 4], sev_pixel_cosine=[0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.9, 0.9]))
+    per_sample = pd.DataFrame(dict(sample_id=np.arange(4), D_x=[1, 2.5, 2.5, 4], severity=[0.1, 0.2, 0.3, 0.9]))
+    from mem_analysis.verdicts import reliability
+
+    rel = reliability(per_seed, per_sample, ["D_x"], "sev_pixel_cosine")
+    assert rel["severity"]["reliability"] == pytest.approx(1.0)  # both seeds agree exactly
+    assert rel["D_x"]["r_half"] == pytest.approx(0.8) and rel["D_x"]["reliability"] == pytest.approx(1.6 / 1.8)
+    r = np.corrcoef([1, 2.5, 2.5, 4], [0.1, 0.2, 0.3, 0.9])[0, 1]
+    assert rel["D_x"]["r_severity"] == pytest.approx(r)
+    assert rel["D_x"]["r_disattenuated"] == pytest.approx(r / np.sqrt(1.6 / 1.8))
+
+
+def test_anchor_table_reads_the_paper_per_model(summary):
+    text = "\n".join(report.anchor_lines(summary, SETTINGS, 500))
+    for row in ("| SD v1.4 (paper) | 0.92 |", "| SD v2.1 (paper) | 0.92 |", "| Realistic Vision (paper) | 0.70 |"):
+        assert row in text
+    r = np.corrcoef(hand_table()["D_x"], hand_table()["severity"])[0, 1]
+    assert f"| this run (step 500) | r = {r:.3f} [" in text
+    assert "taken from the paper's text" in text and "severity (`pixel_cosine` vs SSCD)" in text
+
+
+def test_publish_headline_fills_the_readme_block(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "headline.md").write_text("- figure 0.123\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold 0.9\n{report.README_END}\nrest\n")
+    report.publish_headline(tmp_path / "eval", tmp_path / "docs.md", readme)
+    assert (tmp_path / "docs.md").read_text() == "- figure 0.123\n"
+    assert readme.read_text() == f"intro\n{report.README_START}\n- figure 0.123\n{report.README_END}\nrest\n"
+
+
+def science_section(text: str) -> str:
+    """The README's 'What it shows' section (up to the next bold paragraph heading)."""
+    start = text.index("**What it shows**")
+    return text[start:text.index("**Changing it.**", start)]
+
+
+def test_readme_figures_equal_the_committed_headline():
+    """Every science figure the README states is the block `eval/report.py --publish` wrote; none typed by hand."""
+    text = (ROOT / "README.md").read_text()
+    section = science_section(text)
+    head, rest = section.split(report.README_START)
+    block, tail = rest.split(report.README_END)
+    outside = head + tail
+    assert not re.findall(r"\d", outside), "the README's 'What it shows' states figures outside the generated block"
+    committed = ROOT / "docs" / "demo_headline.md"
+    if committed.is_file():
+        assert block.strip("\n") == committed.read_text().strip("\n")
+    else:
+        assert not re.findall(r"\d", block), "figures in the README without docs/demo_headline.md to back them"
