@@ -339,6 +339,7 @@ def k_amplification(column: str, timesteps, alpha_bar: torch.Tensor) -> torch.Te
     """(T,) factor by which an error in the noise predictions reaches column k_<..>:
     (|g| + |1 - g|) sqrt((1 - abar_t) / abar_t)."""
     fixed = {"k_cond": 1.0, "k_uncond": 0.0}
+    column = column.removesuffix("_uncentred")  # the uncentred k amplifies errors the same way
     g = fixed[column] if column in fixed else float(column.removeprefix("k_cfg_"))
     abar = alpha_bar.double().cpu()[torch.as_tensor(timesteps)]
     return ((abs(g) + abs(1 - g)) * ((1 - abar) / abar).sqrt()).float()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,13 @@ MAD_TO_SD = 1.4826  # MAD of a normal sample times this estimates its sd
 SIMULATIONS = 100_000
 
 
+GUIDED_LOSS = re.compile(r"^loss_cfg_(\d+(?:\.\d+)?)$")  # loss_cfg_<g>, not its _x0 variant
+
+
 def largest_guidance(row: dict) -> str:
-    """The `<g>` of the largest guidance scale among a probe row's `loss_cfg_<g>` keys."""
-    scales = [key[len("loss_cfg_"):] for key in row if key.startswith("loss_cfg_")]
+    """The `<g>` of the largest guidance scale among a probe row's `loss_cfg_<g>` keys (epsilon space; the
+    `loss_cfg_<g>_x0` variants are not scales)."""
+    scales = [match[1] for key in row if (match := GUIDED_LOSS.match(key))]
     if not scales:
         raise ValueError("probe rows have no loss_cfg_<g> columns; probe with at least one guidance scale")
     return max(scales, key=float)

@@ -22,7 +22,9 @@ def probe_rows(step: int, sample_id: int, dup: int, k: float, loss_cfg: float, l
         rows.append({"step": step, "sample_id": sample_id, "dup_factor": dup, "timestep": t,
                      "loss_cond": loss_cond, "loss_uncond": 1.0, "loss_cfg_1.5": 0.5, "loss_cfg_7.5":
                      loss_cfg if high else 1e3 * (sample_id + 1), "k_cond": 0.5, "k_uncond": 0.2,
-                     "k_cfg_1.5": 0.7, "k_cfg_7.5": k if high else -1e3 * (sample_id + 1)})
+                     "k_cfg_1.5": 0.7, "k_cfg_7.5": k if high else -1e3 * (sample_id + 1),
+                     # the x0-space and uncentred columns real probe rows carry: not guidance scales, and ignored
+                     "loss_cfg_7.5_x0": 9e9, "loss_cfg_1.5_x0": 9e9, "k_cfg_7.5_uncentred": 9e9})
     return rows
 
 
