@@ -218,10 +218,12 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
     """
     clock = clock or (lambda name: None)
     device = components.unet.device
-    # Generated at the probe images' (training) resolution, which need not be the UNet's sample_size.
+    # Generated at the probe images' (training) resolution, which need not be the UNet's sample_size; prompts
+    # without any image (reference-free, `latents` empty) at the UNet's.
+    latent_shape = tuple(probe.latents.shape[1:]) if probe.latents.ndim > 1 else None
     traj = sample_trajectories(components, [probe.captions[i] for i in batch], list(settings.seeds),
                                settings.num_inference_steps, guidance_scale, batch_size=batch_size, decode=False,
-                               latent_shape=tuple(probe.latents.shape[1:]),
+                               latent_shape=latent_shape,
                                guidance_schedule=settings.guidance_schedule)
     clock("sampling")
     latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
