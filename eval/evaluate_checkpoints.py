@@ -50,6 +50,7 @@ from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
 from mem_analysis.cli import parse_list, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
+from mem_analysis.mitigations import parse_guidance_schedule
 from mem_analysis.sd import compute_dtype, load_components
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
 
@@ -114,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5, help="headline guidance scale")
     p.add_argument("--guidance_scales", default=None, help="optional sweep, e.g. 1,3,7.5")
+    p.add_argument("--guidance_schedule", default="constant",
+                   help="per-step guidance: constant, linear, or delay:T0 (g = 1 while t >= T0, Jain et al. 2025); "
+                        "a schedule other than constant writes to RUN/eval_<schedule> by default")
     p.add_argument("--probe_timesteps", default=None, help="default: the run's probe_timesteps")
     p.add_argument("--severity_backend", default="pixel_cosine",
                    help=f"headline back end: {', '.join(SEVERITY_BACKENDS)}, sscd")
@@ -143,7 +147,16 @@ def parse_args(argv=None):
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
     if args.probe_noise_draws < 1:
         raise EvalError("--probe_noise_draws must be >= 1")
+    try:
+        args.guidance_schedule = parse_guidance_schedule(args.guidance_schedule)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     return args
+
+
+def schedule_suffix(schedule: str) -> str:
+    """'' for constant guidance, else '_delay700' / '_linear': the default eval folder is RUN/eval<suffix>."""
+    return "" if schedule == "constant" else "_" + schedule.replace(":", "")
 
 
 def read_run(args) -> dict:
@@ -254,7 +267,8 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
         headline = measured.scores[settings.severity_backend]
         for p, i in enumerate(batch):
             sid = int(probe.sample_ids[i])
-            common = dict(sample_id=sid, dup_factor=int(probe.dup_factors[i]), guidance_scale=g)
+            common = dict(sample_id=sid, dup_factor=int(probe.dup_factors[i]), guidance_scale=g,
+                          guidance_schedule=settings.guidance_schedule)
             for j, seed in enumerate(settings.seeds):
                 result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
                                             **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
@@ -294,6 +308,7 @@ def resolve_settings(args, config) -> EvalSettings:
         weights=weights, seed=seed, probe_seed=int(config["probe_seed"]),
         seeds=tuple(seed + j for j in range(args.num_seeds)), num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, guidance_scales=tuple(guidance_scales),
+        guidance_schedule=args.guidance_schedule,
         probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
         probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + guidance_scales))),
         probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents,
@@ -310,6 +325,7 @@ def check_same_settings(out_dir: Path, settings) -> None:
     saved = out_dir / "settings.json"
     if saved.is_file():
         previous, current = json.loads(saved.read_text()), settings.as_dict()
+        previous.setdefault("guidance_schedule", "constant")  # tables written before schedules existed
         changed = sorted(k for k in current if previous.get(k) != current[k])
         if changed:
             raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
@@ -408,7 +424,8 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
 def main(args):
     config = read_run(args)
     run_dir = Path(args.run_dir)
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir / "eval"
+    suffix = schedule_suffix(args.guidance_schedule)
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir / f"eval{suffix}"
     models = find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config)
     done = done_steps(out_dir, settings)
@@ -438,7 +455,7 @@ def main(args):
                     images=(probe.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / "eval"))
+        writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / f"eval{suffix}"))
         factor_writers = FactorWriters(writer.log_dir)
     shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}

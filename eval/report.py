@@ -359,7 +359,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
     lines = [f"# Memorization over training", "",
              f"Model `{settings['model']}`, dataset `{settings['dataset']}`, {settings['weights']} weights"
              f"{' (LoRA)' if settings.get('lora') else ''}; DDIM {settings['num_inference_steps']} steps, "
-             f"{len(settings['seeds'])} seeds, g = {g:g}; severity = `{settings['severity_backend']}` "
+             f"{len(settings['seeds'])} seeds, g = {g:g} ({settings.get('guidance_schedule', 'constant')} schedule); severity = `{settings['severity_backend']}` "
              f"(threshold {settings['threshold']:g}); deviations D use the `paper` schedule unless marked `exact`.", ""]
     if failed:
         lines += [f"Skipped (could not be loaded): {', '.join(failed)}.", ""]

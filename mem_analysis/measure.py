@@ -70,6 +70,7 @@ class MeasureSettings:
     high_noise_timestep: int
     early_steps: int | None
     deviation_latents: str = field(default="inputs", kw_only=True)
+    guidance_schedule: str = field(default="constant", kw_only=True)  # mitigations.guidance_scales
 
 
 @dataclass
@@ -222,7 +223,8 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
     latent_shape = tuple(probe.latents.shape[1:]) if probe.latents.ndim > 1 else None
     traj = sample_trajectories(components, [probe.captions[i] for i in batch], list(settings.seeds),
                                settings.num_inference_steps, guidance_scale, batch_size=batch_size, decode=False,
-                               latent_shape=latent_shape)
+                               latent_shape=latent_shape,
+                               guidance_schedule=settings.guidance_schedule)
     clock("sampling")
     latents = traj.final.reshape((-1,) + tuple(traj.final.shape[2:]))
     pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu() for chunk in latents.split(batch_size)])

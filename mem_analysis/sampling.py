@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from mem_analysis.losses import guided, module_device_dtype
+from mem_analysis.mitigations import guidance_scales, parse_guidance_schedule
 from mem_analysis.schedule import alpha_bar_from_scheduler, expand_like, prediction_type_of, to_epsilon
 from mem_analysis.sd import decode_latents, encode_prompts
 
@@ -28,6 +29,7 @@ class Trajectories:
     `x_T` (P, N, *latent): initial noise; `x_t`, `e_c`, `e_0` (P, N, K, *latent): the latent
     entering step k and the conditional / unconditional noise predictions there;
     `final` (P, N, *latent): the sampler's output latents; `images` (P, N, 3, H, W) in [0, 1] or None;
+    `guidance_schedule` and `step_guidance` (K,) float64: the schedule and the scale g_k used at each step.
     `final_alpha_bar`: the `abar` DDIM gives its last output (its `final_alpha_cumprod`).
     """
 
@@ -43,10 +45,15 @@ class Trajectories:
     final: torch.Tensor
     images: torch.Tensor | None
     final_alpha_bar: float = 1.0
+    guidance_schedule: str = "constant"
+    step_guidance: torch.Tensor | None = None
 
     def e_guided(self) -> torch.Tensor:
-        """`e_g = e_0 + g (e_c - e_0)` at the sampling guidance scale, (P, N, K, *latent)."""
-        return guided(self.e_c, self.e_0, self.guidance_scale)
+        """`e_g = e_0 + g_k (e_c - e_0)` at each step's sampling scale, (P, N, K, *latent)."""
+        if self.step_guidance is None:
+            return guided(self.e_c, self.e_0, self.guidance_scale)
+        g = self.step_guidance.to(self.e_c.dtype).reshape((1, 1, -1) + (1,) * (self.e_c.ndim - 3))
+        return self.e_0 + g * (self.e_c - self.e_0)
 
 
 def initial_noise_for_seeds(seeds, latent_shape, dtype=torch.float32, device="cpu", init_noise_sigma=1.0) -> torch.Tensor:
@@ -89,10 +96,12 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
                         batch_size: int = 16, initial_noise: torch.Tensor | None = None,
                         forward_noised_from: torch.Tensor | None = None, noise_fn=None,
                         negative_prompt: str = "", spill_dir: str | Path | None = None,
-                        decode: bool = True, latent_shape: tuple[int, int, int] | None = None) -> Trajectories:
+                        decode: bool = True, latent_shape: tuple[int, int, int] | None = None,
+                        guidance_schedule: str = "constant") -> Trajectories:
     """Deterministic DDIM (eta = 0) with CFG for every (prompt, seed), `batch_size` images per UNet call.
 
-    Step k: `e_g = e_0 + g (e_c - e_0)` (model outputs, then the scheduler's own prediction_type),
+    Step k: `e_g = e_0 + g_k (e_c - e_0)` (model outputs, then the scheduler's own prediction_type),
+    g_k = `mitigations.guidance_scales(guidance_schedule, t_k, guidance_scale)` (g at every step for `constant`);
     `x_{t_{k+1}} = sqrt(abar_{k+1}) x0hat(e_g) + sqrt(1 - abar_{k+1}) e_g` via `DDIMScheduler.step`.
     Start: `x_T` = the pipeline's seeded noise (or `initial_noise`, (N|P,N, *latent)); with
     `forward_noised_from = x` the start is `sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T` instead.
@@ -116,6 +125,8 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     timesteps = scheduler.timesteps
     alpha_bar = alpha_bar_from_scheduler(scheduler)[timesteps.cpu()]
     P, N, K = len(prompts), len(seeds), len(timesteps)
+    step_guidance = guidance_scales(guidance_schedule, timesteps.cpu(), guidance_scale,
+                                    scheduler.config.num_train_timesteps)
     latent_shape = tuple(latent_shape) if latent_shape is not None else latent_shape_of(unet)
 
     if initial_noise is None:
@@ -157,7 +168,7 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
                 else:
                     out_c, out_0 = noise_fn(latents.float(), int(t), prompt_index, seed_index)
                     out_c, out_0 = out_c.to(device, dtype), out_0.to(device, dtype)
-                noise_pred = out_0 + guidance_scale * (out_c - out_0)
+                noise_pred = out_0 + float(step_guidance[k]) * (out_c - out_0)
                 x_rec[lo:hi, k] = latents.float().cpu()
                 abar_k = expand_like(alpha_bar[k].item(), latents)
                 ec_rec[lo:hi, k] = to_epsilon(out_c.float(), latents.float(), abar_k, prediction_type).cpu()
@@ -175,4 +186,4 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     return Trajectories(prompts, seeds, float(guidance_scale), timesteps.cpu(), alpha_bar,
                         per_prompt(x_T.float().cpu()), per_prompt(x_rec), per_prompt(ec_rec), per_prompt(e0_rec),
                         per_prompt(final), per_prompt(torch.cat(images)) if decode else None,
-                        float(scheduler.final_alpha_cumprod))
+                        float(scheduler.final_alpha_cumprod), parse_guidance_schedule(guidance_schedule), step_guidance)

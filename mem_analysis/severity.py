@@ -82,19 +82,9 @@ def load_sscd(path: str | Path) -> torch.jit.ScriptModule:
 
 
 @torch.no_grad()
-def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, input_size: int = 288,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Cosine of L2-normalized SSCD descriptors of images resized to `input_size`^2, ImageNet-normalized."""
-    model = load_sscd(model) if isinstance(model, (str, Path)) else model
-    P, N = generated.shape[:2]
-    g = sscd_embed(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, input_size, batch_size)
-    r = sscd_embed(reference, model, input_size, batch_size)
-    return (g.reshape(P, N, -1) * r[:, None]).sum(-1).double()
-
-
-@torch.no_grad()
-def sscd_embed(images: torch.Tensor, model, input_size: int = 288, batch_size: int = 64) -> torch.Tensor:
-    """L2-normalized SSCD descriptors (M, D) of images (M, 3, H, W) in [0, 1], resized to `input_size`^2."""
+def embed_images(images: torch.Tensor, model, input_size: int = 288, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalized descriptors of a TorchScript image model on (B, 3, H, W) images in [0, 1], resized to
+    `input_size`^2 and ImageNet-normalized (SSCD, or any image embedder exported the same way); (B, D) on CPU."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
@@ -104,6 +94,18 @@ def sscd_embed(images: torch.Tensor, model, input_size: int = 288, batch_size: i
                               mode="bilinear", align_corners=False, antialias=True)
         chunks.append(F.normalize(model(((batch - mean) / std).to(device)).float().cpu(), dim=-1))
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, input_size: int = 288,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Cosine of L2-normalized SSCD descriptors of images resized to `input_size`^2, ImageNet-normalized."""
+    model = load_sscd(model) if isinstance(model, (str, Path)) else model
+    P, N = generated.shape[:2]
+    g = embed_images(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, input_size,
+                     batch_size).reshape(P, N, -1)
+    r = embed_images(reference, model, input_size, batch_size)
+    return (g * r[:, None]).sum(-1).double()
 
 
 def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, backend: str = "pixel_cosine",
@@ -167,7 +169,8 @@ def self_similarity(generated: torch.Tensor, backend: str = "ssim", threshold: f
         if sscd_model is None:
             raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
         model = load_sscd(sscd_model) if isinstance(sscd_model, (str, Path)) else sscd_model
-        e = sscd_embed(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, sscd_input_size).reshape(P, N, -1)
+        e = embed_images(generated.reshape((P * N,) + tuple(generated.shape[2:])), model,
+                         sscd_input_size).reshape(P, N, -1)
         pairwise = (e @ e.transpose(1, 2)).double()
     else:  # every back end here is symmetric: compute each pair once
         for i in range(N - 1):

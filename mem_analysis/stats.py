@@ -1,6 +1,7 @@
 """M7 relations (docs/science.md M7): correlations with bootstrap intervals, detection AUROC / TPR at low FPR,
-onset step, split-half reliability across seeds and the correlation corrected for it. Ranks come from SciPy
-and ROC quantities from scikit-learn; the bootstrap, onset and reliability are ours."""
+onset step, split-half reliability across seeds and the correlation corrected for it, distances between image
+distributions (MMD, Frechet) for comparing runs. Ranks come from SciPy and ROC quantities from scikit-learn;
+the bootstrap, onset and reliability are ours."""
 from __future__ import annotations
 
 from collections import namedtuple
@@ -206,3 +207,40 @@ def mean_interval(values, n_bootstrap: int = 1000, confidence: float = 0.95, see
     boots = values[np.random.default_rng(seed).integers(0, values.size, (n_bootstrap, values.size))].mean(1)
     low, high = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(values.mean()), float(low), float(high)
+
+
+def squared_distances(a, b) -> np.ndarray:
+    """(N, M) matrix of `||a_i - b_j||^2` (float64, clipped at 0), via |a|^2 + |b|^2 - 2 a.b."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0.0)
+
+
+def median_distance(features) -> float:
+    """Median pairwise Euclidean distance between the rows of `features` (N, D): a kernel bandwidth."""
+    d = squared_distances(features, features)
+    return float(np.sqrt(np.median(d[np.triu_indices(len(d), 1)])))
+
+
+def mmd_squared(x, y, bandwidth: float) -> float:
+    """Unbiased MMD^2 with the Gaussian kernel k(a, b) = exp(-||a - b||^2 / (2 s^2)), s = bandwidth:
+    `mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)` (0 in expectation
+    when x and y come from the same distribution). x (N, D), y (M, D), N, M >= 2."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"mmd_squared needs two sets of >= 2 rows of equal width, got {x.shape} and {y.shape}")
+    kxx, kyy, kxy = (np.exp(-squared_distances(a, b) / (2 * bandwidth ** 2)) for a, b in ((x, x), (y, y), (x, y)))
+    n, m = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def frechet_distance(x, y) -> float:
+    """`||m_x - m_y||^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2))` between Gaussians fitted to x (N, D) and y (M, D)
+    (FID's formula when the features are Inception's)."""
+    from scipy import linalg
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    cx, cy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = linalg.sqrtm(np.atleast_2d(cx) @ np.atleast_2d(cy))
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(cx + cy - 2 * root))

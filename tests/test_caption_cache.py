@@ -41,7 +41,10 @@ def train_losses(run_dir: Path) -> list[float]:
     return [event.value for event in sorted(events.Scalars("train/loss"), key=lambda e: e.step)]
 
 
-def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_dataset_dir, tmp_path):
+@pytest.mark.parametrize("mitigations", [[], ["--text_embedding_noise", "0.1", "--mitigation_wen_threshold", "1.3"]],
+                         ids=["plain", "noise_and_wen_filter"])
+def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_dataset_dir, tmp_path, mitigations):
+    """Also with embedding noise (drawn after the lookup) and Wen's filter (uses the looked-up embeddings)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     losses = {}
@@ -53,7 +56,7 @@ def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_
                              "--pretrained_model_name_or_path", str(tiny_model_dir),
                              "--train_data_dir", str(tiny_dataset_dir), "--output_dir", str(run),
                              "--max_train_steps", "5", "--probe_steps", "0", "--checkpointing_steps", "0",
-                             "--proportion_empty_prompts", "0.3", "--logging_steps", "1", *flags])
+                             "--logging_steps", "1", "--proportion_empty_prompts", "0.3", *flags, *mitigations])
         assert code == 0
         losses[name] = train_losses(run)
         AcceleratorState._reset_state(True)
@@ -83,3 +86,20 @@ def test_cached_pixels_equal_decoded_ones_and_skip_decoding(tiny_model_dir, tiny
     flipped = resolve_config(["--pretrained_model_name_or_path", str(tiny_model_dir),
                               "--train_data_dir", str(tiny_dataset_dir), "--cache_train_pixels", "--random_flip"])
     assert TrainExamples(train, tokenizer, 32, flipped).pixel_cache is None  # augmented pixels are never cached
+
+
+def test_random_caption_augmentation_keeps_no_augmented_caption_in_the_caches(tiny_model_dir, tiny_dataset_dir):
+    """rand_word_add makes nearly every caption new: its token ids are not kept, and finetune turns the
+    embedding cache off (bounded_captions); multiple_captions draws from a fixed set and keeps both."""
+    from train.finetune_config import resolve_config
+    from train.finetune_data import TrainExamples, bounded_captions, load_splits
+
+    args = resolve_config(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                           str(tiny_dataset_dir), "--caption_augmentation", "rand_word_add",
+                           "--caption_augmentation_p", "1"])
+    train, _ = load_splits(args)
+    examples = TrainExamples(train, load_components(str(tiny_model_dir)).tokenizer, 32, args)
+    examples[(0, 0)], examples[(0, 1)]
+    assert examples.token_cache == {} and not bounded_captions(args)
+    args.caption_augmentation = "multiple_captions"
+    assert bounded_captions(args)

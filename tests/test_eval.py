@@ -222,3 +222,51 @@ def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):
     with pytest.raises(ev.EvalError, match="does not have"):
         ev.main(ev.parse_args(["--run_dir", str(trained_run), "--checkpoints", "3"]))
     assert not (empty / "eval").exists()
+
+
+def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
+    """Two runs (one evaluated with constant guidance, one with delay:500): compare_runs' numbers are
+    those of each run's per_sample.csv and summary.json, and the schedule is recorded in the tables."""
+    from eval import compare_runs
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(trained_run, first, ignore=shutil.ignore_patterns("eval*"))
+    shutil.copytree(single["out"], first / "eval")
+    shutil.copytree(trained_run, second, ignore=shutil.ignore_patterns("eval*"))
+    evaluate(second, second / "eval_delay500", "--guidance_schedule", "delay:500")
+    delayed = pd.read_csv(second / "eval_delay500" / "per_sample.csv")
+    assert set(delayed["guidance_schedule"]) == {"delay:500"}
+    assert json.loads((second / "eval_delay500" / "settings.json").read_text())["guidance_schedule"] == "delay:500"
+
+    import torch
+
+    embedder = tmp_path / "embedder.pt"  # a stand-in for a user's CLIP / Inception TorchScript file
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.Flatten())).save(str(embedder))
+    out = compare_runs.main(compare_runs.parse_args([str(first), str(second), "--output_dir", str(tmp_path / "cmp"),
+                                                     "--bootstrap", "50", "--feature_model", str(embedder),
+                                                     "--feature_size", "16"]))
+    table = pd.read_csv(out / "comparison.csv")
+    assert list(zip(table["run"], table["schedule"])) == [("first", "constant"), ("second", "delay:500")]
+    for _, row in table.iterrows():
+        folder = Path(row["eval_dir"])
+        own = pd.read_csv(folder / "per_sample.csv")
+        own = own[(own["guidance_scale"] == 7.5) & (own["checkpoint_step"] == 4)]
+        assert row["step"] == 4 and row["mitigation"] == "none"
+        for dup, rows in own.groupby("dup_factor"):
+            assert row[f"memorized_{dup}x"] == pytest.approx(rows["memorized_fraction"].mean(), abs=1e-12)
+            assert row[f"D_x_early_{dup}x"] == pytest.approx(rows["D_x_early"].mean(), abs=1e-12)
+            onset = json.loads((folder / "summary.json").read_text())["onset"]
+            assert row[f"crossed_{dup}x"] == sum(o["dup_factor"] == dup and o["onset_step"] is not None
+                                                 for o in onset.values())
+        never = own[own["dup_factor"] == 1]
+        assert row["loss_cond_1x"] == pytest.approx(never["loss_cond"].mean(), abs=1e-12)
+        assert row["diversity_1x"] == pytest.approx(never["diversity"].mean(), abs=1e-12)
+        assert row["loss_cond_1x_low"] <= row["loss_cond_1x"] <= row["loss_cond_1x_high"]
+        assert np.isfinite(row["mmd_pixels"]) and row["mmd_n_generated"] == len(never)
+        assert np.isfinite(row["frechet_features"]) and np.isfinite(row["mmd_features"])
+    # the same model and probe noise: the probe loss is the same under either schedule, the samples are not
+    assert table["loss_cond_1x"].iloc[0] == pytest.approx(table["loss_cond_1x"].iloc[1], abs=1e-12)
+    report = (out / "report.md").read_text()
+    assert "| first | none | constant | 4 |" in report and "| second | none | delay:500 | 4 |" in report
+    assert (out / "memorization_vs_cost.png").stat().st_size > 0
+    assert compare_runs.cli([str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2

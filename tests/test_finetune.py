@@ -241,6 +241,104 @@ def test_dataset_name_without_probe_split_probes_first_rows(tiny_model_dir, tmp_
     assert code == 0 and "6 train rows, 6 probe samples, resolution 32" in capsys.readouterr().out
 
 
+def unet_tensors(folder: Path) -> dict:
+    """The UNet tensors of a diffusers unet/ folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_step_generator_streams_leave_the_training_draws_unchanged():
+    import numpy as np
+    import torch
+
+    legacy = np.random.SeedSequence([3, 1, 7]).generate_state(1, np.uint64)[0]
+    assert torch.equal(torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu")),
+                       torch.randn(4, generator=torch.Generator().manual_seed(int(legacy))))
+    assert not torch.equal(torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu", stream=1)),
+                           torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu")))
+
+
+def test_caption_augmentation_changes_only_captions_keyed_by_seed_epoch_row(tiny_model_dir, tiny_dataset_dir):
+    import torch
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder="tokenizer")
+    plain_args = resolve_config(argv(tiny_model_dir, tiny_dataset_dir, "unused"))
+    train, _ = finetune_data.load_splits(plain_args)
+    plain = finetune_data.TrainExamples(train, tokenizer, 32, plain_args)
+    for kind in ("rand_word_add", "rand_word_repeat", "rand_numbers_add"):
+        args = resolve_config(argv(tiny_model_dir, tiny_dataset_dir, "unused", "--caption_augmentation", kind,
+                                   "--caption_augmentation_p", 0.5))
+        augmented = finetune_data.TrainExamples(train, tokenizer, 32, args)
+        keys = [(row, epoch) for row in range(0, 68, 3) for epoch in (0, 1)]
+        changed = 0
+        for key in keys:
+            a, b = augmented[key], plain[key]
+            assert torch.equal(a["pixel_values"], b["pixel_values"])  # crops, flips: untouched
+            assert torch.equal(a["input_ids"], augmented[key]["input_ids"])  # same key, same caption (resume)
+            changed += not torch.equal(a["input_ids"], b["input_ids"])
+        assert 0.25 < changed / len(keys) < 0.75, (kind, changed)
+    with pytest.raises(ValueError, match="caption_mode varied"):  # fixed captions: one caption per image
+        args = resolve_config(argv(tiny_model_dir, tiny_dataset_dir, "unused", "--caption_augmentation",
+                                   "multiple_captions"))
+        finetune_data.TrainExamples(train, tokenizer, 32, args)
+
+
+def test_dedup_sampler_is_keyed_by_seed_and_epoch_and_balances_unique_images(tiny_dataset_dir):
+    import numpy as np
+    from mem_analysis.data import load_study_dataset
+
+    train = load_study_dataset(tiny_dataset_dir)["train"]
+    weights = finetune_data.row_sampling_weights(train, type("Args", (), {"dedup_sampling": True})())
+    sampler = finetune_data.EpochSampler(len(train), 0, weights)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    assert len(first) == len(train) and first == list(sampler)
+    sampler.set_epoch(4)
+    assert list(sampler) != first
+    draws = []
+    for epoch in range(300):
+        sampler.set_epoch(epoch)
+        draws += [row for row, _ in sampler]
+    dup = np.asarray(train["dup_factor"])[draws]
+    share = {d: float(np.mean(dup == d)) for d in (1, 4, 8)}
+    images = {d: len(set(np.asarray(train["sample_id"])[np.asarray(train["dup_factor"]) == d])) for d in (1, 4, 8)}
+    for d in (1, 4, 8):  # each unique image is drawn equally often: share of a factor = its images / all images
+        assert share[d] == pytest.approx(images[d] / sum(images.values()), abs=0.01)
+
+
+def test_mitigations_off_or_inactive_change_nothing_and_resume_exactly(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """A Wen threshold nobody exceeds trains the same weights bit for bit as no flag; a run with every
+    mitigation on, resumed from its step-2 checkpoint, ends with the same weights as the uninterrupted one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def train(name, *extra):
+        code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, tmp_path / name, "--probe_steps", 0,
+                                 "--checkpointing_steps", 2, *extra))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+        assert code == 0
+        return tmp_path / name
+
+    plain = train("plain", "--max_train_steps", 2)
+    inactive = train("inactive", "--max_train_steps", 2, "--mitigation_wen_threshold", 1e9)
+    a, b = unet_tensors(plain / "unet"), unet_tensors(inactive / "unet")
+    assert all(a[k].equal(b[k]) for k in a)
+    assert yaml.safe_load((inactive / "config.yaml").read_text())["mitigation_wen_threshold"] == 1e9
+
+    every = ("--max_train_steps", 4, "--mitigation_wen_threshold", 1.3, "--caption_augmentation", "rand_word_add",
+             "--caption_augmentation_p", 0.5, "--text_embedding_noise", 0.1, "--dedup_sampling")
+    full = train("full", *every)
+    config = yaml.safe_load((full / "config.yaml").read_text())
+    assert config["caption_augmentation"] == "rand_word_add" and config["dedup_sampling"] is True
+    resumed = train("resumed", *every, "--resume_from_checkpoint", full / "checkpoint-2")
+    c, d = unet_tensors(full / "unet"), unet_tensors(resumed / "unet")
+    assert all(c[k].equal(d[k]) for k in c)
+    assert any(not a[k].equal(unet_tensors(full / "checkpoint-2" / "unet")[k]) for k in a)
+
+
 def test_each_alarmed_sample_is_announced_once_with_caption_and_first_step(tiny_model_dir, tiny_dataset_dir,
                                                                             tmp_path, capsys):
     """A loose false-alarm rate (45 %) makes alarms fire on an untrained model; each is printed once."""

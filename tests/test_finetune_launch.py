@@ -236,6 +236,26 @@ def test_kill_and_resume_latest_equals_uninterrupted(runs, tiny_model_dir, tiny_
     assert warning_rows(run) == warning_rows(reference)  # each warning once, as the uninterrupted run wrote it
 
 
+def test_ddp_wen_filter_with_a_fully_filtered_process_does_not_hang(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """Threshold 0 filters every example with a caption (||e_c - e_0|| > 0) and keeps the caption-dropped
+    ones (e_c = e_0): with one example per process, some steps have one process entirely filtered while
+    the other trains. Both still run their backward, so DDP's all-reduce completes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = launch("ddp", tiny_model_dir, tiny_dataset_dir, tmp_path / "wen", "--mitigation_wen_threshold", 0,
+                 "--proportion_empty_prompts", 0.5, "--train_batch_size", 1, "--probe_steps", 0,
+                 "--adam_weight_decay", 0, "--logging_steps", 1)
+    events = EventAccumulator(str(run / "logs" / "finetune")).Reload()
+    fully = [s.value for s in events.Scalars("train/wen_fully_filtered_processes")]
+    share = [s.value for s in events.Scalars("train/wen_filtered_share")]
+    assert len(fully) == STEPS and 1.0 in fully  # a step where exactly one process had nothing to learn from
+    assert all(s == pytest.approx(f / 2) for s, f in zip(share, fully))  # batch 1: share = fully filtered / 2
+    base, trained = unet_weights(tiny_model_dir / "unet"), unet_weights(run / "unet")
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert bool(changed) == any(s < 1 for s in share)  # weights move once some process kept an example
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now."""
     with socket.socket() as sock:

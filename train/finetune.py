@@ -43,12 +43,14 @@ from tqdm.auto import tqdm
 from mem_analysis import run
 from mem_analysis.board import FactorWriters
 from mem_analysis.cli import run_command
+from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude, wen_filter_weights
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
 from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, TrainExamples, append_rows,
-                                 build_probe_inputs, keep_probe_rows, load_splits, probe_scalars, warning_scalars)
+                                 bounded_captions, build_probe_inputs, keep_probe_rows, load_splits, probe_scalars,
+                                 row_sampling_weights, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
@@ -83,14 +85,43 @@ def check_same_resume(accelerator, resume_path: Path | None) -> None:
                             f"give every node the same checkpoint-N, or --resume_from_checkpoint PATH")
 
 
-def step_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
-    """Generator of one micro-batch's random draws, a function of (seed, process, micro-step) only."""
-    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)[0]
+def step_generator(seed: int, rank: int, micro_step: int, device, stream: int = 0) -> torch.Generator:
+    """Generator of one micro-batch's random draws, a function of (seed, process, micro-step[, stream]) only.
+
+    Stream 0 holds the training draws; a mitigation draws from its own stream so the others stay as they were.
+    """
+    entropy = [seed, rank, micro_step] + ([stream] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(state))
 
 
-def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> torch.Tensor:
-    """Batch mean of ||target - prediction||^2 at uniform random t (target eps or v), Min-SNR weighted if asked."""
+def mitigate_embeddings(hidden, args, rank: int, micro_step: int) -> torch.Tensor:
+    """--text_embedding_noise: `c + sigma z` with z from stream 1 of the micro-step (before caption dropout)."""
+    if not args.text_embedding_noise:
+        return hidden
+    generator = step_generator(args.seed, rank, micro_step, hidden.device, stream=1)
+    return noisy_text_embedding(hidden, args.text_embedding_noise, generator)
+
+
+def wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args):
+    """Wen et al.'s filter: per-example losses weighted 0 where ||e_c - e_0|| > T, divided by the batch size.
+
+    `e_0` comes from one extra unconditional forward without gradients on the same noisy input;
+    returns (loss, magnitudes). Every process runs its backward even when all its weights are 0.
+    """
+    with torch.no_grad():
+        e_0 = unet(noisy, timesteps, uncond_hidden.expand(noisy.shape[0], -1, -1), return_dict=False)[0]
+    magnitudes = wen_example_magnitude(prediction.detach(), e_0)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    keep = wen_filter_weights(magnitudes, args.mitigation_wen_threshold)
+    return weighted_mean(per_sample, keep), magnitudes
+
+
+def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, uncond_hidden=None):
+    """(loss, Wen magnitudes or None): batch mean of ||target - prediction||^2 at uniform random t
+    (target eps or v), Min-SNR weighted if asked, with Wen's filter when --mitigation_wen_threshold is set."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if args.noise_offset:
         noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
@@ -101,12 +132,38 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args) -> t
     epsilon = noise_scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    if args.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
+    weights = None
+    if args.snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
+    if args.mitigation_wen_threshold is not None:
+        return wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args)
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float()), None
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return (per_sample * weights).mean(), None
+
+
+class WenWindow:
+    """Wen filter scalars summed on the device between logging steps (read with the loss, no extra host sync):
+    the share of examples filtered, the mean magnitude ||e_c - e_0||, and the processes whose whole batch
+    was filtered, each a mean per micro-step over the window."""
+
+    def __init__(self, device):
+        self.total = torch.zeros(3, device=device)  # this process: share sum, magnitude sum, fully filtered count
+
+    def add(self, magnitudes: torch.Tensor, threshold: float) -> None:
+        """Add one micro-batch's magnitudes."""
+        share = (magnitudes > threshold).float().mean()
+        self.total += torch.stack([share, magnitudes.float().mean(), (share == 1).float()])
+
+    def read(self, accelerator, micro_steps: int) -> dict[str, float]:
+        """The window's scalars over all processes (call on every process), then a new window."""
+        rows = accelerator.gather(self.total[None]).cpu() if accelerator.num_processes > 1 else self.total[None].cpu()
+        self.total.zero_()
+        rows = rows / max(micro_steps, 1)
+        return {"wen_filtered_share": float(rows[:, 0].mean()), "wen_magnitude_mean": float(rows[:, 1].mean()),
+                "wen_fully_filtered_processes": float(rows[:, 2].sum())}
 
 
 class LossWindow:
@@ -209,7 +266,7 @@ def main(argv=None) -> int:
     # Data: order is a function of (seed, epoch); augmentation of (seed, epoch, row).
     resolution = args.resolution or unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     train_data = TrainExamples(train_split, parts.tokenizer, resolution, args)
-    sampler = EpochSampler(len(train_data), args.seed)
+    sampler = EpochSampler(len(train_data), args.seed, row_sampling_weights(train_split, args))
     train_dataloader = torch.utils.data.DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler,
                                                    num_workers=args.dataloader_num_workers, drop_last=False)
 
@@ -285,7 +342,8 @@ def main(argv=None) -> int:
         if main_process:
             run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
-    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
+    # Random-word / random-number caption augmentation makes nearly every caption new: no cache then.
+    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings and bounded_captions(args))
 
     def probe_and_log(step: int) -> None:
         """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
@@ -309,6 +367,7 @@ def main(argv=None) -> int:
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
     unet.train()
     window = LossWindow(accelerator.device, time.perf_counter())
+    wen_window = WenWindow(accelerator.device) if args.mitigation_wen_threshold is not None else None
     compile_reported = not args.torch_compile
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -317,15 +376,20 @@ def main(argv=None) -> int:
         if skip:
             loader.set_epoch(epoch)
         for batch_index, batch in enumerate(loader, start=skip):
-            generator = step_generator(args.seed, rank, epoch * batches_per_epoch + batch_index, accelerator.device)
+            micro_step = epoch * batches_per_epoch + batch_index
+            generator = step_generator(args.seed, rank, micro_step, accelerator.device)
             with accelerator.accumulate(unet):
                 latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
-                hidden = caption_embeddings(batch["input_ids"])
+                # Embedding noise is drawn after the cache lookup, so every use of a caption gets fresh noise.
+                hidden = mitigate_embeddings(caption_embeddings(batch["input_ids"]), args, rank, micro_step)
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
-                loss = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args)
+                loss, wen_magnitudes = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args,
+                                                      uncond_hidden)
                 window.add(loss.detach() / args.gradient_accumulation_steps, global_step + 1)
+                if wen_window is not None:
+                    wen_window.add(wen_magnitudes, args.mitigation_wen_threshold)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -363,6 +427,10 @@ def main(argv=None) -> int:
                         writer.add_scalar("train/loss", mean_loss, global_step)
                         writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
                         writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
+                    if wen_window is not None:  # read on every process (a gather when there are several)
+                        wen_values = wen_window.read(accelerator, window.steps * args.gradient_accumulation_steps)
+                        for name, value in wen_values.items() if writer is not None else ():
+                            writer.add_scalar(f"train/{name}", value, global_step)
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     window.reset(now)
             paused = time.perf_counter()

@@ -106,12 +106,20 @@ FLAGS = {
     "noise_offset": (0.0, float, "noise offset"),
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
     "cache_caption_embeddings": (True, boolean, "encode each distinct caption once (the text encoder is frozen); "
-                                 "off: encode every batch"),
+                                 "off: encode every batch (also off with a random caption_augmentation)"),
     "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
     "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),
     "ema_decay": (0.9999, float, "EMA decay"),
     "dataloader_num_workers": (0, int, "dataloader worker processes"),
+    # mitigations of memorization (mem_analysis/mitigations.py; all off by default)
+    "mitigation_wen_threshold": (None, optional(float), "Wen et al.: loss weight 0 for examples whose "
+                                 "||e_c - e_0|| (one extra unconditional forward, no grad) exceeds this"),
+    "caption_augmentation": (None, optional(str), "Somepalli et al.: rand_word_add, rand_word_repeat, "
+                             "rand_numbers_add or multiple_captions"),
+    "caption_augmentation_p": (0.1, float, "probability that a caption is augmented"),
+    "text_embedding_noise": (0.0, float, "std of Gaussian noise added to the caption embedding (0: off)"),
+    "dedup_sampling": (False, boolean, "draw rows with probability proportional to 1 / dup_factor (same steps)"),
     # checkpoints and logging
     "checkpointing_steps": (500, int, "save a checkpoint every N steps (0: only at the end)"),
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
@@ -209,10 +217,26 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"report_to {config['report_to']!r}: only 'tensorboard' is supported")
     if config["use_lora"] and config["use_ema"]:
         raise ConfigError("use_ema applies to full fine-tuning; turn off use_lora or use_ema")
+    check_mitigations(config)
     if config["probe_steps"] and not config["probe_timesteps"]:
         raise ConfigError("probe_timesteps is empty; give a timestep grid or set probe_steps 0")
     if not 0.0 < config["warning_fpr"] < 0.5:
         raise ConfigError(f"warning_fpr must lie in (0, 0.5), got {config['warning_fpr']}")
+
+
+def check_mitigations(config: dict) -> None:
+    """The mitigation flags' ranges (one-line ConfigError each)."""
+    from mem_analysis.mitigations import CAPTION_AUGMENTATIONS
+
+    if config["caption_augmentation"] is not None and config["caption_augmentation"] not in CAPTION_AUGMENTATIONS:
+        raise ConfigError(f"caption_augmentation {config['caption_augmentation']!r}: choose one of "
+                          f"{', '.join(CAPTION_AUGMENTATIONS)}")
+    if not 0.0 <= config["caption_augmentation_p"] <= 1.0:
+        raise ConfigError("caption_augmentation_p must lie in [0, 1]")
+    if config["text_embedding_noise"] < 0:
+        raise ConfigError("text_embedding_noise must be >= 0 (0 turns it off)")
+    if config["mitigation_wen_threshold"] is not None and config["mitigation_wen_threshold"] < 0:
+        raise ConfigError("mitigation_wen_threshold must be >= 0 (a magnitude ||e_c - e_0||)")
 
 
 def auto_train_steps(train_rows: int, global_batch: int, interval: int, epochs: float = AUTO_EPOCHS) -> int:

@@ -20,6 +20,7 @@ from PIL import Image
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
 from mem_analysis.early_warning import mean_loss_cond, score_step
 from mem_analysis.io import write_text_atomic
+from mem_analysis.mitigations import augment_caption, dedup_sampling_weights
 from mem_analysis.probes import probe_noise
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
@@ -76,8 +77,42 @@ def pick_caption(caption, rng: np.random.Generator | None) -> str:
     return str(caption)
 
 
+def caption_vocabulary(tokenizer) -> list[str]:
+    """The tokenizer's tokens as words (special tokens left out): the pool of random-word caption augmentation."""
+    special = set(tokenizer.all_special_ids)
+    words = (tokenizer.decode([i]).strip() for i in range(tokenizer.vocab_size) if i not in special)
+    return [w for w in words if w]
+
+
+def captions_by_sample(split, caption_column: str) -> dict[int, list[str]]:
+    """sample_id -> the distinct captions of its rows (a list caption column counts every entry)."""
+    if "sample_id" not in split.column_names:
+        raise ValueError("caption_augmentation multiple_captions needs a sample_id column (a study dataset)")
+    found: dict[int, list[str]] = {}
+    for sid, caption in zip(split["sample_id"], split[caption_column]):
+        bucket = found.setdefault(int(sid), [])
+        for text in caption if isinstance(caption, (list, tuple)) else [caption]:
+            if text not in bucket:
+                bucket.append(str(text))
+    if all(len(v) < 2 for v in found.values()):
+        raise ValueError("caption_augmentation multiple_captions needs several captions per image; build the "
+                         "dataset with --caption_mode varied or give a list caption column")
+    return found
+
+
+def bounded_captions(args) -> bool:
+    """Whether the training captions form a fixed set: true unless a random-word or random-number caption
+    augmentation makes nearly every drawn caption new (then per-caption caches would only grow)."""
+    return getattr(args, "caption_augmentation", None) in (None, "multiple_captions")
+
+
 class TrainExamples(torch.utils.data.Dataset):
-    """Training rows as pixels in [-1, 1] and token ids; key (row, epoch) seeds that row's augmentation."""
+    """Training rows as pixels in [-1, 1] and token ids; key (row, epoch) seeds that row's augmentation.
+
+    Caption augmentation (--caption_augmentation) draws from its own generator keyed by
+    (seed, epoch, row, 1), so it leaves crops, flips and caption choice as they were and is
+    the same on every process and after a resume.
+    """
 
     def __init__(self, split, tokenizer, resolution: int, args):
         self.split, self.tokenizer, self.resolution, self.args = split, tokenizer, resolution, args
@@ -85,6 +120,10 @@ class TrainExamples(torch.utils.data.Dataset):
         # Without random crop or flip a row's pixels never change, so --cache_train_pixels keeps them.
         self.pixel_cache = {} if args.cache_train_pixels and args.center_crop and not args.random_flip else None
         self.token_cache = {}
+        kind = getattr(args, "caption_augmentation", None)
+        self.vocabulary = caption_vocabulary(tokenizer) if kind == "rand_word_add" else ()
+        self.alternatives = captions_by_sample(split, args.caption_column) if kind == "multiple_captions" else {}
+        self.sample_ids = split["sample_id"] if self.alternatives else None
 
     def __len__(self) -> int:
         return len(self.split)
@@ -100,10 +139,20 @@ class TrainExamples(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         index, epoch = key
         rng = np.random.default_rng([self.args.seed, epoch, index])
-        caption = pick_caption(self.captions[index], rng)
-        if caption not in self.token_cache:
-            self.token_cache[caption] = tokenize(self.tokenizer, [caption])[0]
-        return {"pixel_values": self.row_pixels(index, rng), "input_ids": self.token_cache[caption]}
+        caption = original = pick_caption(self.captions[index], rng)
+        kind = getattr(self.args, "caption_augmentation", None)
+        if kind is not None:
+            alternatives = self.alternatives.get(int(self.sample_ids[index]), ()) if self.alternatives else ()
+            caption = augment_caption(caption, kind, self.args.caption_augmentation_p,
+                                      np.random.default_rng([self.args.seed, epoch, index, 1]), self.vocabulary,
+                                      alternatives)
+        if caption in self.token_cache:
+            input_ids = self.token_cache[caption]
+        else:
+            input_ids = tokenize(self.tokenizer, [caption])[0]
+            if caption == original or bounded_captions(self.args):  # random-word captions are not kept
+                self.token_cache[caption] = input_ids
+        return {"pixel_values": self.row_pixels(index, rng), "input_ids": input_ids}
 
     def row_pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         """Row `index`'s training pixels, decoded once per row when they are cached."""
@@ -115,10 +164,15 @@ class TrainExamples(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A permutation of the rows that depends only on (seed, epoch); yields (row, epoch) keys."""
+    """A permutation of the rows that depends only on (seed, epoch); yields (row, epoch) keys.
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+    With `weights` (row probabilities, e.g. `dedup_sampling_weights`) an epoch is instead num_rows
+    rows drawn with replacement from those probabilities, again a function of (seed, epoch) only,
+    so the step count and an exact resume are unchanged.
+    """
+
+    def __init__(self, num_rows: int, seed: int, weights: np.ndarray | None = None):
+        self.num_rows, self.seed, self.epoch, self.weights = num_rows, seed, 0, weights
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose permutation the next iteration yields."""
@@ -128,8 +182,21 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is None:
+            order = rng.permutation(self.num_rows)
+        else:
+            order = rng.choice(self.num_rows, size=self.num_rows, replace=True, p=self.weights)
         return iter([(int(i), self.epoch) for i in order])
+
+
+def row_sampling_weights(split, args) -> np.ndarray | None:
+    """--dedup_sampling: each row's probability 1 / dup_factor, normalised (None when off)."""
+    if not getattr(args, "dedup_sampling", False):
+        return None
+    if "dup_factor" not in split.column_names:
+        raise ValueError("dedup_sampling needs a dup_factor column in the train split (a study dataset)")
+    return dedup_sampling_weights(split["dup_factor"])
 
 
 class CaptionEmbeddings:
@@ -137,7 +204,9 @@ class CaptionEmbeddings:
 
     The text encoder is frozen and its output for a caption does not depend on the other captions of
     the batch, so a lookup returns what encoding the batch would (the tests check equal losses).
-    With `cache=False` every call encodes its batch.
+    With `cache=False` every call encodes its batch (finetune does so when a random-word or random-number
+    caption augmentation makes the captions unbounded; rows are keyed by token ids, so the augmented
+    caption, not the dataset's, is what a cached row holds).
     """
 
     def __init__(self, text_encoder, cache: bool = True):
