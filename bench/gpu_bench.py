@@ -286,10 +286,7 @@ def finetune_flags(ctx: Context, output_dir: Path, steps: int, extra=()) -> list
             "--output_dir", str(output_dir), "--train_batch_size", str(ctx.batch), "--max_train_steps", str(steps),
             "--checkpointing_steps", "0", "--probe_steps", "0", "--validation_steps", "0",
             "--mixed_precision", precision, "--dataloader_num_workers", str(ctx.sizes["workers"]),
-            "--learning_rate", "1e-4", "--seed", "0",
-            # One samples/s scalar per step (gpu_finetune_run.py's warm-up counts steps); this reads the loss
-            # on the host every step, as finetune.py did before --logging_steps.
-            *(["--logging_steps", "1"] if finetune_has("logging_steps") else []), *extra]
+            "--learning_rate", "1e-4", "--seed", "0", *extra]  # gpu_finetune_run.py adds --logging_steps 1
 
 
 def run_finetune(ctx: Context, name: str, extra=(), launcher=None, dry_run: bool = False) -> dict:
