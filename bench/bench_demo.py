@@ -1,7 +1,8 @@
 """Where the CPU-seconds of `make demo` go: a per-stage, per-part profile, run short and scaled.
 
     python bench/bench_demo.py [--config configs/demo_cpu.yaml] [--vae_steps 20] [--train_steps 20]
-                               [--eval_samples 8] [--workdir DIR]
+                               [--eval_samples 8] [--workdir DIR] [--stages dataset,base_model,train,evaluate]
+    python bench/bench_demo.py --workdir DIR --stages inputs,launch   # caches; 1 vs 2 training processes
 
 Every figure is CPU-seconds of this process (time.process_time: user + system over all threads),
 not wall time, so it holds on a shared machine. Each stage runs the real code of the demo
@@ -127,13 +128,21 @@ def profile_base_model(config: Path, work: Path, vae_steps: int) -> dict:
     return {"base_model": timer.seconds}
 
 
-def training_counts(config: Path) -> dict:
-    """max_train_steps, probe passes and checkpoint writes of the config's run."""
+def training_counts(config: Path, work: Path) -> dict:
+    """max_train_steps (`auto` resolved on the dataset in `work`), probe passes and checkpoint writes of the run."""
     import yaml
 
+    from train.finetune_config import auto_train_steps
+
     values = yaml.safe_load(config.read_text())
-    steps = int(values["max_train_steps"])
     probe_steps, ckpt_steps = int(values.get("probe_steps") or 0), int(values.get("checkpointing_steps") or 0)
+    steps = values["max_train_steps"]
+    if steps == "auto":
+        from datasets import load_from_disk
+
+        rows = len(load_from_disk(str(work / "data"))["train"])
+        steps = auto_train_steps(rows, int(values["train_batch_size"]), ckpt_steps)
+    steps = int(steps)
     return dict(steps=steps, probes=(steps // probe_steps + 1) if probe_steps else 0,
                 checkpoints=steps // ckpt_steps if ckpt_steps else 0)
 
@@ -146,10 +155,10 @@ def profile_train(config: Path, work: Path, train_steps: int) -> dict:
 
     from train import finetune, finetune_data
 
-    counts = training_counts(config)
+    counts = training_counts(config, work)
     timer = PartTimer()
     per_step = {"data loading": (finetune_data.TrainExamples, "__getitem__"),
-                "VAE encode (train batch)": (finetune, "encode_images"),
+                "VAE encode (train batch)": (finetune_data.ImageLatents, "__call__"),
                 "UNet forward + loss": (finetune, "diffusion_loss"),
                 "backward": (Accelerator, "backward"),
                 "optimizer": (accelerate.optimizer.AcceleratedOptimizer, "step"),
@@ -179,13 +188,14 @@ def profile_train(config: Path, work: Path, train_steps: int) -> dict:
 
 
 def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
-    """CPU-seconds of finetune's input pipeline alone (data loading, caption embeddings) over `steps` batches."""
+    """CPU-seconds of finetune's input pipeline alone (data loading, caption embeddings, VAE latents) over
+    `steps` batches."""
     from mem_analysis.sd import load_components
     from train.finetune_config import resolve_config
-    from train.finetune_data import CaptionEmbeddings, EpochSampler, TrainExamples, load_splits
+    from train.finetune_data import CaptionEmbeddings, EpochSampler, ImageLatents, TrainExamples, load_splits
 
-    flags = ["--cache_caption_embeddings", "--cache_train_pixels"] if cached else \
-        ["--no-cache_caption_embeddings", "--no-cache_train_pixels"]
+    flags = ["--cache_caption_embeddings", "--cache_train_pixels", "--cache_train_latents"] if cached else \
+        ["--no-cache_caption_embeddings", "--no-cache_train_pixels", "--no-cache_train_latents"]
     args = resolve_config(["--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
                            "--train_data_dir", str(work / "data"), *flags])
     train_split, _ = load_splits(args)
@@ -194,7 +204,9 @@ def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
     sampler = EpochSampler(len(data), args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, sampler=sampler, drop_last=False)
     embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
-    seconds = {"data loading": 0.0, "text encoding": 0.0}
+    latents = ImageLatents(parts.vae, args.cache_train_latents)
+    generator = torch.Generator().manual_seed(0)
+    seconds = {"data loading": 0.0, "text encoding": 0.0, "VAE latents": 0.0}
     done, epoch = 0, 0
     while done < steps:
         sampler.set_epoch(epoch)
@@ -208,6 +220,9 @@ def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
             start = time.process_time()
             embeddings(batch["input_ids"])
             seconds["text encoding"] += time.process_time() - start
+            start = time.process_time()
+            latents(batch["pixel_values"], batch["row"], generator)
+            seconds["VAE latents"] += time.process_time() - start
             done += 1
         epoch += 1
     return seconds
@@ -215,13 +230,40 @@ def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
 
 def compare_inputs(config: Path, work: Path, uncached_steps: int) -> None:
     """Input pipeline of the whole run with the caches on, beside --uncached_steps without them (scaled)."""
-    steps = training_counts(config)["steps"]
+    steps = training_counts(config, work)["steps"]
     cached = input_seconds(config, work, True, steps)
     uncached = {k: v * steps / uncached_steps for k, v in input_seconds(config, work, False, uncached_steps).items()}
     print(f"\ninput pipeline over the run's {steps} steps, CPU-seconds (same process, one after the other):")
     for part in cached:
         print(f"  {part:<14} per batch {uncached[part]:7.1f}   cached {cached[part]:7.1f}   "
               f"ratio {cached[part] / max(uncached[part], 1e-9):.3f}")
+
+
+def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> None:
+    """Wall seconds of `steps` training steps as one process with 2 threads vs 2 DDP processes with 1 each,
+    in alternation (the demo's training stage launches the first)."""
+    import os
+
+    launches = {"1 process x 2 threads": (["--cpu", "--num_processes", "1"], {"OMP_NUM_THREADS": "2"}),
+                "2 DDP processes x 1 thread": (["--config_file", "configs/accelerate/multi_gpu.yaml",
+                                                "--num_processes", "2"],
+                                               {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})}
+    seconds = {name: [] for name in launches}
+    for _ in range(repeats):
+        for name, (flags, env) in launches.items():
+            command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "train/finetune.py",
+                       "--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
+                       "--train_data_dir", str(work / "data"), "--output_dir", str(work / "launch_run"),
+                       "--max_train_steps", str(steps), "--probe_steps", "0", "--checkpointing_steps", "0"]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, env={**os.environ, **env})
+            seconds[name].append(time.perf_counter() - start)
+    print(f"\ntraining launch, {steps} steps (start-up included), wall seconds of {repeats} runs in alternation:")
+    first = min(seconds[next(iter(seconds))])
+    for name, values in seconds.items():
+        print(f"  {name:<28} {' '.join(f'{v:6.1f}' for v in values)}   best / first launch's best "
+              f"{min(values) / first:.3f}")
 
 
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
@@ -231,7 +273,7 @@ def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -
     from eval import evaluate_checkpoints, report
     from mem_analysis import measure
 
-    counts = training_counts(config)
+    counts = training_counts(config, work)
     total_samples = len(load_from_disk(str(work / "data"))["probe"])
     models = 1 + counts["checkpoints"]
     timer = PartTimer()
@@ -280,8 +322,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval_samples", type=int, default=8, help="probe samples evaluated (scaled to all)")
     p.add_argument("--workdir", default=None, help="keep the short run here (default: a temporary folder)")
     p.add_argument("--stages", default="dataset,base_model,train,evaluate",
-                   help="stages to profile (and `inputs`: the input pipeline with and without caches); "
+                   help="stages to profile (and `inputs`: the input pipeline with and without caches; `launch`: "
+                        "training wall time as 1 process x 2 threads vs 2 DDP processes x 1 thread); "
                         "later ones reuse --workdir's dataset, base model and run")
+    p.add_argument("--launch_steps", type=int, default=120, help="training steps of each `launch` run")
     p.add_argument("--uncached_steps", type=int, default=150, help="steps of the uncached input pipeline (scaled)")
     args = p.parse_args(argv)
     wanted = args.stages.split(",")
@@ -298,6 +342,8 @@ def main(argv=None) -> int:
         for name in wanted:
             if name == "inputs":
                 compare_inputs(config, work, args.uncached_steps)
+            elif name == "launch":
+                compare_launches(config, work, args.launch_steps)
             else:
                 stages.update(profiles[name]())
     if stages:

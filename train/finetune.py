@@ -46,10 +46,10 @@ from mem_analysis.cli import run_command
 from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude, wen_filter_weights
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
-from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
+from mem_analysis.sd import compute_dtype, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
-from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, TrainExamples, append_rows,
-                                 bounded_captions, build_probe_inputs, keep_probe_rows, load_splits, probe_scalars,
+from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, ImageLatents, TrainExamples,
+                                 append_rows, bounded_captions, build_probe_inputs, keep_probe_rows, load_splits, probe_scalars,
                                  row_sampling_weights, warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
@@ -344,6 +344,8 @@ def main(argv=None) -> int:
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
     # Random-word / random-number caption augmentation makes nearly every caption new: no cache then.
     caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings and bounded_captions(args))
+    # A row's posterior is fixed only when its pixels are (the pixel cache's own condition).
+    image_latents = ImageLatents(parts.vae, args.cache_train_latents and train_data.pixel_cache is not None)
 
     def probe_and_log(step: int) -> None:
         """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
@@ -379,7 +381,7 @@ def main(argv=None) -> int:
             micro_step = epoch * batches_per_epoch + batch_index
             generator = step_generator(args.seed, rank, micro_step, accelerator.device)
             with accelerator.accumulate(unet):
-                latents = encode_images(parts.vae, batch["pixel_values"], generator, sample=True)
+                latents = image_latents(batch["pixel_values"], batch["row"], generator)
                 # Embedding noise is drawn after the cache lookup, so every use of a caption gets fresh noise.
                 hidden = mitigate_embeddings(caption_embeddings(batch["input_ids"]), args, rank, micro_step)
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.

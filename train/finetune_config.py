@@ -107,6 +107,8 @@ FLAGS = {
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
     "cache_caption_embeddings": (True, boolean, "encode each distinct caption once (the text encoder is frozen); "
                                  "off: encode every batch (also off with a random caption_augmentation)"),
+    "cache_train_latents": (True, boolean, "encode each row's VAE posterior once and sample it each step (the VAE "
+                            "is frozen); needs --cache_train_pixels, off with random crop or flip"),
     "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
     "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
@@ -152,7 +153,7 @@ class TrainExamples(torch.utils.data.Dataset):
             input_ids = tokenize(self.tokenizer, [caption])[0]
             if caption == original or bounded_captions(self.args):  # random-word captions are not kept
                 self.token_cache[caption] = input_ids
-        return {"pixel_values": self.row_pixels(index, rng), "input_ids": input_ids}
+        return {"pixel_values": self.row_pixels(index, rng), "input_ids": input_ids, "row": index}
 
     def row_pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         """Row `index`'s training pixels, decoded once per row when they are cached."""
@@ -224,6 +225,35 @@ class CaptionEmbeddings:
             hidden = self.text_encoder(torch.tensor(missing, device=input_ids.device), return_dict=False)[0]
             self.stored.update(zip(missing, hidden.unbind(0)))
         return torch.stack([self.stored[key] for key in keys])
+
+
+class ImageLatents:
+    """Frozen VAE posteriors of the training rows, each row encoded once and then sampled afresh.
+
+    Without random crop or flip a row's pixels never change and the VAE is frozen, so its posterior
+    N(mean, std^2) is fixed: a lookup draws `mean + std * noise` with the noise drawn as diffusers'
+    `DiagonalGaussianDistribution.sample` draws it (same generator, shape and order), and returns the
+    scaled latents that `encode_images(..., sample=True)` of the batch would. With `cache=False`
+    every call encodes its batch.
+    """
+
+    def __init__(self, vae, cache: bool = True):
+        self.vae, self.cache, self.stored = vae, cache, {}
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(N, 3, H, W) pixels of rows `rows` -> (N, 4, h, w) sampled latents times the VAE's scaling factor."""
+        if not self.cache:
+            return encode_images(self.vae, pixels, generator, sample=True)
+        keys = [int(row) for row in rows]
+        missing = [i for i, key in enumerate(keys) if key not in self.stored and key not in keys[:i]]
+        if missing:
+            posterior = self.vae.encode(pixels[missing].to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+            self.stored.update(zip([keys[i] for i in missing], zip(posterior.mean.unbind(0), posterior.std.unbind(0))))
+        mean = torch.stack([self.stored[key][0] for key in keys])
+        std = torch.stack([self.stored[key][1] for key in keys])
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
 
 
 @dataclass
