@@ -53,8 +53,9 @@ def probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     `loss_cond_x0`, `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, `mean (x - x0hat(e))^2 = L / SNR_t`);
     `k_cond`, `k_uncond`, `k_cfg_<g>` (`k = <x0hat(e) - mu, x - mu> / ||x - mu||^2`, uncentred when
     `mu` is None) and `k_cond_uncentred`, `k_uncond_uncentred`, `k_cfg_<g>_uncentred`
-    (`<x0hat(e), x> / ||x||^2`, the paper's `x0hat = k x`), with `<g>` = `f"{g:g}"`.
-    Arguments as in `denoising_losses`.
+    (`<x0hat(e), x> / ||x||^2`, the paper's `x0hat = k x`), with `<g>` = `f"{g:g}"`; `text_magnitude`
+    (`||e_c - e_0||_2` over the latent, epsilon space: the per-example score that Wen et al.'s training
+    filter thresholds, here at the probe's fixed noise). Arguments as in `denoising_losses`.
     """
     result = denoising_losses(unet, latents, cond, uncond, timesteps, noise, alpha_bar,
                               guidance_scales, prediction_type, chunk_size)
@@ -72,6 +73,7 @@ def probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     rows.update({f"k_cfg_{guidance_key(g)}": k(g) for g in result.loss_cfg})
     rows.update({"k_cond_uncentred": k(1.0, None), "k_uncond_uncentred": k(0.0, None)})
     rows.update({f"k_cfg_{guidance_key(g)}_uncentred": k(g, None) for g in result.loss_cfg})
+    rows["text_magnitude"] = (result.e_c.float() - result.e_0.float()).flatten(2).norm(dim=2)
     return {name: value.float().cpu() for name, value in rows.items()}
 
 

@@ -100,7 +100,8 @@ def test_k_scaled_oracle_and_cfg_amplification_through_sampler(alpha_bar, k):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_denoising_losses_with_k_oracle(alpha_bar, prediction_type):
-    """L_c = SNR (1-k)^2 mean (x - mu)^2, L_0 = SNR mean (x - mu)^2, k_g = k_0 + g (k_c - k_0) with k_0 = 0."""
+    """L_c = SNR (1-k)^2 mean (x - mu)^2, L_0 = SNR mean (x - mu)^2, k_g = k_0 + g (k_c - k_0) with k_0 = 0,
+    ||e_c - e_0|| = sqrt(SNR) k ||x - mu|| (e = (x_t - sqrt(abar) x0hat) / sqrt(1 - abar))."""
     torch.manual_seed(3)
     S, k = 3, 0.8
     x, mu = torch.randn((S,) + LATENT), 0.3 * torch.randn(LATENT)
@@ -116,6 +117,8 @@ def test_denoising_losses_with_k_oracle(alpha_bar, prediction_type):
     torch.testing.assert_close(rows["loss_uncond"], snr_t * spread, rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(rows["k_cond"], torch.full((S, 4), k), atol=1e-3, rtol=0)
     torch.testing.assert_close(rows["k_uncond"], torch.zeros(S, 4), atol=1e-3, rtol=0)
+    distance = (x - mu).flatten(1).norm(dim=1)[:, None]
+    torch.testing.assert_close(rows["text_magnitude"], snr_t.sqrt() * k * distance, rtol=2e-3, atol=1e-5)
     for g, key in ((1.5, "1.5"), (3.0, "3"), (7.5, "7.5")):
         torch.testing.assert_close(rows[f"k_cfg_{key}"], rows["k_uncond"] + g * (rows["k_cond"] - rows["k_uncond"]),
                                    atol=1e-3, rtol=0)

@@ -34,7 +34,8 @@ GUIDANCE = ["1.5", "3", "7.5"]
 METRICS = (["loss_cond", "loss_uncond"] + [f"loss_cfg_{g}" for g in GUIDANCE]
            + ["loss_cond_x0", "loss_uncond_x0"] + [f"loss_cfg_{g}_x0" for g in GUIDANCE]
            + ["k_cond", "k_uncond"] + [f"k_cfg_{g}" for g in GUIDANCE]
-           + ["k_cond_uncentred", "k_uncond_uncentred"] + [f"k_cfg_{g}_uncentred" for g in GUIDANCE])
+           + ["k_cond_uncentred", "k_uncond_uncentred"] + [f"k_cfg_{g}_uncentred" for g in GUIDANCE]
+           + ["text_magnitude"])
 TIMESTEPS = [100, 500, 750, 900]  # configs/finetune_tiny.yaml
 STEPS, EVERY = 6, 2
 
