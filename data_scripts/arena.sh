@@ -2,14 +2,17 @@
 # The arena: mitigations of memorization measured by the same instrument, side by side.
 #   1 setup, dataset, base model  the stages of data_scripts/demo.sh (reused when built with the same arguments)
 #   2 train     the config once per training-time mitigation, all at the config's step count -> $ARENA_DIR/<name>
-#   3 evaluate  every run with constant guidance (<name>/eval) and with delayed guidance,
-#               --guidance_schedule delay:$ARENA_DELAY (<name>/eval_delay<T0>): g = 1 while t >= T0
+#   3 evaluate  every run with constant guidance at every checkpoint (<name>/eval: the onset timeline), and
+#               with delayed guidance at the last checkpoint (an inference-time mitigation leaves training
+#               as it was): --guidance_schedule delay:$ARENA_DELAY --checkpoints last (<name>/eval_delay<T0>)
 #   4 compare   eval/compare_runs.py over every run and schedule -> $ARENA_DIR/compare (table, figure, report.md)
-# Mitigations (name: flags of train/finetune.py): none; wen: --mitigation_wen_threshold $ARENA_WEN_THRESHOLD;
+# Mitigations (name: flags of train/finetune.py): none; wen: --mitigation_wen_threshold T, with T =
+# $ARENA_WEN_THRESHOLD when set, else calibrated on the unmitigated run (trained first): eval/wen_threshold.py,
+# the $ARENA_WEN_QUANTILE (0.95) quantile of ||e_c - e_0|| of its never-duplicated probe samples at its last step;
 # rand_word_add: --caption_augmentation rand_word_add (p 0.1, somepago/DCR's default);
 # text_noise: --text_embedding_noise $ARENA_TEXT_NOISE; dedup: --dedup_sampling.
 # Environment: ARENA_CONFIG (configs/demo_cpu.yaml), ARENA_DIR (runs/arena), ARENA_MITIGATIONS (names, default
-# all), ARENA_DELAY (700), ARENA_WEN_THRESHOLD (5; see the README), ARENA_TEXT_NOISE (0.1), ARENA_SKIP_SETUP=1
+# all), ARENA_DELAY (700), ARENA_WEN_THRESHOLD, ARENA_WEN_QUANTILE, ARENA_TEXT_NOISE (0.1), ARENA_SKIP_SETUP=1
 # (use the Python as it is), ARENA_LAUNCH (accelerate launch flags; default one CPU process), ARENA_JOBS
 # (mitigations trained and evaluated at once, default 1; each one's log is then $ARENA_DIR/<name>.log),
 # PYTHON (.venv/bin/python), OMP_NUM_THREADS (2).
@@ -24,7 +27,7 @@ PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 declare -A FLAGS=(
   [none]=""
-  [wen]="--mitigation_wen_threshold ${ARENA_WEN_THRESHOLD:-5}"
+  [wen]="--mitigation_wen_threshold ${ARENA_WEN_THRESHOLD:-calibrated}"
   [rand_word_add]="--caption_augmentation rand_word_add --caption_augmentation_p 0.1"
   [text_noise]="--text_embedding_noise ${ARENA_TEXT_NOISE:-0.1}"
   [dedup]="--dedup_sampling"
@@ -39,6 +42,13 @@ seconds_since() {  # wall seconds since the EPOCHREALTIME value $1
 for name in $NAMES; do
   [[ -v "FLAGS[$name]" ]] || { echo "arena.sh: error: unknown mitigation $name; choose from ${!FLAGS[*]}" >&2; exit 1; }
 done
+calibrate=0
+if [[ " $NAMES " == *" wen "* && -z ${ARENA_WEN_THRESHOLD:-} ]]; then
+  [[ " $NAMES " == *" none "* ]] || { echo "arena.sh: error: wen's threshold is calibrated on the run without \
+mitigation; add none to ARENA_MITIGATIONS or set ARENA_WEN_THRESHOLD" >&2; exit 1; }
+  calibrate=1
+  NAMES="none ${NAMES//none/}"  # trained first: wen's threshold is read from its probes
+fi
 start=$EPOCHREALTIME
 stages="dataset base_model"
 [[ ${ARENA_SKIP_SETUP:-0} == 1 ]] || stages="setup $stages"
@@ -46,7 +56,7 @@ DEMO_CONFIG=$CONFIG DEMO_DIR=$DIR DEMO_STAGES=$stages bash data_scripts/demo.sh
 evaluate_args=$(sed -n "s/^# evaluate: *//p" "$CONFIG" | head -n 1)
 
 arena_run() {  # arena_run NAME: train with the mitigation's flags, evaluate under both schedules, time both
-  local name=$1 run=$DIR/$1 t0 t1 train_s schedule
+  local name=$1 run=$DIR/$1 t0 t1 train_s
   rm -rf "$run" "$DIR/$name.timing"
   t0=$EPOCHREALTIME
   echo "[arena] == train $name: ${FLAGS[$name]:-no mitigation}"
@@ -55,18 +65,29 @@ arena_run() {  # arena_run NAME: train with the mitigation's flags, evaluate und
     --pretrained_model_name_or_path "$DIR/base" --train_data_dir "$DIR/data" --output_dir "$run" ${FLAGS[$name]}
   train_s=$(seconds_since "$t0")
   t1=$EPOCHREALTIME
-  for schedule in constant "delay:$DELAY"; do
-    echo "[arena] == evaluate $name, $schedule guidance"
-    # shellcheck disable=SC2086
-    $PY eval/evaluate_checkpoints.py --run_dir "$run" $evaluate_args --guidance_schedule "$schedule"
-  done
+  echo "[arena] == evaluate $name, constant guidance, every checkpoint"
+  # shellcheck disable=SC2086
+  $PY eval/evaluate_checkpoints.py --run_dir "$run" $evaluate_args
+  echo "[arena] == evaluate $name, delay:$DELAY guidance, last checkpoint"
+  # shellcheck disable=SC2086
+  $PY eval/evaluate_checkpoints.py --run_dir "$run" $evaluate_args --guidance_schedule "delay:$DELAY" --checkpoints last
   echo "$name train $train_s evaluate $(seconds_since "$t1")" > "$DIR/$name.timing"
+}
+
+calibrate_wen() {  # the wen flags from the finished unmitigated run's probes (eval/wen_threshold.py)
+  local threshold
+  threshold=$($PY eval/wen_threshold.py --run_dir "$DIR/none" --quantile "${ARENA_WEN_QUANTILE:-0.95}" | tail -n 1)
+  FLAGS[wen]="--mitigation_wen_threshold $threshold"
+  echo "[arena] wen threshold $threshold (calibrated on $DIR/none)" | tee "$DIR/wen_threshold.txt"
 }
 
 runs=()
 for name in $NAMES; do
   runs+=("$DIR/$name")
-  if (( JOBS > 1 )); then
+  if [[ $name == none && $calibrate == 1 ]]; then  # the others wait for it
+    ( set -e; arena_run none ) 2>&1 | tee "$DIR/none.log"
+    calibrate_wen
+  elif (( JOBS > 1 )); then
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
     ( set -e; arena_run "$name" ) > "$DIR/$name.log" 2>&1 &
   else

@@ -128,6 +128,7 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
     step = int(table["checkpoint_step"].max())
     last = table[table["checkpoint_step"] == step]
     onset = pd.DataFrame(summary["onset"].values())
+    timeline = table["checkpoint_step"].nunique() > 1  # an onset step needs checkpoints before the last
     row = dict(run=run.name, mitigation=mitigation_label(config),
                schedule=settings.get("guidance_schedule", "constant"),
                eval_dir=str(folder), guidance_scale=settings["guidance_scale"], step=step,
@@ -139,7 +140,8 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
         entry = dict(run=run.name, schedule=row["schedule"], dup_factor=int(dup), n_samples=len(rows),
                      memorized_fraction=frac["mean"], ci_low=frac["low"], ci_high=frac["high"],
                      severity=float(rows["severity"].mean()), D_x_early=float(rows["D_x_early"].mean()),
-                     crossed=int(len(onsets)), median_onset_step=float(onsets.median()) if len(onsets) else math.nan)
+                     crossed=int(len(onsets)),
+                     median_onset_step=float(onsets.median()) if len(onsets) and timeline else math.nan)
         by_dup.append(entry)
         row.update({f"memorized_{dup}x": frac["mean"], f"memorized_{dup}x_low": frac["low"],
                     f"memorized_{dup}x_high": frac["high"], f"D_x_early_{dup}x": entry["D_x_early"],
@@ -244,7 +246,9 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
              "median-distance bandwidth of the training images, between generated images (one seed per "
              f"never-duplicated sample) and the unique training images, both average-pooled to "
              f"{POOLED_SIZE}x{POOLED_SIZE} pixels (lower = closer to the training distribution). Every number "
-             "is read from the run's own per_sample.csv, summary.json and images/.", "",
+             "is read from the run's own per_sample.csv, summary.json and images/. The median onset step needs "
+             "the checkpoints' timeline: an eval of the last checkpoint alone (data_scripts/arena.sh evaluates "
+             "delayed guidance so) shows n/a.", "",
              f"| run | mitigation | schedule | step | memorized {top}x | crossed {top}x (median onset) | "
              f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) | Wen filtered |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -109,7 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--logging_dir", default=None, help="TensorBoard folder, default RUN/logs/eval")
     p.add_argument("--weights", choices=("ema", "raw"), default=None,
                    help="EMA or raw UNet of each checkpoint; default ema when the run used EMA")
-    p.add_argument("--checkpoints", default=None, help="subset of steps, e.g. 0,500,1000 (0 = base model)")
+    p.add_argument("--checkpoints", default=None,
+                   help="subset of steps, e.g. 0,500,1000 (0 = base model), or last (the last checkpoint only)")
     p.add_argument("--num_seeds", type=int, default=10)
     p.add_argument("--seed", type=int, default=None, help="default: the run's seed (matches training probes)")
     p.add_argument("--num_inference_steps", type=int, default=50)
@@ -189,6 +190,8 @@ def find_checkpoints(run_dir: Path, subset) -> list[tuple[int, Path | None]]:
     if not found:
         raise EvalError(f"{run_dir} has no checkpoint-N folders; train with --checkpointing_steps")
     models = [(0, None)] + sorted(found, key=lambda item: item[0])
+    if subset == "last":
+        return models[-1:]
     if subset:
         wanted = set(parse_list(subset, int))
         missing = wanted - {step for step, _ in models}

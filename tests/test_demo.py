@@ -113,3 +113,26 @@ def test_report_numbers_equal_the_tables(demo):
         assert int(dup_factor) == int(rows["dup_factor"].iloc[0])
         crossed = rows[rows["severity"] > threshold]["checkpoint_step"]
         assert onset == (str(int(crossed.iloc[0])) if len(crossed) else "never")
+
+
+def test_arena_calibrates_wen_on_the_unmitigated_run_and_compares_both_schedules(demo):
+    """data_scripts/arena.sh shortened: none then wen, with wen's threshold read from none's probes;
+    delayed guidance evaluated at the last checkpoint only, so its onset is n/a."""
+    folder = demo[0]
+    env = {**os.environ, "ARENA_CONFIG": CONFIG, "ARENA_DIR": str(folder), "ARENA_MITIGATIONS": "wen none",
+           "ARENA_SKIP_SETUP": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "data_scripts/arena.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.index("== train none") < done.stdout.index("== train wen")  # none first, whatever the order
+    probes = pd.read_json(folder / "none" / "probes.jsonl", lines=True)
+    last = probes[(probes.step == probes.step.max()) & (probes.dup_factor == 1)]
+    expected = np.quantile(last["text_magnitude"], 0.95)
+    threshold = yaml.safe_load((folder / "wen" / "config.yaml").read_text())["mitigation_wen_threshold"]
+    assert threshold == pytest.approx(expected, rel=1e-5) and threshold > 0
+    comparison = pd.read_csv(folder / "compare" / "comparison.csv")
+    assert sorted(zip(comparison["run"], comparison["schedule"])) == [
+        ("none", "constant"), ("none", "delay:700"), ("wen", "constant"), ("wen", "delay:700")]
+    delayed = pd.read_csv(folder / "wen" / "eval_delay700" / "per_sample.csv")
+    assert set(delayed["checkpoint_step"]) == {6}
+    assert comparison[comparison.schedule == "delay:700"].filter(like="median_onset").isna().all().all()

@@ -270,3 +270,8 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
     assert "| first | none | constant | 4 |" in report and "| second | none | delay:500 | 4 |" in report
     assert (out / "memorization_vs_cost.png").stat().st_size > 0
     assert compare_runs.cli([str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2
+
+
+def test_checkpoints_last_selects_the_last_checkpoint_only(trained_run):
+    every = ev.find_checkpoints(trained_run, None)
+    assert len(every) > 2 and ev.find_checkpoints(trained_run, "last") == every[-1:]
