@@ -31,6 +31,21 @@ def test_wen_filter_zeroes_exactly_the_examples_over_the_threshold():
     assert weights.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
 
 
+def test_wen_window_reports_the_share_over_the_threshold_and_the_mean_magnitude_on_cpu():
+    """The logged train/wen_* scalars: means per micro-step over the window, then a new window."""
+    from types import SimpleNamespace
+
+    from train.finetune import WenWindow
+
+    window, accelerator = WenWindow(torch.device("cpu")), SimpleNamespace(num_processes=1)
+    window.add(torch.tensor([1.0, 5.0, 3.0, 7.0]), threshold=4.0)  # share 0.5, mean 4
+    window.add(torch.tensor([5.0, 5.0]), threshold=4.0)  # share 1 (whole batch filtered), mean 5
+    values = window.read(accelerator, micro_steps=2)
+    assert values == pytest.approx({"wen_filtered_share": 0.75, "wen_magnitude_mean": 4.5,
+                                    "wen_fully_filtered_processes": 0.5})
+    assert window.read(accelerator, micro_steps=1)["wen_magnitude_mean"] == 0.0  # the window starts anew
+
+
 def test_weighted_mean_is_per_process_average_of_one_big_batch_even_when_a_shard_is_all_dropped():
     losses = torch.rand(8, requires_grad=True)
     weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # the second "process" keeps nothing

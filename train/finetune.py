@@ -160,7 +160,7 @@ class WenWindow:
     def read(self, accelerator, micro_steps: int) -> dict[str, float]:
         """The window's scalars over all processes (call on every process), then a new window."""
         rows = accelerator.gather(self.total[None]).cpu() if accelerator.num_processes > 1 else self.total[None].cpu()
-        self.total.zero_()
+        self.total = torch.zeros_like(self.total)  # not zero_(): on CPU, .cpu() above returns this very storage
         rows = rows / max(micro_steps, 1)
         return {"wen_filtered_share": float(rows[:, 0].mean()), "wen_magnitude_mean": float(rows[:, 1].mean()),
                 "wen_fully_filtered_processes": float(rows[:, 2].sum())}
