@@ -5,7 +5,9 @@
 #   3 evaluate  every run with constant guidance at every checkpoint (<name>/eval: the onset timeline), and
 #               with delayed guidance at the last checkpoint (an inference-time mitigation leaves training
 #               as it was): --guidance_schedule delay:$ARENA_DELAY --checkpoints last (<name>/eval_delay<T0>)
-#   4 compare   eval/compare_runs.py over every run and schedule -> $ARENA_DIR/compare (table, figure, report.md)
+#   4 compare   eval/compare_runs.py over every run and schedule -> $ARENA_DIR/compare (table, figure, report.md);
+#               the default arena (demo config, runs/arena, every mitigation) also publishes them to docs/arena and
+#               the main table to the README's arena block
 # Mitigations (name: flags of train/finetune.py): none; wen: --mitigation_wen_threshold T, with T =
 # $ARENA_WEN_THRESHOLD when set, else calibrated on the unmitigated run (trained first): eval/wen_threshold.py,
 # the $ARENA_WEN_QUANTILE (0.95) quantile of ||e_c - e_0|| of its never-duplicated probe samples at its last step;
@@ -98,7 +100,15 @@ wait
 for name in $NAMES; do  # a run that finished wrote its .timing
   [[ -f "$DIR/$name.timing" ]] || { echo "arena.sh: error: mitigation $name failed (see $DIR/$name.log)" >&2; exit 1; }
 done
-$PY eval/compare_runs.py "${runs[@]}" --output_dir "$DIR/compare"
+publish=()
+if [[ $CONFIG == configs/demo_cpu.yaml && $DIR == runs/arena && -z ${ARENA_MITIGATIONS:-} ]]; then
+  publish=(--publish docs/arena --readme README.md)  # only the default arena writes the figures the README states
+fi
+$PY eval/compare_runs.py "${runs[@]}" --output_dir "$DIR/compare" "${publish[@]}"
 for name in $NAMES; do cat "$DIR/$name.timing"; done > "$DIR/arena_timings.txt"
 echo "arena total $(seconds_since "$start") (jobs $JOBS)" | tee -a "$DIR/arena_timings.txt"
+if (( ${#publish[@]} )); then
+  cp "$DIR/arena_timings.txt" docs/arena/arena_timings.txt
+  [[ ! -f $DIR/wen_threshold.txt ]] || cp "$DIR/wen_threshold.txt" docs/arena/wen_threshold.txt
+fi
 echo "[arena] report: $DIR/compare/report.md (wall seconds per run: $DIR/arena_timings.txt)"

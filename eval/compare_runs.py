@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mem_analysis.cli import run_command  # noqa: E402
 from mem_analysis.data import load_study_dataset  # noqa: E402
-from mem_analysis.io import write_text_atomic  # noqa: E402
+from mem_analysis.io import atomic_path, replace_marked_block, write_text_atomic  # noqa: E402
 from mem_analysis.run import read_config  # noqa: E402
 from mem_analysis.severity import embed_images, load_sscd  # noqa: E402
 from mem_analysis.stats import frechet_distance, mean_interval, median_distance, mmd_squared  # noqa: E402
@@ -63,6 +64,9 @@ def parse_args(argv=None):
                    help="TorchScript image embedder (e.g. a CLIP or Inception image tower, ImageNet-normalized "
                         "input): adds the Frechet distance and MMD^2 in its feature space")
     p.add_argument("--feature_size", type=int, default=224, help="input size of --feature_model")
+    p.add_argument("--publish", default=None,
+                   help="also copy the outputs to this folder (data_scripts/arena.sh: docs/arena)")
+    p.add_argument("--readme", default=None, help="with --publish: put the main table into this README's arena block")
     return p.parse_args(argv)
 
 
@@ -233,6 +237,13 @@ def figure(comparison: pd.DataFrame, top: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def main_table(lines: list[str]) -> list[str]:
+    """The report's first table: its lines from the header row to the first line that is not a row."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run | mitigation"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> list[str]:
     """report.md: how it was measured, the main table and the per-factor table."""
     factors = sorted(by_dup["dup_factor"].unique())
@@ -273,11 +284,27 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
     return lines
 
 
+PUBLISHED = ("report.md", "comparison.csv", "by_dup_factor.csv", "memorization_vs_cost.png")
+
+
+def publish(out: Path, docs: Path, readme: str | None, table: list[str]) -> None:
+    """The outputs copied to `docs`; the main table (with a link to the report) into the README's arena block."""
+    for name in PUBLISHED:
+        with atomic_path(docs / name) as tmp:
+            shutil.copyfile(out / name, tmp)
+    if readme:
+        replace_marked_block(readme, "arena", "\n".join(table) + f"\n\nFull report: [{docs}/report.md]({docs}/report.md).\n")
+
+
 def main(args) -> Path:
     runs = [Path(r) for r in args.runs]
     missing = [str(r) for r in runs if not r.is_dir()]
     if missing:
         raise CompareError(f"run folder(s) {', '.join(missing)} do not exist")
+    if args.readme and (not args.publish or not Path(args.readme).is_file()
+                        or Path(args.readme).read_text().count("<!-- arena:start -->") != 1):
+        raise CompareError(f"--readme {args.readme} needs --publish and one <!-- arena:start --> / <!-- arena:end --> "
+                           "block")
     rows, by_dup, cache = [], [], {}
     try:
         feature = (load_sscd(args.feature_model), args.feature_size) if args.feature_model else None
@@ -295,8 +322,12 @@ def main(args) -> Path:
     write_text_atomic(out / "comparison.csv", comparison.to_csv(index=False))
     write_text_atomic(out / "by_dup_factor.csv", by_dup.to_csv(index=False))
     figure(comparison, top, out / "memorization_vs_cost.png")
-    write_text_atomic(out / "report.md", "\n".join(report_lines(comparison, by_dup, top)) + "\n")
+    lines = report_lines(comparison, by_dup, top)
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     print(f"wrote {out}/comparison.csv, by_dup_factor.csv, memorization_vs_cost.png and report.md")
+    if args.publish:
+        publish(out, Path(args.publish), args.readme, main_table(lines))
+        print(f"published to {args.publish}" + (f" and {args.readme}" if args.readme else ""))
     return out
 
 

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from mem_analysis import early_warning, run, stats, verdicts  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
-from mem_analysis.io import atomic_path, write_text_atomic  # noqa: E402
+from mem_analysis.io import atomic_path, replace_marked_block, write_text_atomic  # noqa: E402
 
 GUIDED_K = re.compile(r"^k_cfg_(\d+(?:\.\d+)?)_early$")  # k_cfg_<g>_early, not the _uncentred variants
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
@@ -440,7 +440,7 @@ def headline_lines(summary: dict, settings: dict, at_last: pd.DataFrame, last: i
     return lines
 
 
-README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"  # replace_marked_block's, name "headline"
 
 
 def publish_headline(eval_dir, docs_file, readme=None):
@@ -448,12 +448,10 @@ def publish_headline(eval_dir, docs_file, readme=None):
     text = (Path(eval_dir) / "headline.md").read_text()
     write_text_atomic(Path(docs_file), text)
     if readme:
-        body = Path(readme).read_text()
-        if body.count(README_START) != 1 or body.count(README_END) != 1:
-            raise SystemExit(f"error: {readme} needs one {README_START} and one {README_END} line around the figures")
-        head, rest = body.split(README_START)
-        tail = rest.split(README_END)[1]
-        write_text_atomic(Path(readme), f"{head}{README_START}\n{text}{README_END}{tail}")
+        try:
+            replace_marked_block(readme, "headline", text)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
 
 
 def onset_summary(summary: dict) -> list[str]:

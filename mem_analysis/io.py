@@ -31,6 +31,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def replace_marked_block(path: str | Path, name: str, text: str) -> None:
+    """Put `text` between the lines `<!-- NAME:start -->` and `<!-- NAME:end -->` of the file at `path`.
+
+    The file must hold each marker exactly once (ValueError otherwise, the file untouched); it is
+    rewritten atomically, so a README is never left half-published.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    body = Path(path).read_text()
+    if body.count(start) != 1 or body.count(end) != 1:
+        raise ValueError(f"{path} needs one {start} and one {end} line around the published figures")
+    head, rest = body.split(start)
+    tail = rest.split(end)[1]
+    write_text_atomic(path, f"{head}{start}\n{text}{end}{tail}")
+
+
 def write_folder_atomically(write: Callable[[Path], None], output_dir: str | Path) -> None:
     """Call `write(tmp)` on a temporary sibling folder, then rename it to `output_dir`.
 

@@ -242,9 +242,12 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
 
     embedder = tmp_path / "embedder.pt"  # a stand-in for a user's CLIP / Inception TorchScript file
     torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.Flatten())).save(str(embedder))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- arena:start -->\nold\n<!-- arena:end -->\nrest\n")
     out = compare_runs.main(compare_runs.parse_args([str(first), str(second), "--output_dir", str(tmp_path / "cmp"),
                                                      "--bootstrap", "50", "--feature_model", str(embedder),
-                                                     "--feature_size", "16"]))
+                                                     "--feature_size", "16", "--publish", str(tmp_path / "docs"),
+                                                     "--readme", str(readme)]))
     table = pd.read_csv(out / "comparison.csv")
     assert list(zip(table["run"], table["schedule"])) == [("first", "constant"), ("second", "delay:500")]
     for _, row in table.iterrows():
@@ -270,6 +273,18 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
     assert "| first | none | constant | 4 |" in report and "| second | none | delay:500 | 4 |" in report
     assert (out / "memorization_vs_cost.png").stat().st_size > 0
     assert compare_runs.cli([str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2
+    # published: the outputs copied, the report's main table (and nothing typed) in the README's block
+    for name in compare_runs.PUBLISHED:
+        assert (tmp_path / "docs" / name).read_bytes() == (out / name).read_bytes()
+    block = readme.read_text().split("<!-- arena:start -->\n")[1].split("<!-- arena:end -->")[0]
+    rows = [line for line in block.splitlines() if line.startswith("|")]
+    assert len(rows) == 4 and all(row in report.splitlines() for row in rows) and "old" not in block
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- arena:end -->\nrest\n")
+    unmarked = tmp_path / "plain.md"
+    unmarked.write_text("no block\n")
+    assert compare_runs.cli([str(first), "--output_dir", str(tmp_path / "y"), "--publish", str(tmp_path / "d2"),
+                             "--readme", str(unmarked)]) == 2
+    assert not (tmp_path / "y").exists()  # refused before anything was written
 
 
 def test_checkpoints_last_selects_the_last_checkpoint_only(trained_run):
