@@ -208,7 +208,7 @@ def auroc_with_ci(scores, labels, n_boot: int = 1000, confidence: float = 0.95, 
 
     {'auroc', 'ci_low', 'ci_high', 'n', 'n_positive'}; auroc None when a class is missing.
     """
-    from mem_analysis.stats import auroc
+    from mem_analysis.stats import auroc, auroc_rows
 
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
@@ -218,13 +218,10 @@ def auroc_with_ci(scores, labels, n_boot: int = 1000, confidence: float = 0.95, 
     if labels.all() or not labels.any():
         return out
     out["auroc"] = auroc(scores, labels)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(scores), len(scores))
-        if labels[pick].any() and not labels[pick].all():
-            boots.append(auroc(scores[pick], labels[pick]))
-    if boots:
+    pick = np.random.default_rng(seed).integers(0, len(scores), (max(n_boot, 0), len(scores)))
+    boots = auroc_rows(scores[pick], labels[pick])
+    boots = boots[np.isfinite(boots)]  # a resample holding one class has no AUROC
+    if boots.size:
         out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(boots, [(1 - confidence) / 2,
                                                                                 (1 + confidence) / 2]))
     return out

@@ -1,6 +1,6 @@
 """M7 relations (docs/science.md M7): correlations with bootstrap intervals, detection AUROC / TPR at low FPR,
 onset step, split-half reliability across seeds and the correlation corrected for it, distances between image
-distributions (MMD, Frechet) for comparing runs. Ranks come from SciPy and ROC quantities from scikit-learn;
+distributions (MMD, Frechet) for comparing runs. Ranks come from SciPy (AUROC is their Mann-Whitney form) and the ROC curve from scikit-learn;
 the bootstrap, onset and reliability are ours."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import namedtuple
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 Correlation = namedtuple("Correlation", ["r", "low", "high", "n"])
 
@@ -81,11 +81,23 @@ def oriented(scores, direction: str) -> np.ndarray:
     return scores if direction == "higher" else -scores
 
 
+def auroc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC of each row (last axis), higher = positive: `(sum of the positives' average ranks
+    - n_pos (n_pos + 1) / 2) / (n_pos n_neg)` = Mann-Whitney U / (n_pos n_neg), ties counted one half;
+    NaN for a row without both classes. Vectorised, for bootstrap resamples (B, n)."""
+    labels = np.asarray(labels, dtype=bool)
+    n_pos = labels.sum(-1)
+    n_neg = labels.shape[-1] - n_pos
+    rank_sum = (rankdata(scores, axis=-1) * labels).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def auroc(scores, labels, direction: str = "higher") -> float:
     """`P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)` (Mann-Whitney U / (n_pos n_neg)) with `s` oriented by
     `direction`: 'higher' (a memorized sample scores higher) or 'lower' (it scores lower, e.g. diversity)."""
     scores, labels = check_labels(oriented(scores, direction), labels)
-    return float(roc_auc_score(labels, scores))
+    return float(auroc_rows(scores, labels))
 
 
 def tpr_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
@@ -189,8 +201,7 @@ def set_detection(positives, negatives, direction: str = "higher", n_bootstrap: 
         rng = np.random.default_rng(seed)
         boot = np.concatenate([pos[rng.integers(0, pos.size, (n_bootstrap, pos.size))],
                                neg[rng.integers(0, neg.size, (n_bootstrap, neg.size))]], 1)
-        ranks = rankdata(boot, axis=1)
-        values = (ranks[:, :pos.size].sum(1) - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+        values = auroc_rows(boot, labels)
         low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
     return SetDetection(direction, d["auroc"], float(low), float(high), d["tpr"], d["tpr_label"],
                         d["n_positives"], d["n_negatives"])

@@ -43,6 +43,21 @@ def test_auroc_and_tpr_at_fpr_match_sklearn():
         auroc([0.1, 0.2], [1, 1])
 
 
+def test_auroc_rows_is_auroc_per_row_and_nan_without_both_classes():
+    from mem_analysis.stats import auroc_rows
+    # positives {2, 4} against negatives {1, 3}: 3 of the 4 pairs ordered, so 3/4; ties count one half
+    assert auroc_rows(np.array([1.0, 2, 3, 4]), np.array([0, 1, 0, 1])) == 0.75
+    assert auroc_rows(np.array([1.0, 1, 2]), np.array([1, 0, 0])) == 0.25
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.normal(size=(50, 40)), 1)
+    labels = rng.random((50, 40)) < 0.3
+    labels[0] = False  # one class only
+    values = auroc_rows(scores, labels)
+    assert np.isnan(values[0])
+    for row in range(1, 50):
+        assert math.isclose(values[row], roc_auc_score(labels[row], scores[row]), rel_tol=1e-12)
+
+
 def test_onset_step_is_first_checkpoint_over_threshold():
     steps = [100, 200, 300, 400]
     severity_curves = [[0.1, 0.8, 0.9, 0.95], [0.1, 0.2, 0.3, 0.2], [0.76, 0.7, 0.9, 0.9]]
