@@ -137,7 +137,8 @@ def take_step(optimizer, loss: torch.Tensor, step: int, steps: int, what: str, s
 def train_vae(vae, pixels: torch.Tensor, args: argparse.Namespace, generator: torch.Generator) -> None:
     """Fit the VAE on `pixels`: mean squared reconstruction error + kl_weight * KL(posterior || N(0, I))."""
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0)
+    # fused: one kernel over every parameter (a CPU otherwise loops over tensors; bench_demo.py --stages optimizer)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.vae_steps, 1))
     for step, index in enumerate(batches(len(pixels), args.train_batch_size, args.vae_steps, generator)):
         x = pixels[index]
@@ -175,7 +176,7 @@ def train_text_encoder(pipe, latents: torch.Tensor, captions: list[str], args: a
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
     text_encoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW([*text_encoder.parameters(), *image_head.parameters(), logit_scale],
-                                  lr=args.text_encoder_learning_rate, weight_decay=0.0)
+                                  lr=args.text_encoder_learning_rate, weight_decay=0.0, fused=True)
     steps = args.text_encoder_steps
     for step, index in enumerate(batches(len(ids), args.text_encoder_batch_size, steps, generator)):
         text = text_encoder(ids[index]).last_hidden_state.mean(1)
@@ -213,7 +214,7 @@ def pretrain_unet(pipe, latents: torch.Tensor, captions: list[str], args: argpar
     """Denoising training of the UNet on the pool's latents (epsilon loss, empty caption with probability p)."""
     unet, scheduler = pipe.unet, pipe.scheduler
     unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_learning_rate)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_learning_rate, fused=True)
     steps = args.pretrain_unet_steps
     for step, index in enumerate(batches(len(latents), args.train_batch_size, steps, generator)):
         # Empty captions teach the unconditional prediction that classifier-free guidance needs.
