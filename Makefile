@@ -11,8 +11,11 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing pinned dependencies into $(VENV)"
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --disable-pip-version-check --no-compile -r requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
+	@# pip compiles bytecode on one core; compileall uses every core (bench/bench_demo.py --stages setup).
+	@# It exits 1 when a file does not compile (some packages ship invalid files as test data); pip ignores those too.
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") > /dev/null || true
 	@touch $(STAMP)
 
 # demo.sh runs (and times) `make setup` itself as its first stage.

@@ -3,6 +3,8 @@
     python bench/bench_demo.py [--config configs/demo_cpu.yaml] [--vae_steps 20] [--train_steps 20]
                                [--eval_samples 8] [--workdir DIR] [--stages dataset,base_model,train,evaluate]
     python bench/bench_demo.py --workdir DIR --stages inputs,launch   # caches; 1 vs 2 training processes
+    python bench/bench_demo.py --stages setup   # make setup vs pip compiling bytecode itself (new venvs)
+    python bench/bench_demo.py --workdir DIR --stages optimizer   # AdamW step: default vs foreach vs fused
 
 Every figure is CPU-seconds of this process (time.process_time: user + system over all threads),
 not wall time, so it holds on a shared machine. Each stage runs the real code of the demo
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -242,8 +246,6 @@ def compare_inputs(config: Path, work: Path, uncached_steps: int) -> None:
 def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> None:
     """Wall seconds of `steps` training steps as one process with 2 threads vs 2 DDP processes with 1 each,
     in alternation (the demo's training stage launches the first)."""
-    import os
-
     launches = {"1 process x 2 threads": (["--cpu", "--num_processes", "1"], {"OMP_NUM_THREADS": "2"}),
                 "2 DDP processes x 1 thread": (["--config_file", "configs/accelerate/multi_gpu.yaml",
                                                 "--num_processes", "2"],
@@ -264,6 +266,62 @@ def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> 
     for name, values in seconds.items():
         print(f"  {name:<28} {' '.join(f'{v:6.1f}' for v in values)}   best / first launch's best "
               f"{min(values) / first:.3f}")
+
+
+def compare_setups(work: Path, repeats: int = 2) -> None:
+    """Wall seconds of `make setup` (pip --no-compile, then compileall on every core) vs pip compiling the
+    bytecode itself (the recipe before), each into a new venv, in alternation (pip's download cache is shared)."""
+    pip = ["-q", "--disable-pip-version-check"]
+
+    def pip_compiles(venv: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin/pip"), "install", *pip, "-r", "requirements.txt"], check=True,
+                       env={**os.environ, "DS_BUILD_OPS": "0"})
+        subprocess.run([str(venv / "bin/pip"), "install", *pip, "--no-deps", "--no-build-isolation", "-e", "."],
+                       check=True)
+
+    def make_setup(venv: Path) -> None:
+        subprocess.run(["make", "--no-print-directory", "-s", "setup", f"VENV={venv}", f"PYTHON={sys.executable}"],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    setups = {"pip compiles (one core)": pip_compiles, "make setup (compileall -j 0)": make_setup}
+    seconds = {name: [] for name in setups}
+    for repeat in range(repeats):
+        for name, build in setups.items():
+            venv = work / f"setup_venv_{repeat}"
+            start = time.perf_counter()
+            build(venv)
+            seconds[name].append(time.perf_counter() - start)
+            shutil.rmtree(venv)
+    print(f"\nsetup of a new venv, wall seconds of {repeats} runs in alternation:")
+    first = min(seconds[next(iter(seconds))])
+    for name, values in seconds.items():
+        print(f"  {name:<30} {' '.join(f'{v:6.1f}' for v in values)}   best / first's best {min(values) / first:.3f}")
+
+
+def compare_optimizers(config: Path, work: Path, steps: int = 200, repeats: int = 2) -> None:
+    """Milliseconds per AdamW step on the demo's UNet: PyTorch's default on a CPU (a loop over tensors),
+    foreach, and fused (what finetune.py builds), in alternation."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(work / "base", subfolder="unet")
+    for parameter in unet.parameters():
+        parameter.grad = torch.randn_like(parameter) * 1e-3
+    options = {"default (loop over tensors)": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    seconds = {name: [] for name in options}
+    for _ in range(repeats):
+        for name, flags in options.items():
+            optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0, **flags)
+            optimizer.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            seconds[name].append((time.perf_counter() - start) / steps * 1e3)
+    print(f"\nAdamW step on the demo UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters), "
+          f"wall ms per step, {repeats} runs of {steps} in alternation:")
+    first = min(seconds[next(iter(seconds))])
+    for name, values in seconds.items():
+        print(f"  {name:<28} {' '.join(f'{v:6.2f}' for v in values)}   best / default's best {min(values) / first:.3f}")
 
 
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
@@ -323,7 +381,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="keep the short run here (default: a temporary folder)")
     p.add_argument("--stages", default="dataset,base_model,train,evaluate",
                    help="stages to profile (and `inputs`: the input pipeline with and without caches; `launch`: "
-                        "training wall time as 1 process x 2 threads vs 2 DDP processes x 1 thread); "
+                        "training wall time as 1 process x 2 threads vs 2 DDP processes x 1 thread; `setup`: "
+                        "make setup's wall time vs pip compiling the bytecode, into new venvs; `optimizer`: AdamW step "
+                        "time, default vs foreach vs fused); "
                         "later ones reuse --workdir's dataset, base model and run")
     p.add_argument("--launch_steps", type=int, default=120, help="training steps of each `launch` run")
     p.add_argument("--uncached_steps", type=int, default=150, help="steps of the uncached input pipeline (scaled)")
@@ -344,6 +404,10 @@ def main(argv=None) -> int:
                 compare_inputs(config, work, args.uncached_steps)
             elif name == "launch":
                 compare_launches(config, work, args.launch_steps)
+            elif name == "setup":
+                compare_setups(work)
+            elif name == "optimizer":
+                compare_optimizers(config, work)
             else:
                 stages.update(profiles[name]())
     if stages:
