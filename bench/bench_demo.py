@@ -136,7 +136,7 @@ def training_counts(config: Path, work: Path) -> dict:
     """max_train_steps (`auto` resolved on the dataset in `work`), probe passes and checkpoint writes of the run."""
     import yaml
 
-    from train.finetune_config import auto_train_steps
+    from train.finetune_config import AUTO_EPOCHS, auto_train_steps
 
     values = yaml.safe_load(config.read_text())
     probe_steps, ckpt_steps = int(values.get("probe_steps") or 0), int(values.get("checkpointing_steps") or 0)
@@ -145,7 +145,8 @@ def training_counts(config: Path, work: Path) -> dict:
         from datasets import load_from_disk
 
         rows = len(load_from_disk(str(work / "data"))["train"])
-        steps = auto_train_steps(rows, int(values["train_batch_size"]), ckpt_steps)
+        steps = auto_train_steps(rows, int(values["train_batch_size"]), ckpt_steps,
+                                 float(values.get("auto_train_passes", AUTO_EPOCHS)))
     steps = int(steps)
     return dict(steps=steps, probes=(steps // probe_steps + 1) if probe_steps else 0,
                 checkpoints=steps // ckpt_steps if ckpt_steps else 0)

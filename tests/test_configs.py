@@ -57,9 +57,10 @@ def test_dry_run_resolves_builds_and_plans(config, tiny_model_dir, tiny_dataset_
     plan = captured.out
     assert "[dry run]" in plan and "68 train rows, 8 probe samples" in plan
     steps = loaded.get("max_train_steps")
-    if steps == "auto":  # 35 passes over the fixture's 68 rows are under one checkpoint interval
+    if steps == "auto":  # the config's passes over the fixture's 68 rows are under one checkpoint interval
         steps = loaded["checkpointing_steps"]
-        assert f"max_train_steps auto = {steps}: 35 passes over 68 train rows (48 distinct images" in plan
+        passes = loaded.get("auto_train_passes", 35)
+        assert f"max_train_steps auto = {steps}: {passes:g} passes over 68 train rows (48 distinct images" in plan
     if steps is not None:
         assert f"{steps} steps" in plan
     if loaded.get("use_lora"):

@@ -55,11 +55,14 @@ def test_auto_train_steps_are_passes_over_the_rows_to_the_checkpoint_interval():
     assert auto_train_steps(2448, 32, 0) == 2678  # no checkpoints: ceil(35 * 2448 / 32)
     assert auto_train_steps(1385, 64, 300) == 900  # twice the batch: 758 steps
     assert auto_train_steps(68, 32, 300) == 300  # at least one interval
+    assert auto_train_steps(1385, 32, 300, passes=28) == 1200  # the demo's 28 passes: 1,211.9 steps
     base = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"]
     assert resolve_config([*base, "--max_train_steps", "auto"]).max_train_steps == "auto"
     assert resolve_config([*base, "--max_train_steps", "7"]).max_train_steps == 7
     with pytest.raises(ConfigError, match="max_train_steps"):
         resolve_config([*base, "--max_train_steps", "automatic"])
+    with pytest.raises(ConfigError, match="auto_train_passes must be > 0"):
+        resolve_config([*base, "--max_train_steps", "auto", "--auto_train_passes", "0"])
 
 
 @pytest.mark.parametrize("content, message", [

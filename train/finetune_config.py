@@ -55,8 +55,9 @@ def steps_or_auto(value):
     return optional(int)(value)
 
 
-# `max_train_steps: auto` is this many passes over the train rows. Calibrated on the Twemoji demo
-# (1,385 rows of 899 distinct images, batch 32): 35 passes give its tuned 1,500 steps.
+# `max_train_steps: auto` is `auto_train_passes` passes over the train rows, by default this many. Calibrated on
+# the Twemoji demo (1,385 rows of 899 distinct images, batch 32): 35 passes give its tuned 1,500 steps
+# (configs/demo_cpu.yaml now runs 28, 1,200 steps, to fit 10 minutes on 2 cores).
 AUTO_EPOCHS = 35
 
 
@@ -84,8 +85,9 @@ FLAGS = {
     "seed": (RUN_DEFAULTS["seed"], int, "seed of data order, noise, timesteps and caption dropout"),
     "train_batch_size": (8, int, "batch size per process"),
     "num_train_epochs": (1, int, "epochs (ignored when --max_train_steps is set)"),
-    "max_train_steps": (None, steps_or_auto, "optimizer steps in total, or 'auto': AUTO_EPOCHS passes over the "
-                        "train rows (distinct images x their copies), to the nearest checkpoint interval"),
+    "max_train_steps": (None, steps_or_auto, "optimizer steps in total, or 'auto': auto_train_passes passes over "
+                        "the train rows (distinct images x their copies), to the nearest checkpoint interval"),
+    "auto_train_passes": (AUTO_EPOCHS, float, "passes over the train rows that `max_train_steps: auto` trains for"),
     "gradient_accumulation_steps": (1, int, "micro-batches per optimizer step"),
     "gradient_checkpointing": (False, boolean, "recompute activations in backward"),
     "learning_rate": (1e-4, float, "peak learning rate"),
@@ -215,6 +217,8 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {config[name]}")
     if config["max_train_steps"] not in (None, "auto") and config["max_train_steps"] < 0:
         raise ConfigError("max_train_steps must be >= 0")
+    if config["auto_train_passes"] <= 0:
+        raise ConfigError(f"auto_train_passes must be > 0 (passes over the train rows), got {config['auto_train_passes']}")
     if config["report_to"] != "tensorboard":
         raise ConfigError(f"report_to {config['report_to']!r}: only 'tensorboard' is supported")
     if config["use_lora"] and config["use_ema"]:
@@ -241,14 +245,14 @@ def check_mitigations(config: dict) -> None:
         raise ConfigError("mitigation_wen_threshold must be >= 0 (a magnitude ||e_c - e_0||)")
 
 
-def auto_train_steps(train_rows: int, global_batch: int, interval: int, epochs: float = AUTO_EPOCHS) -> int:
-    """Steps for `max_train_steps: auto`: `ceil(epochs * train_rows / global_batch)` rounded to the nearest
+def auto_train_steps(train_rows: int, global_batch: int, interval: int, passes: float = AUTO_EPOCHS) -> int:
+    """Steps for `max_train_steps: auto`: `ceil(passes * train_rows / global_batch)` rounded to the nearest
     multiple of `interval` (the checkpoint interval, so the last step is evaluated; at least one interval).
 
     Memorization sets in later on more distinct images (Bonnaire et al. 2025), and how often a duplicated
     image is seen is its copies x passes, so the budget is a number of passes over the rows.
     """
-    steps = math.ceil(epochs * train_rows / global_batch)
+    steps = math.ceil(passes * train_rows / global_batch)
     if interval > 0:
         steps = max(interval, interval * round(steps / interval))
     return steps
@@ -260,7 +264,7 @@ def resolve_train_steps(args: argparse.Namespace, train_split, global_batch: int
         return None
     rows = len(train_split)
     distinct = len(set(train_split["sample_id"])) if "sample_id" in train_split.column_names else rows
-    args.max_train_steps = auto_train_steps(rows, global_batch, args.checkpointing_steps)
-    return (f"max_train_steps auto = {args.max_train_steps}: {AUTO_EPOCHS} passes over {rows} train rows "
+    args.max_train_steps = auto_train_steps(rows, global_batch, args.checkpointing_steps, args.auto_train_passes)
+    return (f"max_train_steps auto = {args.max_train_steps}: {args.auto_train_passes:g} passes over {rows} train rows "
             f"({distinct} distinct images, {rows - distinct} extra copies) at {global_batch} samples per step, "
             f"to the nearest multiple of checkpointing_steps ({args.checkpointing_steps})")
