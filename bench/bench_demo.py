@@ -5,6 +5,7 @@
     python bench/bench_demo.py --workdir DIR --stages inputs,launch   # caches; 1 vs 2 training processes
     python bench/bench_demo.py --stages setup   # make setup vs pip compiling bytecode itself (new venvs)
     python bench/bench_demo.py --workdir DIR --stages optimizer   # AdamW step: default vs foreach vs fused
+    python bench/bench_demo.py --stages auroc   # bootstrap AUROC intervals: vectorised vs scikit-learn per resample
 
 Every figure is CPU-seconds of this process (time.process_time: user + system over all threads),
 not wall time, so it holds on a shared machine. Each stage runs the real code of the demo
@@ -325,6 +326,38 @@ def compare_optimizers(config: Path, work: Path, steps: int = 200, repeats: int 
         print(f"  {name:<28} {' '.join(f'{v:6.2f}' for v in values)}   best / default's best {min(values) / first:.3f}")
 
 
+def compare_auroc_bootstrap(n_samples: int = 36, n_boot: int = 1000, calls: int = 9, repeats: int = 2) -> None:
+    """Seconds of the report's bootstrap AUROC intervals (early_warning.auroc_with_ci, `calls` probe steps of
+    `n_samples` samples) vectorised over resamples, vs one scikit-learn roc_auc_score per resample (before)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from mem_analysis.early_warning import auroc_with_ci
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(n_samples) < n_samples // 6
+    scores = [rng.normal(size=n_samples) + labels for _ in range(calls)]
+
+    def per_resample(score):
+        pick = np.random.default_rng(0).integers(0, n_samples, (n_boot, n_samples))
+        return [roc_auc_score(labels[p], score[p]) for p in pick if labels[p].any() and not labels[p].all()]
+
+    seconds = {"scikit-learn per resample": [], "vectorised (auroc_rows)": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        before = [np.quantile(per_resample(score), [0.025, 0.975]) for score in scores]
+        seconds["scikit-learn per resample"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        after = [auroc_with_ci(score, labels, n_boot) for score in scores]
+        seconds["vectorised (auroc_rows)"].append(time.perf_counter() - start)
+    same = all(np.allclose(b, [a["ci_low"], a["ci_high"]]) for b, a in zip(before, after))
+    print(f"\nbootstrap AUROC intervals, {calls} x {n_samples} samples x {n_boot} resamples, wall seconds of "
+          f"{repeats} runs in alternation (same intervals: {same}):")
+    first = min(seconds[next(iter(seconds))])
+    for name, values in seconds.items():
+        print(f"  {name:<28} {' '.join(f'{v:6.2f}' for v in values)}   best / first's best {min(values) / first:.3f}")
+
+
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
     """evaluate_checkpoints' main on one checkpoint and --eval_samples probe samples, scaled to the demo's."""
     from datasets import load_from_disk
@@ -384,7 +417,7 @@ def main(argv=None) -> int:
                    help="stages to profile (and `inputs`: the input pipeline with and without caches; `launch`: "
                         "training wall time as 1 process x 2 threads vs 2 DDP processes x 1 thread; `setup`: "
                         "make setup's wall time vs pip compiling the bytecode, into new venvs; `optimizer`: AdamW step "
-                        "time, default vs foreach vs fused); "
+                        "time, default vs foreach vs fused; `auroc`: the report's bootstrap AUROC intervals); "
                         "later ones reuse --workdir's dataset, base model and run")
     p.add_argument("--launch_steps", type=int, default=120, help="training steps of each `launch` run")
     p.add_argument("--uncached_steps", type=int, default=150, help="steps of the uncached input pipeline (scaled)")
@@ -409,6 +442,8 @@ def main(argv=None) -> int:
                 compare_setups(work)
             elif name == "optimizer":
                 compare_optimizers(config, work)
+            elif name == "auroc":
+                compare_auroc_bootstrap()
             else:
                 stages.update(profiles[name]())
     if stages:
