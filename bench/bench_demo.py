@@ -245,6 +245,15 @@ def compare_inputs(config: Path, work: Path, uncached_steps: int) -> None:
               f"ratio {cached[part] / max(uncached[part], 1e-9):.3f}")
 
 
+def print_alternation(title: str, seconds: dict[str, list[float]], digits: int = 1) -> None:
+    """Figures of candidates run in alternation, each with its best over the first candidate's best."""
+    print(f"\n{title}")
+    first = min(next(iter(seconds.values())))
+    for name, values in seconds.items():
+        print(f"  {name:<30} {' '.join(f'{v:6.{digits}f}' for v in values)}   best / first's best "
+              f"{min(values) / first:.3f}")
+
+
 def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> None:
     """Wall seconds of `steps` training steps as one process with 2 threads vs 2 DDP processes with 1 each,
     in alternation (the demo's training stage launches the first)."""
@@ -263,11 +272,8 @@ def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> 
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True, env={**os.environ, **env})
             seconds[name].append(time.perf_counter() - start)
-    print(f"\ntraining launch, {steps} steps (start-up included), wall seconds of {repeats} runs in alternation:")
-    first = min(seconds[next(iter(seconds))])
-    for name, values in seconds.items():
-        print(f"  {name:<28} {' '.join(f'{v:6.1f}' for v in values)}   best / first launch's best "
-              f"{min(values) / first:.3f}")
+    print_alternation(f"training launch, {steps} steps (start-up included), wall seconds of {repeats} runs in "
+                      "alternation:", seconds)
 
 
 def compare_setups(work: Path, repeats: int = 2) -> None:
@@ -295,10 +301,7 @@ def compare_setups(work: Path, repeats: int = 2) -> None:
             build(venv)
             seconds[name].append(time.perf_counter() - start)
             shutil.rmtree(venv)
-    print(f"\nsetup of a new venv, wall seconds of {repeats} runs in alternation:")
-    first = min(seconds[next(iter(seconds))])
-    for name, values in seconds.items():
-        print(f"  {name:<30} {' '.join(f'{v:6.1f}' for v in values)}   best / first's best {min(values) / first:.3f}")
+    print_alternation(f"setup of a new venv, wall seconds of {repeats} runs in alternation:", seconds)
 
 
 def compare_optimizers(config: Path, work: Path, steps: int = 200, repeats: int = 2) -> None:
@@ -319,11 +322,8 @@ def compare_optimizers(config: Path, work: Path, steps: int = 200, repeats: int 
             for _ in range(steps):
                 optimizer.step()
             seconds[name].append((time.perf_counter() - start) / steps * 1e3)
-    print(f"\nAdamW step on the demo UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters), "
-          f"wall ms per step, {repeats} runs of {steps} in alternation:")
-    first = min(seconds[next(iter(seconds))])
-    for name, values in seconds.items():
-        print(f"  {name:<28} {' '.join(f'{v:6.2f}' for v in values)}   best / default's best {min(values) / first:.3f}")
+    print_alternation(f"AdamW step on the demo UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M "
+                      f"parameters), wall ms per step, {repeats} runs of {steps} in alternation:", seconds, digits=2)
 
 
 def compare_auroc_bootstrap(n_samples: int = 36, n_boot: int = 1000, calls: int = 9, repeats: int = 2) -> None:
@@ -351,11 +351,8 @@ def compare_auroc_bootstrap(n_samples: int = 36, n_boot: int = 1000, calls: int 
         after = [auroc_with_ci(score, labels, n_boot) for score in scores]
         seconds["vectorised (auroc_rows)"].append(time.perf_counter() - start)
     same = all(np.allclose(b, [a["ci_low"], a["ci_high"]]) for b, a in zip(before, after))
-    print(f"\nbootstrap AUROC intervals, {calls} x {n_samples} samples x {n_boot} resamples, wall seconds of "
-          f"{repeats} runs in alternation (same intervals: {same}):")
-    first = min(seconds[next(iter(seconds))])
-    for name, values in seconds.items():
-        print(f"  {name:<28} {' '.join(f'{v:6.2f}' for v in values)}   best / first's best {min(values) / first:.3f}")
+    print_alternation(f"bootstrap AUROC intervals, {calls} x {n_samples} samples x {n_boot} resamples, wall "
+                      f"seconds of {repeats} runs in alternation (same intervals: {same}):", seconds, digits=2)
 
 
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
