@@ -21,7 +21,6 @@ so that no image is duplicated without the manifest saying so.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 from mem_analysis.cli import parse_list, run_command
 from mem_analysis.data import (check_output_dir, image_hash, list_source_images, load_source_image, subsample,
-                               write_folder_atomically)
+                               write_folder_atomically, write_manifest)
 
 # Varied captions: every copy gets "<prefix><caption><suffix>", combinations drawn without repetition.
 CAPTION_PREFIXES = ("", "an emoji of ", "a picture of ", "an icon of ", "a drawing of ", "clip art of ",
@@ -280,7 +279,7 @@ def main(argv=None) -> int:
 
     def write(folder: Path) -> None:
         dataset.save_to_disk(str(folder))
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_manifest(folder, manifest)
 
     write_folder_atomically(write, output_dir)
     print_summary(manifest, output_dir)

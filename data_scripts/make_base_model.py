@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from mem_analysis.cli import run_command
 from mem_analysis.conditioning import caption_separation, clip_loss
-from mem_analysis.data import (check_output_dir, image_to_tensor, list_source_images, load_source_image, subsample,
-                               write_folder_atomically)
+from mem_analysis.data import (check_output_dir, image_to_tensor, list_source_images, load_source_image, read_manifest,
+                               subsample, write_folder_atomically)
 from mem_analysis.presets import PRESETS, build_pipeline
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
@@ -86,11 +86,7 @@ def study_manifest(args: argparse.Namespace) -> dict | None:
     """The manifest of --exclude_dataset (None without it)."""
     if not args.exclude_dataset:
         return None
-    manifest = Path(args.exclude_dataset) / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--exclude_dataset {args.exclude_dataset} has no manifest.json; "
-                                "pass a folder written by build_duplicated_dataset.py")
-    return json.loads(manifest.read_text())
+    return read_manifest(args.exclude_dataset)
 
 
 def pool_items(args: argparse.Namespace) -> list:

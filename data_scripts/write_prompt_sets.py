@@ -10,14 +10,13 @@ images in dataset order; `dup1.txt`: images seen once) and, when the dataset's s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from mem_analysis.cli import run_command
-from mem_analysis.data import load_study_dataset, twemoji_images
+from mem_analysis.data import load_study_dataset, read_manifest, twemoji_images
 
 
 def prompt_sets(dataset_dir: Path, max_prompts: int | None) -> dict[str, list[str]]:
@@ -28,8 +27,7 @@ def prompt_sets(dataset_dir: Path, max_prompts: int | None) -> dict[str, list[st
     sets = {}
     for caption, factor in zip(unique["text"], unique["dup_factor"]):
         sets.setdefault(f"dup{factor}", []).append(caption)
-    manifest = dataset_dir / "manifest.json"
-    source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
+    source = (read_manifest(dataset_dir, required=False) or {}).get("source")
     if source == "twemoji":
         seen = set(train["text"])
         sets["unseen"] = list(dict.fromkeys(im.caption for im in twemoji_images() if im.caption not in seen))

@@ -38,6 +38,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from eval.tables import fmt, last_checkpoint_rows  # noqa: E402
 from mem_analysis.cli import run_command  # noqa: E402
 from mem_analysis.data import load_study_dataset  # noqa: E402
 from mem_analysis.io import atomic_path, replace_marked_block, write_text_atomic  # noqa: E402
@@ -128,9 +129,8 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
     summary = json.loads((folder / "summary.json").read_text())
     config = read_config(run) if (run / "config.yaml").is_file() else {}
     table = pd.read_csv(folder / "per_sample.csv")
+    step, last = last_checkpoint_rows(table, settings["guidance_scale"])
     table = table[table["guidance_scale"] == settings["guidance_scale"]]
-    step = int(table["checkpoint_step"].max())
-    last = table[table["checkpoint_step"] == step]
     onset = pd.DataFrame(summary["onset"].values())
     timeline = table["checkpoint_step"].nunique() > 1  # an onset step needs checkpoints before the last
     row = dict(run=run.name, mitigation=mitigation_label(config),
@@ -201,11 +201,6 @@ def generated_distance(folder: Path, step: int, sample_ids: set, dataset: str, c
         out.update(frechet_features=frechet_distance(ours, reference),
                    mmd_features=mmd_squared(ours, reference, bandwidth))
     return out
-
-
-def fmt(value, digits: int = 3) -> str:
-    """A number as the report prints it ('n/a' when missing)."""
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
 def with_ci(row, column: str, digits: int = 3) -> str:

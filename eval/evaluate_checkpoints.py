@@ -33,30 +33,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from eval import report
-from mem_analysis import guidance_key, prediction_type_of, probe_metrics_over_draws, run, summarize_probe_metrics
+from eval import markdown
+from eval.tables import EvalError, append_rows, check_same_settings, save_arrays
+from mem_analysis import guidance_key, run
 from mem_analysis.board import FactorWriters, pair_grid
-from mem_analysis.measure import SEVERITY_BACKENDS, MeasureSettings, ProbeSet, load_probe_set, measure_prompts
 from mem_analysis.cli import parse_list, run_command
-from mem_analysis.io import atomic_path, write_text_atomic
+from mem_analysis.io import write_text_atomic
+from mem_analysis.measure import (SEVERITY_BACKENDS, MeasureSettings, ProbeSet, Stopwatch, at_own_scale, load_probe_set,
+                                  measure_prompts, probe_rows, probe_settings, prompts_per_call)
 from mem_analysis.mitigations import parse_guidance_schedule
 from mem_analysis.sd import compute_dtype, load_components
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
-
-
-class EvalError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -66,20 +62,12 @@ class EvalSettings(MeasureSettings):
 
     weights: str
     seed: int
-    probe_seed: int
     guidance_scale: float
     guidance_scales: tuple[float, ...]
-    probe_timesteps: tuple[int, ...]
-    probe_guidance_scales: tuple[float, ...]
-    probe_noise_draws: int
     max_samples: int | None
     model: str
     dataset: str
     lora: bool
-
-    def as_dict(self) -> dict:
-        """The settings as settings.json holds them (lists, not tuples)."""
-        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -155,51 +143,9 @@ def parse_args(argv=None):
     return args
 
 
-def schedule_suffix(schedule: str) -> str:
-    """'' for constant guidance, else '_delay700' / '_linear': the default eval folder is RUN/eval<suffix>."""
-    return "" if schedule == "constant" else "_" + schedule.replace(":", "")
-
-
 def read_run(args) -> dict:
     """RUN/config.yaml (with mem_analysis.run's defaults), the evaluation's overrides applied."""
-    run_dir = Path(args.run_dir)
-    config_path = run_dir / run.CONFIG_FILE
-    if not run_dir.is_dir():
-        raise EvalError(f"--run_dir {run_dir} does not exist; pass the --output_dir of train/finetune.py")
-    if not config_path.is_file():
-        raise EvalError(f"{config_path} is missing; --run_dir must be a train/finetune.py output folder")
-    config = run.read_config(run_dir)
-    if config.get("dataset_name") and not (args.train_data_dir or config.get("train_data_dir")):
-        raise EvalError("the run trained on --dataset_name; evaluation needs a study dataset: pass --train_data_dir")
-    for key in ("pretrained_model_name_or_path", "train_data_dir"):
-        if getattr(args, key):
-            config[key] = getattr(args, key)
-        if not config.get(key):
-            raise EvalError(f"{config_path} has no {key}; pass --{key}")
-    return config
-
-
-def find_checkpoints(run_dir: Path, subset) -> list[tuple[int, Path | None]]:
-    """[(global_step, folder)] of the complete checkpoints, by step; step 0 (folder None) is the base model."""
-    found = []
-    for folder in run.list_checkpoints(run_dir):
-        try:
-            found.append((run.checkpoint_step(folder), folder))
-        except (ValueError, KeyError, TypeError):  # a broken state file: the folder name says the step
-            found.append((int(run.CHECKPOINT_NAME.match(folder.name).group(1)), folder))
-    if not found:
-        raise EvalError(f"{run_dir} has no checkpoint-N folders; train with --checkpointing_steps")
-    models = [(0, None)] + sorted(found, key=lambda item: item[0])
-    if subset == "last":
-        return models[-1:]
-    if subset:
-        wanted = set(parse_list(subset, int))
-        missing = wanted - {step for step, _ in models}
-        if missing:
-            raise EvalError(f"--checkpoints asks for steps {sorted(missing)} that the run does not have; "
-                            f"available: {[step for step, _ in models]}")
-        models = [m for m in models if m[0] in wanted]
-    return models
+    return run.read_run(args.run_dir, args.pretrained_model_name_or_path, args.train_data_dir)
 
 
 def read_probe_set(config: dict, args, components, device) -> ProbeSet:
@@ -209,41 +155,6 @@ def read_probe_set(config: dict, args, components, device) -> ProbeSet:
                               mu=run.read_probe_mu(args.run_dir))
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err).splitlines()[0]) from err
-
-
-def prompts_per_call(settings: EvalSettings, batch_size: int, latent_numel: int) -> int:
-    """Prompts sampled per sample_trajectories call: batches stay full, recordings stay under ~1 GB."""
-    num_seeds = len(settings.seeds)
-    budget = max(1, int(1e9 // (num_seeds * settings.num_inference_steps * latent_numel * 12)))
-    return max(1, batch_size // num_seeds, min(budget, 4 * batch_size))
-
-
-class Stopwatch:
-    """`clock(name)` adds the seconds since the previous call to `timings[name]`."""
-
-    def __init__(self, timings: dict):
-        self.timings, self.last = timings, time.perf_counter()
-
-    def __call__(self, name: str):
-        now = time.perf_counter()
-        if name != "start":
-            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
-        self.last = now
-
-
-def probe_rows(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int
-               ) -> tuple[dict, dict]:
-    """M1/M2 at the run's probe noise (averaged over `probe_noise_draws` draws) for samples `index`:
-    per-sample means over the grid and `_early` ones, and the per-timestep values (S, T)."""
-    device = unet.device
-    timesteps = list(settings.probe_timesteps)
-    per_t = probe_metrics_over_draws(
-        unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
-        probe.sample_ids[index], settings.probe_seed, probe.alpha_bar, draws=settings.probe_noise_draws,
-        guidance_scales=list(settings.probe_guidance_scales), mu=probe.mu.to(device),
-        prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
-    m12 = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
-    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}, per_t
 
 
 def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSettings, batch_size: int, sscd=None,
@@ -276,10 +187,7 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
                 result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
                                             **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
             row = dict(common, **{k: float(v[lo + p]) for k, v in step_m12.items()})
-            aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
-                       "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
-            for name, column in aliases.items():  # the values at the row's own g
-                row[name], row[f"{name}_early"] = row[column], row[f"{column}_early"]
+            row.update(at_own_scale(row, g))
             row.update(severity=float(headline.severity[p]), memorized_fraction=float(headline.memorized_fraction[p]),
                        **{f"sev_{b}": float(r.severity[p]) for b, r in measured.scores.items()}, **measured.values[p])
             result.per_sample.append(row)
@@ -308,13 +216,12 @@ def resolve_settings(args, config) -> EvalSettings:
     guidance_scales = sorted(set([args.guidance_scale] + parse_list(args.guidance_scales)))
     high_noise = args.high_noise_timestep if args.high_noise_timestep is not None else config["high_noise_timestep"]
     return EvalSettings(
-        weights=weights, seed=seed, probe_seed=int(config["probe_seed"]),
+        weights=weights, seed=seed,
         seeds=tuple(seed + j for j in range(args.num_seeds)), num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, guidance_scales=tuple(guidance_scales),
         guidance_schedule=args.guidance_schedule,
-        probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
-        probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + guidance_scales))),
-        probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents,
+        **probe_settings(config, args.probe_timesteps, guidance_scales, args.probe_noise_draws),
+        deviation_latents=args.deviation_latents,
         backends=SEVERITY_BACKENDS + (("sscd",) if args.sscd_path else ()),
         severity_backend=args.severity_backend,
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
@@ -323,46 +230,12 @@ def resolve_settings(args, config) -> EvalSettings:
         lora=bool(config["use_lora"]))
 
 
-def check_same_settings(out_dir: Path, settings) -> None:
-    """Refuse to append to tables in `out_dir` whose settings.json differs from `settings` (as_dict)."""
-    saved = out_dir / "settings.json"
-    if saved.is_file():
-        previous, current = json.loads(saved.read_text()), settings.as_dict()
-        previous.setdefault("guidance_schedule", "constant")  # tables written before schedules existed
-        changed = sorted(k for k in current if previous.get(k) != current[k])
-        if changed:
-            raise EvalError(f"{out_dir} holds results made with other settings ({', '.join(changed)}); "
-                            "use another --output_dir or the same settings")
-
-
 def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
     """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
     if not (out_dir / "per_sample.csv").is_file():
         return set()
     check_same_settings(out_dir, settings)
     return set(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].tolist())
-
-
-def write_table(frame: pd.DataFrame, path: Path):
-    """CSV + parquet copy, each written atomically."""
-    for target, writer in ((path, frame.to_csv), (path.with_suffix(".parquet"), frame.to_parquet)):
-        with atomic_path(target) as tmp:
-            writer(tmp, index=False)
-
-
-def append_rows(path: Path, rows: list[dict], step: int):
-    """Append one checkpoint's rows to a table (replacing any earlier rows of that step)."""
-    new = pd.DataFrame(rows)
-    if path.is_file():
-        old = pd.read_csv(path)
-        new = pd.concat([old[old["checkpoint_step"] != step], new], ignore_index=True)
-    write_table(new.sort_values(["checkpoint_step", "guidance_scale", "sample_id"], kind="stable"), path)
-
-
-def save_arrays(path: Path, **arrays):
-    """np.savez_compressed, atomically."""
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
 
 
 def log_scalars(writer, factor_writers: FactorWriters, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
@@ -427,9 +300,8 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
 def main(args):
     config = read_run(args)
     run_dir = Path(args.run_dir)
-    suffix = schedule_suffix(args.guidance_schedule)
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir / f"eval{suffix}"
-    models = find_checkpoints(run_dir, args.checkpoints)
+    out_dir = Path(args.output_dir) if args.output_dir else run.eval_dir(run_dir, args.guidance_schedule)
+    models = run.find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config)
     done = done_steps(out_dir, settings)
     accelerator = Accelerator()
@@ -458,7 +330,8 @@ def main(args):
                     images=(probe.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"] / f"eval{suffix}"))
+        writer = SummaryWriter(args.logging_dir or str(run_dir / config["logging_dir"]
+                                                       / run.eval_dir(run_dir, args.guidance_schedule).name))
         factor_writers = FactorWriters(writer.log_dir)
     shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
@@ -483,7 +356,7 @@ def main(args):
     if is_main:
         if timings:
             print("main process time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        report.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap, run_dir=run_dir)
+        markdown.write_report(out_dir, settings.as_dict(), failed=failed, n_boot=args.bootstrap, run_dir=run_dir)
         if writer is not None:
             last = int(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].max())
             log_headline(writer, out_dir, last)

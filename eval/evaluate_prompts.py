@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from eval import evaluate_checkpoints as ev
-from eval.evaluate_checkpoints import EvalError  # one bad-input error: one line, exit status 2
 from eval import prompt_report
+from eval.tables import EvalError, check_same_settings, write_table
 from mem_analysis import guidance_key, run
-from mem_analysis.cli import parse_list, run_command
+from mem_analysis.cli import run_command
 from mem_analysis.io import atomic_path, write_text_atomic
-from mem_analysis.measure import MeasureSettings, ProbeSet, measure_prompts
+from mem_analysis.measure import (MeasureSettings, ProbeSet, at_own_scale, measure_prompts, probe_rows, probe_settings,
+                                  prompts_per_call)
 from mem_analysis.prompts import PromptFileError, load_references, parse_prompt_set, read_prompts
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
@@ -120,14 +120,6 @@ class PromptSettings(MeasureSettings):
     weights: str
     references: str | None
     guidance_scale: float
-    probe_seed: int
-    probe_timesteps: tuple[int, ...]
-    probe_guidance_scales: tuple[float, ...]
-    probe_noise_draws: int
-
-    def as_dict(self) -> dict:
-        """The settings as settings.json holds them (lists, not tuples)."""
-        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -148,9 +140,8 @@ def model_source(args) -> ModelSource:
         if not Path(args.model).exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
             raise EvalError(f"--model {args.model} does not exist; give a diffusers pipeline folder or a hub name")
         return ModelSource(args.model, dict(run.RUN_DEFAULTS), None, "raw", args.model)
-    config = ev.read_run(argparse.Namespace(run_dir=args.run_dir, pretrained_model_name_or_path=None,
-                                            train_data_dir=None))
-    (step, folder), = ev.find_checkpoints(Path(args.run_dir), str(args.checkpoint))
+    config = run.read_run(args.run_dir)
+    (step, folder), = run.find_checkpoints(args.run_dir, str(args.checkpoint))
     weights = args.weights or ("ema" if config["use_ema"] else "raw")
     if weights == "ema" and not config["use_ema"]:
         raise EvalError("--weights ema but the run was trained without --use_ema; use --weights raw")
@@ -175,10 +166,8 @@ def resolve_settings(args, source: ModelSource) -> PromptSettings:
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[backend],
         high_noise_timestep=int(high), early_steps=args.early_steps, model=source.name, weights=source.weights,
         references=str(references) if references else None, guidance_scale=args.guidance_scale,
-        probe_seed=int(config["probe_seed"]),
-        probe_timesteps=tuple(parse_list(args.probe_timesteps or config["probe_timesteps"], int)),
-        probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"]) + [args.guidance_scale]))),
-        probe_noise_draws=args.probe_noise_draws, deviation_latents=args.deviation_latents)
+        **probe_settings(config, args.probe_timesteps, [args.guidance_scale], args.probe_noise_draws),
+        deviation_latents=args.deviation_latents)
 
 
 def load_model(source: ModelSource, device, dtype):
@@ -273,7 +262,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
     index = np.arange(len(chunk))
     measured = measure_prompts(components, probe, index, settings.guidance_scale, settings, batch_size, sscd,
                                reference_free=not matched)
-    probe_means, per_timestep = (ev.probe_rows(components.unet, components, probe, index, settings, batch_size)
+    probe_means, per_timestep = (probe_rows(components.unet, components, probe, index, settings, batch_size)
                                  if matched else ({}, {}))
     gk = guidance_key(settings.guidance_scale)
     # references exist but not for these prompts: no severity, no measure that needs a reference
@@ -298,8 +287,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
                       **values, **{f"sev_{b}": float(r.severity[p]) for b, r in sims.items()})
         if matched:
             record.update({k: float(v[p]) for k, v in probe_means.items()})
-            record.update(loss_cfg=record[f"loss_cfg_{gk}"], k_cfg=record[f"k_cfg_{gk}"],
-                          loss_cfg_early=record[f"loss_cfg_{gk}_early"], k_cfg_early=record[f"k_cfg_{gk}_early"])
+            record.update(at_own_scale(record, settings.guidance_scale))
             curve = dict(curve, **{name_: per_timestep[f"{name_}_{gk}" if "cfg" in name_ else name_][p].numpy()
                                    for name_ in ("loss_cfg", "k_cfg", "loss_cond", "k_cond")})
         per_prompt.append(record)
@@ -312,7 +300,7 @@ def done_prompts(out_dir: Path, settings: PromptSettings) -> set:
     """(set, prompt) pairs already in per_prompt.csv; refuses to mix tables made with other settings."""
     if not (out_dir / "per_prompt.csv").is_file():
         return set()
-    ev.check_same_settings(out_dir, settings)
+    check_same_settings(out_dir, settings)
     table = pd.read_csv(out_dir / "per_prompt.csv", usecols=KEY, keep_default_na=False, dtype=str)
     return set(zip(table["prompt_set"], table["prompt"]))
 
@@ -336,7 +324,7 @@ def append_table(path: Path, rows: list[dict], sort: list[str]):
         with atomic_path(path) as tmp:
             new.to_parquet(tmp, index=False)
     else:
-        ev.write_table(new, path)
+        write_table(new, path)
 
 
 def store_round(out_dir: Path, gathered: list, order: dict):
@@ -379,7 +367,7 @@ def main(args):
             print(f"skipping {len(done)} prompts already evaluated in {out_dir}")
     items = work_items(sets, refs, done)
     order = {(name, p): k for k, (name, p) in enumerate((n, p) for n, ps in sets.items() for p in ps)}
-    chunk = ev.prompts_per_call(settings, args.batch_size, components.unet.config.in_channels
+    chunk = prompts_per_call(settings, args.batch_size, components.unet.config.in_channels
                                 * components.unet.config.sample_size ** 2)
     plans = [shard_chunks(items, r, accelerator.num_processes, chunk) for r in range(accelerator.num_processes)]
     mine = plans[accelerator.process_index]

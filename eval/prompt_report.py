@@ -1,12 +1,10 @@
 """Tables of evaluate_prompts.py -> summary.json, figures and report.md (per-set means, correlations, detection).
 
-    python eval/prompt_report.py --eval_dir OUT     # rebuild from the tables alone
-
-Every number in report.md is read from per_prompt.csv through summary.json.
+Every number in report.md is read from per_prompt.csv through summary.json; `python eval/report.py --eval_dir OUT`
+rebuilds them from the tables alone.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -14,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eval import report  # figure saving, number formats, correlation with undefined cases
+from eval.figures import plt, save_figure
+from eval.summary import correlation
+from eval.summary import score_columns as numeric_scores
+from eval.tables import fmt, fmt_corr
 from mem_analysis import stats, verdicts
 from mem_analysis.decomposition import reference_schedule
 from mem_analysis.io import write_text_atomic
 
-plt = report.plt
 NOT_SCORES = {"reference", "order", "seed"}
 # The scores the report tables show (summary.json holds every numeric column).
 HEADLINE = ["wen_magnitude_first", "wen_magnitude", "D_x_early", "D_x", "D_T_early", "D_T", "D_x_final_early",
@@ -30,7 +30,7 @@ WEN = "Wen et al. (ICLR 2024), SD v1.4, 500 memorized vs 500 normal prompts, DDI
 
 def score_columns(table: pd.DataFrame) -> list[str]:
     """Numeric measurement columns (not identifiers, not severity back ends)."""
-    return [c for c in report.score_columns(table) if c not in NOT_SCORES]
+    return [c for c in numeric_scores(table) if c not in NOT_SCORES]
 
 
 def set_means(rows: pd.DataFrame, columns: list[str], n_boot: int) -> dict:
@@ -66,7 +66,7 @@ def summarize(per_prompt: pd.DataFrame, settings: dict, n_boot: int = 1000) -> d
                           n_memorized=int((rows["severity"] > settings["threshold"]).sum()),
                           means=set_means(rows, shown, n_boot))
     sev = per_prompt["severity"].to_numpy(float)
-    correlations = {col: {m: report.correlation(per_prompt[col].to_numpy(float), sev, m, n_boot, seed=0)
+    correlations = {col: {m: correlation(per_prompt[col].to_numpy(float), sev, m, n_boot, seed=0)
                           for m in ("pearson", "spearman")} for col in scores}
     detection = {}
     for a, b in itertools.combinations(names, 2):
@@ -84,16 +84,16 @@ def mean_cell(entry: dict | None) -> str:
     """'mean [low, high]' of a set_means entry."""
     if not entry or entry["mean"] is None:
         return "n/a"
-    return f"{report.fmt(entry['mean'])} [{report.fmt(entry['low'])}, {report.fmt(entry['high'])}]" \
-        if entry["low"] is not None else report.fmt(entry["mean"])
+    return f"{fmt(entry['mean'])} [{fmt(entry['low'])}, {fmt(entry['high'])}]" \
+        if entry["low"] is not None else fmt(entry["mean"])
 
 
 def detection_cell(d: dict | None) -> str:
     """'0.950 [0.900, 0.990], higher; TPR 0.800' or n/a."""
     if d is None:
         return "n/a | n/a | n/a"
-    ci = f" [{report.fmt(d['ci_low'])}, {report.fmt(d['ci_high'])}]" if d["ci_low"] is not None else ""
-    return f"{report.fmt(d['auroc'])}{ci} | {d['direction']} | {report.fmt(d['tpr'])} ({d['tpr_label']})"
+    ci = f" [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]" if d["ci_low"] is not None else ""
+    return f"{fmt(d['auroc'])}{ci} | {d['direction']} | {fmt(d['tpr'])} ({d['tpr_label']})"
 
 
 def figures(out_dir: Path, per_prompt: pd.DataFrame, settings: dict) -> dict[str, str]:
@@ -123,7 +123,7 @@ def figures(out_dir: Path, per_prompt: pd.DataFrame, settings: dict) -> dict[str
         ax.invert_xaxis()
         if ax.lines:
             ax.legend(fontsize=6)
-    save = report.save_figure
+    save = save_figure
     save(fig, fig_dir / "curves_by_set.png")
     files["curves"] = "curves_by_set.png"
 
@@ -188,7 +188,7 @@ def report_lines(summary: dict, files: dict) -> list[str]:
     for col in HEADLINE:
         c = summary["correlations"].get(col)
         if c:
-            lines.append(f"| {col} | {report.fmt_corr(c['pearson'])} | {report.fmt_corr(c['spearman'])} |")
+            lines.append(f"| {col} | {fmt_corr(c['pearson'])} | {fmt_corr(c['spearman'])} |")
     lines += ["", f"![curves](figures/{files['curves']})", "", f"![scores](figures/{files['scores']})", "",
               f"![deviation](figures/{files['deviation']})", ""]
     return lines
@@ -225,8 +225,3 @@ def write_report(out_dir, settings: dict | None = None, n_boot: int = 1000, tens
         log_scalars(tensorboard_dir, summary, step)
     return out_dir / "report.md"
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Rebuild summary.json, figures and report.md from the tables")
-    parser.add_argument("--eval_dir", required=True)
-    print(write_report(parser.parse_args().eval_dir))

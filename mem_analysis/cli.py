@@ -14,6 +14,10 @@ BAD_INPUT = 2
 FAILED = 1
 
 
+class BadInput(ValueError):
+    """Input a command cannot use (a flag, file, dataset or run folder): one line on stderr, exit status 2."""
+
+
 def run_command(main: Callable[[list[str] | None], int | None], prog: str, argv: list[str] | None = None,
                 bad_input: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError),
                 failures: tuple[type[BaseException], ...] = ()) -> int:

@@ -219,6 +219,7 @@ def image_hash(image: Image.Image) -> str:
     return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
+MANIFEST_FILE = "manifest.json"  # DIR/manifest.json: who was duplicated how often (ARCHITECTURE.md "Study dataset")
 STUDY_SPLITS = ("train", "probe")
 STUDY_COLUMNS = ("image", "text", "sample_id", "dup_factor")
 
@@ -250,6 +251,22 @@ def load_study_dataset(path: str | Path):
                              f"(has {dataset[split].column_names}); rebuild it with "
                              "data_scripts/build_duplicated_dataset.py")
     return dataset
+
+
+def write_manifest(dataset_dir: str | Path, manifest: dict) -> None:
+    """DIR/manifest.json, the study dataset's ground truth (build_duplicated_dataset.py writes it)."""
+    (Path(dataset_dir) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(dataset_dir: str | Path, required: bool = True) -> dict | None:
+    """DIR/manifest.json as a dict; None when absent and not `required`, else a one-line FileNotFoundError."""
+    path = Path(dataset_dir) / MANIFEST_FILE
+    if not path.is_file():
+        if not required:
+            return None
+        raise FileNotFoundError(f"{dataset_dir} has no {MANIFEST_FILE}; pass a folder written by "
+                                "data_scripts/build_duplicated_dataset.py")
+    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------------

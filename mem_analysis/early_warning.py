@@ -23,13 +23,13 @@ and MAD come from 18 values.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from mem_analysis import run
 from mem_analysis.probes import HIGH_NOISE_TIMESTEP
 
 FEATURES = ("k_excess", "lg_excess", "lc_fall")
@@ -182,24 +182,13 @@ def first_alarms(warnings: list[dict]) -> dict[int, int]:
     return first
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file, skipping a last line cut short by a kill."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def run_warnings(run_dir: Path, fpr: float = 0.01, high_noise_from: int = HIGH_NOISE_TIMESTEP) -> list[dict]:
     """A run's warnings: RUN/warnings.jsonl as training wrote it, else scored from RUN/probes.jsonl (else [])."""
     run_dir = Path(run_dir)
-    if (run_dir / "warnings.jsonl").is_file():
-        return read_jsonl(run_dir / "warnings.jsonl")
-    if (run_dir / "probes.jsonl").is_file():
-        return score_run(read_jsonl(run_dir / "probes.jsonl"), fpr, high_noise_from)
+    if (run_dir / run.WARNINGS_FILE).is_file():
+        return run.read_jsonl(run_dir / run.WARNINGS_FILE)
+    if (run_dir / run.PROBES_FILE).is_file():
+        return score_run(run.read_jsonl(run_dir / run.PROBES_FILE), fpr, high_noise_from)
     return []
 
 

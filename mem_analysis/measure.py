@@ -8,19 +8,24 @@ and the benches call it, so what is benchmarked is what users run.
 """
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mem_analysis.alignment import noise_alignment, wen_magnitude
+from mem_analysis.cli import parse_list
 from mem_analysis.data import image_to_tensor, load_study_dataset
 from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
                                        trajectory_latents)
+from mem_analysis.probes import guidance_key, probe_metrics_over_draws, summarize_probe_metrics
+from mem_analysis.run import RUN_DEFAULTS
 from mem_analysis.sampling import Trajectories, sample_trajectories
-from mem_analysis.schedule import alpha_bar_from_scheduler
+from mem_analysis.schedule import alpha_bar_from_scheduler, prediction_type_of
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
 from mem_analysis.severity import BACKENDS, Severity, self_similarity, severity
 
@@ -59,8 +64,9 @@ class ProbeSet:
 class MeasureSettings:
     """What shapes the per-prompt measurement: the seeds, DDIM steps, severity back ends (`severity_backend`
     is the headline one, judged at `threshold`) and the early window (`early_steps`, else the sampling
-    steps with t >= `high_noise_timestep`), and the latents D sums over (`deviation_latents`: 'inputs'
-    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md)."""
+    steps with t >= `high_noise_timestep`), the latents D sums over (`deviation_latents`: 'inputs'
+    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md), and the M1/M2 probes both evaluations share
+    (`probe_seed` of the fixed noise, `probe_timesteps`, `probe_guidance_scales`, `probe_noise_draws` averaged)."""
 
     seeds: tuple[int, ...]
     num_inference_steps: int
@@ -71,6 +77,24 @@ class MeasureSettings:
     early_steps: int | None
     deviation_latents: str = field(default="inputs", kw_only=True)
     guidance_schedule: str = field(default="constant", kw_only=True)  # mitigations.guidance_scales
+    probe_seed: int = field(default=RUN_DEFAULTS["probe_seed"], kw_only=True)
+    probe_timesteps: tuple[int, ...] = field(default=tuple(RUN_DEFAULTS["probe_timesteps"]), kw_only=True)
+    probe_guidance_scales: tuple[float, ...] = field(default=tuple(RUN_DEFAULTS["probe_guidance_scales"]), kw_only=True)
+    probe_noise_draws: int = field(default=1, kw_only=True)
+
+    def as_dict(self) -> dict:
+        """The settings as settings.json holds them (lists, not tuples)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def probe_settings(config: dict, probe_timesteps, guidance_scales, probe_noise_draws: int) -> dict:
+    """MeasureSettings' probe fields from a run's config.yaml (mem_analysis.run.read_config) and the flags:
+    the run's probe seed, its grid unless `probe_timesteps` is given, and its probed scales plus the sampled ones."""
+    return dict(probe_seed=int(config["probe_seed"]),
+                probe_timesteps=tuple(parse_list(probe_timesteps or config["probe_timesteps"], int)),
+                probe_guidance_scales=tuple(sorted(set(parse_list(config["probe_guidance_scales"])
+                                                       + list(guidance_scales)))),
+                probe_noise_draws=probe_noise_draws)
 
 
 @dataclass
@@ -242,3 +266,48 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
         curves.append(curve)
     clock("metrics")
     return PromptBatch(traj=traj, scores=scores, early_steps=early, values=values, per_seed=per_seed, curves=curves)
+
+
+class Stopwatch:
+    """`clock(name)` adds the seconds since the previous call to `timings[name]` (measure_prompts' `clock`)."""
+
+    def __init__(self, timings: dict):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def __call__(self, name: str):
+        now = time.perf_counter()
+        if name != "start":
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def prompts_per_call(settings: MeasureSettings, batch_size: int, latent_numel: int) -> int:
+    """Prompts sampled per sample_trajectories call: batches stay full, recordings stay under ~1 GB."""
+    num_seeds = len(settings.seeds)
+    budget = max(1, int(1e9 // (num_seeds * settings.num_inference_steps * latent_numel * 12)))
+    return max(1, batch_size // num_seeds, min(budget, 4 * batch_size))
+
+
+def probe_rows(unet, components, probe: ProbeSet, index, settings: MeasureSettings, batch_size: int
+               ) -> tuple[dict, dict]:
+    """M1/M2 at the run's probe noise (averaged over `probe_noise_draws` draws) for probe samples `index`:
+    per-sample means over the grid and `_early` ones (t >= high_noise_timestep), and the per-timestep values (S, T)."""
+    device = unet.device
+    timesteps = list(settings.probe_timesteps)
+    per_t = probe_metrics_over_draws(
+        unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
+        probe.sample_ids[index], settings.probe_seed, probe.alpha_bar, draws=settings.probe_noise_draws,
+        guidance_scales=list(settings.probe_guidance_scales), mu=probe.mu.to(device),
+        prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
+    m12 = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
+    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}, per_t
+
+
+def at_own_scale(row: dict, guidance_scale: float) -> dict:
+    """`loss_cfg`, `k_cfg`, `loss_cfg_x0`, `k_cfg_uncentred` and their `_early` values of a probe row at its own g
+    (copied from the `_<g>` columns the probes write for every probed scale)."""
+    gk = guidance_key(guidance_scale)
+    aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
+               "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
+    return {out: row[column + suffix] for name, column in aliases.items() for out, suffix
+            in ((name, ""), (f"{name}_early", "_early")) if column + suffix in row}

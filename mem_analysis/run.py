@@ -5,14 +5,20 @@ through them, so the layout is stated once:
 
     RUN/config.yaml               the resolved flags of train/finetune.py (`read_config` adds RUN_DEFAULTS)
     RUN/probe_mu.safetensors      {"mu": the training-set mean latent of the centred k}
+    RUN/probes.jsonl              one probe row per (step, sample_id, timestep) (mem_analysis.probes)
     RUN/warnings.jsonl            the early warning per probe step and sample (mem_analysis.early_warning)
     RUN/checkpoint-N/             complete once renamed from checkpoint-N.tmp; holds training_state.json
                                   and unet/ (full), unet_ema/ (EMA) or pytorch_lora_weights.safetensors (LoRA)
+    RUN/eval[_<schedule>]/        evaluate_checkpoints.py's tables (`eval_dir`)
+
+`read_run` and `find_checkpoints` are how every evaluation opens a run; JSON-lines files are read,
+appended and cut back to a step by `read_jsonl`, `append_jsonl` and `keep_jsonl_rows`.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,10 +26,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mem_analysis.cli import BadInput, parse_list
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.probes import HIGH_NOISE_TIMESTEP
 
 CONFIG_FILE = "config.yaml"
+PROBES_FILE = "probes.jsonl"
+WARNINGS_FILE = "warnings.jsonl"
 PROBE_MU_FILE = "probe_mu.safetensors"
 STATE_FILE = "training_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -42,6 +51,10 @@ RUN_DEFAULTS = {
     "high_noise_timestep": HIGH_NOISE_TIMESTEP,
     "warning_fpr": 0.01,
 }
+
+
+class RunFolderError(BadInput):
+    """A run folder that cannot be used (missing, incomplete): bad input, reported as one line."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -131,3 +144,91 @@ def load_checkpoint_unet(checkpoint: str | Path, base_unet, weights: str = "raw"
         unet.unload_lora()
         return unet
     raise FileNotFoundError(f"no {subfolder}/ or {LORA_FILE} (partial checkpoint?)")
+
+
+def eval_dir(run_dir: str | Path, guidance_schedule: str = "constant") -> Path:
+    """RUN/eval for constant guidance, else RUN/eval_delay700 / RUN/eval_linear (the schedule without ':')."""
+    return Path(run_dir) / ("eval" if guidance_schedule == "constant" else "eval_" + guidance_schedule.replace(":", ""))
+
+
+def read_run(run_dir: str | Path, pretrained_model_name_or_path: str | None = None,
+             train_data_dir: str | None = None) -> dict:
+    """RUN/config.yaml (with RUN_DEFAULTS), the base model and dataset overridden when given; RunFolderError
+    (one line) when the folder, its config or what evaluation needs of it is missing."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise RunFolderError(f"--run_dir {run_dir} does not exist; pass the --output_dir of train/finetune.py")
+    if not config_path.is_file():
+        raise RunFolderError(f"{config_path} is missing; --run_dir must be a train/finetune.py output folder")
+    config = read_config(run_dir)
+    if config.get("dataset_name") and not (train_data_dir or config.get("train_data_dir")):
+        raise RunFolderError("the run trained on --dataset_name; evaluation needs a study dataset: pass --train_data_dir")
+    for key, override in (("pretrained_model_name_or_path", pretrained_model_name_or_path),
+                          ("train_data_dir", train_data_dir)):
+        if override:
+            config[key] = override
+        if not config.get(key):
+            raise RunFolderError(f"{config_path} has no {key}; pass --{key}")
+    return config
+
+
+def find_checkpoints(run_dir: str | Path, subset: str | None = None) -> list[tuple[int, Path | None]]:
+    """[(global_step, folder)] of the complete checkpoints, by step; step 0 (folder None) is the base model.
+
+    `subset`: None (all), 'last', or steps such as '0,500,1000' (RunFolderError naming the missing ones).
+    """
+    found = []
+    for folder in list_checkpoints(run_dir):
+        try:
+            found.append((checkpoint_step(folder), folder))
+        except (ValueError, KeyError, TypeError):  # a broken state file: the folder name says the step
+            found.append((int(CHECKPOINT_NAME.match(folder.name).group(1)), folder))
+    if not found:
+        raise RunFolderError(f"{run_dir} has no checkpoint-N folders; train with --checkpointing_steps")
+    models = [(0, None)] + sorted(found, key=lambda item: item[0])
+    if subset == "last":
+        return models[-1:]
+    if subset:
+        wanted = set(parse_list(subset, int))
+        missing = wanted - {step for step, _ in models}
+        if missing:
+            raise RunFolderError(f"--checkpoints asks for steps {sorted(missing)} that the run does not have; "
+                                 f"available: {[step for step, _ in models]}")
+        models = [m for m in models if m[0] in wanted]
+    return models
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file (probes.jsonl, warnings.jsonl), skipping a last line cut short by a kill."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file and sync it to disk (a kill loses at most the line being written)."""
+    with open(path, "a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def keep_jsonl_rows(path: str | Path, last_step: int) -> list[dict]:
+    """Rewrite a run's JSON-lines file atomically with only its rows of step <= last_step, each
+    (step, sample, timestep) once; returns the kept rows ([] when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    kept, seen = [], set()
+    for row in read_jsonl(path):
+        key = (row["step"], row["sample_id"], row.get("timestep"))
+        if row["step"] <= last_step and key not in seen:
+            seen.add(key)
+            kept.append(row)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept

@@ -142,7 +142,7 @@ def test_evaluation_auroc_lead_times_and_false_alarms_equal_a_hand_table():
 
 
 def test_report_section_prints_the_hand_table_figures():
-    from eval.report import warning_lines
+    from eval.markdown import warning_lines
 
     result = hand_table_result()
     text = "\n".join(warning_lines(dict(fpr=0.01, **result), None))

@@ -18,6 +18,7 @@ import pytest
 from conftest import ACCELERATE, run
 
 from eval import evaluate_checkpoints as ev
+from mem_analysis.run import find_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_checkpoints.py"
@@ -288,5 +289,5 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
 
 
 def test_checkpoints_last_selects_the_last_checkpoint_only(trained_run):
-    every = ev.find_checkpoints(trained_run, None)
-    assert len(every) > 2 and ev.find_checkpoints(trained_run, "last") == every[-1:]
+    every = find_checkpoints(trained_run, None)
+    assert len(every) > 2 and find_checkpoints(trained_run, "last") == every[-1:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mem_analysis import run
 from mem_analysis.run import list_checkpoints
 from train import finetune, finetune_data
 from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
@@ -95,7 +96,7 @@ def test_keep_probe_rows_drops_later_steps_duplicates_and_cut_lines(tmp_path):
     path = tmp_path / "probes.jsonl"
     rows = [{"step": s, "sample_id": i, "timestep": 5} for s in (0, 2, 4) for i in (0, 1)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:2]) + '{"step": 6, "sam')
-    finetune_data.keep_probe_rows(path, last_step=2)
+    run.keep_jsonl_rows(path, last_step=2)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == rows[:4]
 

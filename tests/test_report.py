@@ -1,5 +1,5 @@
-"""eval/report.py's summaries, verdicts, premise, detection and reliability on small hand-made tables,
-and the README's figures against the headline file a command wrote."""
+"""The report's summaries (eval/summary.py), verdicts, premise, detection and reliability (eval/markdown.py) on
+small hand-made tables, and the README's figures against the headline file a command wrote."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval import report
+from eval import markdown, report, summary as summary_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def hand_table() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def summary():
     table = hand_table()
-    out = report.summarize(table, SETTINGS, n_boot=200)
-    out.update(report.read_findings(out, table, None, SETTINGS))
+    out = summary_module.summarize(table, SETTINGS, n_boot=200)
+    out.update(summary_module.read_findings(out, table, None, SETTINGS))
     return out
 
 
@@ -47,7 +47,7 @@ def test_verdicts_are_decided_by_the_named_measures(summary):
     assert f["i"]["verdict"] == "holds" and f["i"]["measures"] == {"loss_cfg_x0_early": "holds"}
     assert f["ii"]["verdict"] == "partly holds (collapse_early does not hold; cos_diff_xmu_early holds)"
     assert f["iii"]["verdict"] == "holds (D_x_early cannot be tested)"
-    lines = report.findings(summary, SETTINGS, 500, hand_table())
+    lines = markdown.findings(summary, SETTINGS, 500, hand_table())
     verdict_lines = [i for i, line in enumerate(lines) if line.startswith("**")]
     assert [lines[i].split(" -- ")[1] for i in verdict_lines] == [
         "holds.", "partly holds (collapse_early does not hold; cos_diff_xmu_early holds).",
@@ -75,7 +75,7 @@ def test_premise_per_duplication_factor(summary):
     assert premise["holds_for"] == [1, 4] and premise["fails_for"] == [64]
     assert premise["verdict"].startswith("fails for duplication factor(s) 64 (k_0 = 0.45 at 64x)")
     assert "(1 - k_0) = 0.55" in premise["verdict"]
-    lines = report.premise_lines(premise)
+    lines = markdown.premise_lines(premise)
     assert "| 64 | 2 | 0.45 | 0.30 |" in lines
 
 
@@ -95,7 +95,7 @@ def test_reliability_by_hand():
 
 
 def test_anchor_table_reads_the_paper_per_model(summary):
-    text = "\n".join(report.anchor_lines(summary, SETTINGS, 500))
+    text = "\n".join(markdown.anchor_lines(summary, SETTINGS, 500))
     for row in ("| SD v1.4 (paper) | 0.92 |", "| SD v2.1 (paper) | 0.92 |", "| Realistic Vision (paper) | 0.70 |"):
         assert row in text
     r = np.corrcoef(hand_table()["D_x"], hand_table()["severity"])[0, 1]

@@ -49,8 +49,8 @@ from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
 from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, ImageLatents, TrainExamples,
-                                 append_rows, bounded_captions, build_probe_inputs, keep_probe_rows, load_splits, probe_scalars,
-                                 row_sampling_weights, warning_scalars)
+                                 bounded_captions, build_probe_inputs, load_splits, probe_scalars, row_sampling_weights,
+                                 warning_scalars)
 from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
                                   save_checkpoint, save_final_model, zero3_init_disabled)
 
@@ -321,16 +321,16 @@ def main(argv=None) -> int:
         num_epochs = first_epoch
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
-    probe_path = output_dir / "probes.jsonl"
+    probe_path = output_dir / run.PROBES_FILE
     warn = None
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         run.write_config(output_dir, vars(args))
         # Rows after the resumed step belong to the interrupted run and are written again below.
-        kept_probes = keep_probe_rows(probe_path, last_step=global_step if resume_path else -1)
-        kept_warnings = keep_probe_rows(output_dir / "warnings.jsonl", last_step=global_step if resume_path else -1)
+        kept_probes = run.keep_jsonl_rows(probe_path, last_step=global_step if resume_path else -1)
+        kept_warnings = run.keep_jsonl_rows(output_dir / run.WARNINGS_FILE, last_step=global_step if resume_path else -1)
         if args.probe_steps:
-            warn = EarlyWarningLog(output_dir / "warnings.jsonl", probe_split, args, kept_probes, kept_warnings)
+            warn = EarlyWarningLog(output_dir / run.WARNINGS_FILE, probe_split, args, kept_probes, kept_warnings)
     # No hparams config: it would add a TensorBoard run without scalars; config.yaml holds the configuration.
     purge_step = global_step + 1 if resume_path else None
     accelerator.init_trackers("finetune", init_kwargs={"tensorboard": {"purge_step": purge_step} if purge_step else {}})
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
         rows = run_probes(unet, probe, args, step, accelerator)
         scalars = probe_scalars(rows, args.high_noise_timestep)
         if main_process:
-            append_rows(probe_path, rows)
+            run.append_jsonl(probe_path, rows)
             warnings, announcements = warn(rows)
             for line in announcements:
                 tqdm.write(line)

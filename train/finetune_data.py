@@ -7,9 +7,7 @@ latent over the rows of the train split, duplicates counted as trained (saved as
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +18,9 @@ from PIL import Image
 
 from mem_analysis.data import image_to_tensor, load_study_dataset, resize_and_crop
 from mem_analysis.early_warning import mean_loss_cond, score_step
-from mem_analysis.io import write_text_atomic
 from mem_analysis.mitigations import augment_caption, dedup_sampling_weights
 from mem_analysis.probes import probe_noise
+from mem_analysis.run import append_jsonl
 from mem_analysis.sd import encode_images, encode_prompts, tokenize
 
 PROBE_ROW_KEYS = ("step", "sample_id", "dup_factor", "timestep")
@@ -325,34 +323,6 @@ def probe_scalars(rows: list[dict], high_noise_timestep: int) -> dict[str, float
     return scalars
 
 
-def keep_probe_rows(path: Path, last_step: int) -> list[dict]:
-    """Rewrite a run's JSON-lines file (probes.jsonl, warnings.jsonl) atomically with only its rows of
-    step <= last_step, each (step, sample, timestep) once; returns the kept rows."""
-    if not path.exists():
-        return []
-    kept, lines, seen = [], [], set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        key = (row["step"], row["sample_id"], row.get("timestep"))
-        if row["step"] <= last_step and key not in seen:
-            seen.add(key)
-            kept.append(row)
-            lines.append(line + "\n")
-    write_text_atomic(path, "".join(lines))
-    return kept
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows to a JSON-lines file and sync it to disk (a kill loses at most the line being written)."""
-    with open(path, "a") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 class EarlyWarningLog:
     """Per probe step: mem_analysis.early_warning scores appended to RUN/warnings.jsonl, and one console
     line per sample the first time its alarm fires (a resumed run remembers the alarms before its step)."""
@@ -370,7 +340,7 @@ class EarlyWarningLog:
         if self.baseline is None:  # the first probe step of the run is the start L_c falls from
             self.baseline = mean_loss_cond(rows)
         warnings = score_step(rows, self.baseline, self.fpr, self.high_noise_from)
-        append_rows(self.path, warnings)
+        append_jsonl(self.path, warnings)
         messages = []
         for w in warnings:
             if w["alarm"] and w["sample_id"] not in self.announced:

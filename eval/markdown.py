@@ -1,0 +1,304 @@
+"""report.md and headline.md of a checkpoint evaluation, rendered from summary.json (eval/summary.py) and the
+tables: severity over training, the paper's findings with the measures that decided them, the premise, the anchor,
+reliability, onset, and the early warning. `write_report` builds summary, figures and text in that order."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eval.figures import draw_figures, loss_curve_figure, warning_figure
+from eval.summary import build_summary
+from eval.tables import fmt, fmt_corr, last_checkpoint_rows
+from mem_analysis import stats, verdicts
+from mem_analysis.io import write_text_atomic
+
+GUIDED_K = re.compile(r"^k_cfg_(\d+(?:\.\d+)?)_early$")  # k_cfg_<g>_early, not the _uncentred variants
+
+
+def markdown_table(frame: pd.DataFrame) -> list[str]:
+    """A step x duplication-factor table in markdown, numbers as `fmt` prints them."""
+    head = "| step | " + " | ".join(f"dup {c}" for c in frame.columns) + " |"
+    lines = [head, "|" + "---|" * (len(frame.columns) + 1)]
+    for step, row in frame.iterrows():
+        lines.append(f"| {int(step)} | " + " | ".join(fmt(float(v)) for v in row.values) + " |")
+    return lines
+
+
+def mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> str:
+    """'mean [low, high]': the mean with a 95% percentile-bootstrap interval (resampling the values)."""
+    mean, low, high = stats.mean_interval(values, n_boot, seed=seed)
+    return "n/a (no samples)" if np.isnan(mean) else f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+
+
+def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) -> list[str]:
+    """The paper's three findings, each decided by a measure fixed in advance (mem_analysis.verdicts.FINDINGS),
+    with the line saying which measure decided it and why, then the secondary figures."""
+    g = f"{settings['guidance_scale']:g}"
+    entry = summary["checkpoints"][str(last)][g]
+    corr = lambda col: entry["correlations"].get(col, {}).get("pearson", dict(r=None))  # noqa: E731
+    det = lambda col: entry["detection"].get(col, {})  # noqa: E731
+    hi = settings["high_noise_timestep"]
+    K = f"{settings['early_steps']} DDIM steps" if settings.get("early_steps") else f"DDIM steps with t >= {hi}"
+    n, m = entry["n_samples"], entry["n_memorized"]
+    lines = [f"At the last evaluated checkpoint (step {last}, g = {g}, {n} probe samples, {m} memorized: "
+             f"severity > {settings['threshold']:g}); r is Pearson across samples with a 95% bootstrap interval. "
+             f"Each verdict is decided by the measures named on its second line (rules: docs/findings.md).", ""]
+    if m in (0, n):
+        lines += [f"{'No' if m == 0 else 'Every'} probe sample is memorized at this checkpoint: the verdicts rest on "
+                  "the spread of severity alone, and detection scores (AUROC) are undefined.", ""]
+    for key, number in (("i", 1), ("ii", 2), ("iii", 3)):
+        spec, decided = verdicts.FINDINGS[key], summary["findings"][key]
+        measures = "; ".join(f"{col} {fmt_corr(corr(col))} ({'+' if sign > 0 else '-'} predicted): "
+                             f"{decided['measures'][col]}" for col, sign in spec["decide"])
+        lines += [f"**{number}. {spec['title']}** -- {decided['verdict']}.",
+                  f"- Decided by {measures}. Why these: {spec['why']}.",
+                  "- Secondary: " + "; ".join(f"{col} {fmt_corr(corr(col))}" for col in spec["secondary"]
+                                              if col in entry["correlations"]) + "."]
+        if key == "ii":
+            d = det("wen_magnitude")
+            lines.append(f"- Wen et al.'s magnitude ||e_c - e_0|| (first {K}): AUROC {fmt(d.get('auroc'))}, "
+                         f"{d.get('tpr_label') or 'TPR'} {fmt(d.get('tpr'))}.")
+        lines.append("")
+    lines += [f"Window of finding 1: t >= {hi} of the probe grid (x0 space, averaged over "
+              f"{settings.get('probe_noise_draws', 1)} noise draws per (sample, t)); early steps of findings 2-3: "
+              f"the first {K}; D sums over the {settings.get('deviation_latents', 'inputs')} "
+              f"latents (docs/findings.md), paper schedule unless marked `exact`.",
+              f"Detection: AUROC with each score's predicted direction (lower = memorized for "
+              f"{', '.join(verdicts.LOWER_IS_MEMORIZED_PREFIXES)}; higher for the rest); "
+              f"{det('D_x_early').get('tpr_label') or 'TPR at low FPR'} (TPR at 1% FPR needs >= "
+              f"{stats.MIN_NEGATIVES_FOR_1PCT_FPR} negatives). D_x_early AUROC {fmt(det('D_x_early').get('auroc'))}, "
+              f"loss_cfg_x0_early AUROC {fmt(det('loss_cfg_x0_early').get('auroc'))}, diversity (lower) AUROC "
+              f"{fmt(det('diversity').get('auroc'))}."]
+    return lines
+
+
+def premise_lines(premise: dict) -> list[str]:
+    """The premise check: k_0 (centred and uncentred) per duplication factor, and its one-line verdict."""
+    uncentred = premise.get("k_uncond_uncentred_by_dup", {})
+    lines = [f"**Premise: the unconditional prediction carries no x (k_0 ~ 0)** -- {premise['verdict']}.",
+             f"- Measure: k_uncond (centred on mu) in the {premise['window']}, mean over samples; holds when "
+             f"|k_0| < {premise['tolerance']:g}.", "",
+             "| dup_factor | samples | k_0 centred | k_0 uncentred |", "|---|---|---|---|"]
+    for dup, k0 in premise["k_uncond_by_dup"].items():
+        lines.append(f"| {dup} | {premise['n_by_dup'][dup]} | {fmt(k0, 2)} | {fmt(uncentred.get(dup), 2)} |")
+    return lines
+
+
+def anchor_lines(summary: dict, settings: dict, last: int) -> list[str]:
+    """The paper's per-model Pearson r beside this run's figure of the same kind, and what differs."""
+    entry = summary["checkpoints"][str(last)][f"{settings['guidance_scale']:g}"]
+    lines = ["Each of the paper's figures is ONE Pearson correlation per model, across its prompts, between the "
+             "schedule deviation and SSCD severity. The mapping of the three numbers to models is taken from the "
+             "paper's text (as docs/findings.md quotes it); this run is a fourth model, not a fourth measure.", "",
+             "| model | Pearson r (D_x, paper schedule, vs severity) | n prompts |", "|---|---|---|"]
+    lines += [f"| {model} (paper) | {r:.2f} | (paper) |" for model, r in verdicts.PAPER_ANCHORS]
+    c = entry["correlations"].get("D_x", {}).get("pearson", dict(r=None, n=0))
+    lines += [f"| this run (step {last}) | {fmt_corr(c)} | {c.get('n')} |", "",
+              f"Conditions that differ: model (this run: `{settings['model']}`, fine-tuned here, vs pretrained SD "
+              f"v1.4 / v2.1 / Realistic Vision); prompts (the probe captions of a dataset with controlled duplication, "
+              f"vs the paper's prompt sets); severity (`{settings['severity_backend']}` vs SSCD); seeds "
+              f"({len(settings['seeds'])} vs the paper's); sampler steps "
+              f"(DDIM {settings['num_inference_steps']} vs 50, "
+              f"so a sum D is not comparable: the per-step D_x_mean is). D_x_early and D_T are other measures and "
+              f"are not set beside these figures."]
+    return lines
+
+
+def reliability_lines(rel: dict) -> list[str]:
+    """Split-half reliability across seeds of each D and of severity, and the noise-corrected r."""
+    sev = rel["severity"]
+    lines = [f"Split-half reliability across seeds (even vs odd seeds, Spearman-Brown to all {sev['n_seeds']}); "
+             f"severity's own: {fmt(sev['reliability'], 2)}. Disattenuated r = r / sqrt(rel_D rel_severity); "
+             "it can exceed 1 when the reliabilities are themselves noisy.", "",
+             "| measure | reliability | r with severity | disattenuated r |", "|---|---|---|---|"]
+    for col, v in rel.items():
+        if col != "severity":
+            lines.append(f"| {col} | {fmt(v['reliability'], 2)} | {fmt(v['r_severity'], 2)} | "
+                         f"{fmt(v['r_disattenuated'], 2)} |")
+    return lines
+
+
+def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]:
+    """Finding 1 by group (memorized vs not) and k by duplication factor and guidance scale, at one checkpoint."""
+    g, hi = f"{settings['guidance_scale']:g}", settings["high_noise_timestep"]
+    memorized = (at_last["severity"] > settings["threshold"]).to_numpy()
+    lines = [f"Memorized (n = {int(memorized.sum())}) vs not (n = {int((~memorized).sum())}), mean per sample "
+             f"with a 95% bootstrap interval:", "",
+             "| quantity | memorized | not memorized |", "|---|---|---|"]
+    for col, name in ((f"loss_cfg_{g}_x0_early", f"L_g x0 space (g = {g}), t >= {hi}"),
+                      (f"loss_cfg_{g}_x0", f"L_g x0 space (g = {g}), all t"),
+                      (f"loss_cfg_{g}_early", f"L_g (g = {g}), t >= {hi}"), (f"loss_cfg_{g}", f"L_g (g = {g}), all t"),
+                      ("loss_cond_early", f"L_c, t >= {hi}"), ("loss_cond", "L_c, all t"),
+                      (f"k_cfg_{g}_early", f"k_g (g = {g}), t >= {hi}"), ("k_cond_early", f"k_c, t >= {hi}")):
+        if col in at_last:
+            values = at_last[col].to_numpy(float)
+            lines.append(f"| {name} | {mean_ci(values[memorized], n_boot)} | {mean_ci(values[~memorized], n_boot)} |")
+    scales = sorted({float(m.group(1)) for m in map(GUIDED_K.match, at_last.columns) if m} - {1.0})  # g = 1: k_cond
+    columns = [("k_cond", "1")] + [(f"k_cfg_{s:g}", f"{s:g}") for s in scales]
+    lines += ["", f"Overestimation k (centred) by duplication factor and guidance scale g, mean over samples, "
+              f"t >= {hi} / all t (k = 1: one unit of the training image; g = 1 is the conditional prediction):", "",
+              "| dup_factor | " + " | ".join(f"g = {name}" for _, name in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for dup, rows in at_last.groupby("dup_factor"):
+        cells = [f"{fmt(rows[c + '_early'].mean(), 2)} / {fmt(rows[c].mean(), 2)}" for c, _ in columns]
+        lines.append(f"| {dup} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def onset_summary(summary: dict) -> list[str]:
+    """Per duplication factor: how many samples crossed the severity threshold, when, and whether D_x rose first."""
+    lines = ["| dup_factor | samples | crossed | median onset step | D_x rose | rose before crossing | "
+             "rose at the crossing checkpoint | rose after |", "|---|---|---|---|---|---|---|---|"]
+    frame = pd.DataFrame(summary["onset"].values())
+    for dup, rows in sorted(frame.groupby("dup_factor"), key=lambda kv: -kv[0]):
+        onset, rise = rows["onset_step"].astype(float), rows["deviation_rise_step"].astype(float)
+        crossed = onset.notna()
+        before = int((crossed & (rise < onset)).sum())
+        same = int((crossed & (rise == onset)).sum())
+        after = int((crossed & ((rise > onset) | rise.isna())).sum())
+        median = fmt(float(onset[crossed].median()), 0) if crossed.any() else "never"
+        lines.append(f"| {dup} | {len(rows)} | {int(crossed.sum())} | {median} | {int(rise.notna().sum())} | "
+                     f"{before} | {same} | {after} |")
+    return lines
+
+
+def headline_lines(summary: dict, settings: dict, at_last: pd.DataFrame, last: int) -> list[str]:
+    """The figures the README quotes, all read from summary.json / per_sample.csv of this evaluation."""
+    g = f"{settings['guidance_scale']:g}"
+    entry = summary["checkpoints"][str(last)][g]
+    corr = lambda col: fmt_corr(entry["correlations"].get(col, {}).get("pearson", dict(r=None)))  # noqa: E731
+    fraction = at_last.groupby("dup_factor")["memorized_fraction"].mean().sort_index(ascending=False)
+    f = summary["findings"]
+    lines = [f"Step {last}, g = {g}, {len(settings['seeds'])} seeds, DDIM {settings['num_inference_steps']} steps, "
+             f"{entry['n_samples']} probe samples ({entry['n_memorized']} memorized: `{settings['severity_backend']}` "
+             f"> {settings['threshold']:g}); written by eval/report.py, do not edit.", "",
+             "- Share of seeds over the threshold by duplication factor: "
+             + ", ".join(f"{d}x {fmt(v, 2)}" for d, v in fraction.items()) + ".",
+             f"- Finding 1 (CFG loss larger), decided by loss_cfg_x0_early: {f['i']['verdict']}; "
+             f"{corr('loss_cfg_x0_early')} (epsilon space, all t: {corr('loss_cfg')}).",
+             f"- Finding 2 (early collapse), decided by collapse_early and cos_diff_xmu_early: {f['ii']['verdict']}; "
+             f"{corr('collapse_early')} and {corr('cos_diff_xmu_early')}.",
+             f"- Finding 3 (deviation tracks severity), decided by D_x_early and D_T: {f['iii']['verdict']}; "
+             f"{corr('D_x_early')} and {corr('D_T')}.",
+             f"- Premise k_0 ~ 0: {summary['premise']['verdict']}.",
+             f"- Anchor: Pearson of D_x with severity across this run's samples {corr('D_x')}, beside the paper's "
+             + ", ".join(f"{r:.2f} ({m})" for m, r in verdicts.PAPER_ANCHORS)
+             + " (one figure per model; the conditions differ, see report.md)."]
+    rel = summary.get("reliability") or {}
+    if "D_T" in rel and "D_x_early" in rel:
+        lines.append(f"- Reliability across seeds: D_x_early {fmt(rel['D_x_early']['reliability'], 2)}, "
+                     f"D_T {fmt(rel['D_T']['reliability'], 2)}, severity {fmt(rel['severity']['reliability'], 2)}.")
+    return lines
+
+
+def fmt_auroc(entry: dict) -> str:
+    """'0.950 [0.800, 1.000]' (95% bootstrap interval over samples)."""
+    return f"{fmt(entry['auroc'])} [{fmt(entry['ci_low'])}, {fmt(entry['ci_high'])}]"
+
+
+def warning_lines(result: dict | None, figure: str | None) -> list[str]:
+    """report.md's early-warning section: AUROC over probe steps, lead times per dup factor, false alarms."""
+    lines = ["## Early warning from training probes", ""]
+    if result is None:
+        return lines + ["The run logged no probes (probe_steps 0): no warning to evaluate.", ""]
+    lines += ["Score per probe step and sample from the training probes alone (high-noise k_g and L_g at the "
+              "largest probed g, and the fall of L_c from its start), in robust standard deviations of the null "
+              "samples of the same step (held-out images when the dataset has them, else never-duplicated ones, "
+              f"each null sample scored leave-one-out); the alarm fires at a {result['fpr']:g} false-alarm rate "
+              "per probe step (docs/science.md, \"Early warning from training probes\"). It is measured against "
+              "severity: \"memorized\" = over the threshold at the last evaluated checkpoint; lead time = onset step - "
+              "first alarm step.", ""]
+    steps = result["auroc_by_step"]
+    earliest, best = result["earliest_auroc_0_9"], result["best_auroc"]
+    n_pos = max((a["n_positive"] for a in steps.values()), default=0)
+    if best is None:
+        lines.append(f"AUROC undefined: {n_pos} of the probe samples are memorized at the last checkpoint "
+                     "(one class only).")
+    elif earliest is not None:
+        lines.append(f"**AUROC first reaches 0.9 at probe step {earliest}: {fmt_auroc(steps[str(earliest)])}** "
+                     f"({steps[str(earliest)]['n_positive']} memorized of {steps[str(earliest)]['n']}).")
+    else:
+        lines.append(f"**AUROC never reaches 0.9; best {fmt_auroc(steps[str(best)])} at probe step {best}** "
+                     f"({steps[str(best)]['n_positive']} memorized of {steps[str(best)]['n']}).")
+    lines += ["", "| probe step | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
+              "| AUROC | " + " | ".join(fmt(a["auroc"], 2) for a in steps.values()) + " |", ""]
+    lead = pd.DataFrame(result["lead_time"].values())
+    lines += ["| dup_factor | samples | alarmed | first alarm (median step) | crossed severity | "
+              "alarmed no later than the crossing | median lead time (steps) |", "|---|---|---|---|---|---|---|"]
+    for dup, rows in sorted(lead.groupby("dup_factor"), key=lambda kv: -kv[0]):
+        alarmed, crossed = rows["first_alarm_step"].notna(), rows["onset_step"].notna()
+        leads = rows["lead_time"].dropna().astype(float)
+        lines.append(f"| {dup} | {len(rows)} | {int(alarmed.sum())} | "
+                     f"{fmt(float(rows['first_alarm_step'].dropna().median()), 0) if alarmed.any() else 'never'} | "
+                     f"{int(crossed.sum())} | {int((leads >= 0).sum())} | "
+                     f"{fmt(float(leads.median()), 0) if len(leads) else 'n/a'} |")
+    top = lead[lead["dup_factor"] == lead["dup_factor"].max()]
+    leads = top["lead_time"].dropna().astype(float)
+    missed = int((top["onset_step"].notna() & top["first_alarm_step"].isna()).sum())
+    lines += ["", f"**Median lead time for the {int(lead['dup_factor'].max())}x samples: "
+              f"{fmt(float(leads.median()), 0) + ' steps' if len(leads) else 'n/a'}** (over the {len(leads)} of "
+              f"{len(top)} that both alarmed and crossed the severity threshold; {missed} crossed without an alarm)."]
+    fa = result["false_alarms"]
+    lines += ["", f"**False alarms: {fa['count']} of {fa['never_duplicated']} never-duplicated probe samples** "
+              f"alarmed at some probe step ({fa['alarmed_checks']} of {fa['checks']} (sample, step) checks, "
+              f"{fmt(fa['alarmed_checks'] / fa['checks'] if fa['checks'] else None)} against the asked "
+              f"{result['fpr']:g})" + (f": samples {', '.join(map(str, fa['samples']))}." if fa["samples"] else "."),
+              ""]
+    if figure:
+        lines += [f"![early warning](figures/{figure})", ""]
+    return lines
+
+
+def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int = 1000, run_dir=None) -> Path:
+    """summary.json (eval/summary.py), figures/ (eval/figures.py), report.md and headline.md from the tables in
+    `eval_dir` (and the run's warnings, from `run_dir`, by default the folder above `eval_dir`)."""
+    eval_dir = Path(eval_dir)
+    settings = settings or json.loads((eval_dir / "settings.json").read_text())
+    per_sample = pd.read_csv(eval_dir / "per_sample.csv")
+    summary, warnings = build_summary(eval_dir, per_sample, settings, failed, n_boot, run_dir)
+    names = draw_figures(eval_dir, per_sample, summary, settings)
+
+    g = settings["guidance_scale"]
+    table = per_sample[per_sample["guidance_scale"] == g]
+    last, at_last = last_checkpoint_rows(per_sample, g)
+    severity = table.pivot_table(index="checkpoint_step", columns="dup_factor", values="severity", aggfunc="mean")
+    fraction = table.pivot_table(index="checkpoint_step", columns="dup_factor", values="memorized_fraction", aggfunc="mean")
+    lines = ["# Memorization over training", "",
+             f"Model `{settings['model']}`, dataset `{settings['dataset']}`, {settings['weights']} weights"
+             f"{' (LoRA)' if settings.get('lora') else ''}; DDIM {settings['num_inference_steps']} steps, "
+             f"{len(settings['seeds'])} seeds, g = {g:g} ({settings.get('guidance_schedule', 'constant')} schedule); severity = `{settings['severity_backend']}` "
+             f"(threshold {settings['threshold']:g}); deviations D use the `paper` schedule unless marked `exact`.", ""]
+    if failed:
+        lines += [f"Skipped (could not be loaded): {', '.join(failed)}.", ""]
+    lines += ["## Severity over training", "", "Mean severity per duplication factor (rows: training step):", ""]
+    lines += markdown_table(severity)
+    lines += ["", "Memorized fraction of seeds:", ""] + markdown_table(fraction)
+    lines += ["", f"![severity]({'figures/' + names['severity']})", "", "## The paper's three findings, on this run", ""]
+    lines += findings(summary, settings, last, at_last)
+    lines += [""] + premise_lines(summary["premise"])
+    curve_figure = loss_curve_figure(eval_dir, at_last, settings, last)
+    if curve_figure:
+        lines += ["", f"![L_g per timestep](figures/{curve_figure})"]
+    lines += ["", "## The paper's anchor, read per model", ""] + anchor_lines(summary, settings, last)
+    if summary.get("reliability"):
+        lines += ["", "## Reliability across seeds", ""] + reliability_lines(summary["reliability"])
+    lines += [""] + group_lines(at_last, settings, n_boot)
+    lines += ["", f"![D vs severity](figures/{names['deviation']})", "",
+              f"![schedule](figures/{names['schedule']})", "", f"![losses](figures/{names['losses']})", "",
+              "## Onset of memorization", ""]
+    lines += onset_summary(summary)
+    lines += ["", f"Per sample: first step at which its severity crosses the threshold, and at which its D_x rose "
+              f"above the mean + 3 sd of {summary['deviation_rise_reference']}:", "",
+              "| sample_id | dup_factor | onset step | D_x rise step |", "|---|---|---|---|"]
+    for sid, o in sorted(summary["onset"].items(), key=lambda kv: (-kv[1]["dup_factor"], int(kv[0]))):
+        lines.append(f"| {sid} | {o['dup_factor']} | {o['onset_step'] if o['onset_step'] is not None else 'never'} | "
+                     f"{o['deviation_rise_step'] if o['deviation_rise_step'] is not None else 'never'} |")
+    lines += ["", f"![generated next to training](figures/{names['images']})", ""]
+    lines += warning_lines(summary["early_warning"], warning_figure(eval_dir, warnings, summary["early_warning"]))
+    write_text_atomic(eval_dir / "report.md", "\n".join(lines))
+    write_text_atomic(eval_dir / "headline.md", "\n".join(headline_lines(summary, settings, at_last, last)) + "\n")
+    return eval_dir / "report.md"

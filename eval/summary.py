@@ -1,0 +1,145 @@
+"""A checkpoint evaluation's tables -> summary.json (M7 of docs/science.md): per checkpoint and guidance scale the
+correlation of every score with severity and its detection AUROC, each sample's onset, the findings decided by
+mem_analysis.verdicts, the premise, the reliability across seeds, and the early warning against what sampling found.
+
+Pure computation from tables (no figures, no text): eval/markdown.py renders it, eval/figures.py draws it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eval.tables import last_checkpoint_rows
+from mem_analysis import early_warning, run, stats, verdicts
+from mem_analysis.io import write_text_atomic
+
+# Columns that are identifiers or severity itself, not scores to correlate with severity.
+NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction"}
+
+
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """Numeric columns scored against severity (M1-M5 values, Wen's magnitude, duplication)."""
+    return [c for c in table.columns if c not in NOT_SCORES and not c.startswith("sev_")
+            and pd.api.types.is_numeric_dtype(table[c])]
+
+
+def correlation(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, seed: int) -> dict:
+    """{'r', 'ci_low', 'ci_high', 'n'} or r = None when undefined (constant input, n < 3)."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    # Values equal up to rounding (e.g. D over a window that is pure noise) carry no ranking.
+    if len(x) < 3 or stats.is_constant(x) or stats.is_constant(y):
+        return dict(r=None, ci_low=None, ci_high=None, n=int(len(x)))
+    c = stats.correlation(x, y, method=method, n_bootstrap=n_boot, seed=seed)
+    return dict(r=c.r, ci_low=c.low, ci_high=c.high, n=int(c.n))
+
+
+def detection(scores: np.ndarray, labels: np.ndarray, direction: str = "higher") -> dict:
+    """AUROC in the score's stated direction, and TPR at 1% FPR (>= 100 negatives) or at 0 FP (fewer),
+    for memorized (label 1) vs not; AUROC and TPR None with one class."""
+    ok = np.isfinite(scores)
+    scores, labels = scores[ok], labels[ok]
+    if len(np.unique(labels)) < 2:
+        return dict(auroc=None, tpr=None, tpr_label=None, direction=direction)
+    return stats.detection(scores, labels, direction)
+
+
+def summarize(per_sample: pd.DataFrame, settings: dict, n_boot: int = 1000) -> dict:
+    """M7 per checkpoint and guidance scale, and the onset of memorization per sample."""
+    threshold = settings["threshold"]
+    out = dict(settings=settings, checkpoints={}, onset={})
+    for (step, g), rows in per_sample.groupby(["checkpoint_step", "guidance_scale"]):
+        sev = rows["severity"].to_numpy(float)
+        labels = (sev > threshold).astype(int)  # as M6's memorized fraction: similarity over the threshold
+        entry = dict(n_samples=int(len(rows)), n_memorized=int(labels.sum()),
+                     mean_severity=float(sev.mean()), correlations={}, detection={})
+        for col in score_columns(rows):
+            values = rows[col].to_numpy(float)
+            entry["correlations"][col] = {m: correlation(values, sev, m, n_boot, seed=0) for m in ("pearson", "spearman")}
+            entry["detection"][col] = detection(values, labels, verdicts.direction(col))
+        out["checkpoints"].setdefault(str(int(step)), {})[f"{g:g}"] = entry
+    headline = per_sample[per_sample["guidance_scale"] == settings["guidance_scale"]].sort_values("checkpoint_step")
+    rise_threshold, reference = deviation_rise_thresholds(headline)
+    for sid, rows in headline.groupby("sample_id"):
+        steps = rows["checkpoint_step"].to_numpy()
+        onset = stats.onset_step(steps, rows["severity"].to_numpy(float), threshold)[0]
+        excess = rows["D_x"].to_numpy(float) - rise_threshold.loc[steps].to_numpy(float)
+        rise = stats.onset_step(steps, excess, 0.0)[0]
+        out["onset"][str(int(sid))] = dict(dup_factor=int(rows["dup_factor"].iloc[0]),
+                                           onset_step=None if np.isnan(onset) else int(onset),
+                                           deviation_rise_step=None if np.isnan(rise) else int(rise))
+    out["deviation_rise_threshold"] = {str(int(k)): float(v) for k, v in rise_threshold.items()}
+    out["deviation_rise_reference"] = reference
+    return out
+
+
+def deviation_rise_thresholds(headline: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Per checkpoint step, the D_x above which a sample's deviation "rose": mean + 3 sd (across samples)
+    of the never-duplicated probe samples at that checkpoint (at least 3 of them), else of the first
+    evaluated model. The first evaluated model is a poor reference when its UNet is untrained (its
+    D_x spread is wide and every trained model's differs), hence the controls of the same checkpoint."""
+    spread = lambda v: v.mean() + 3 * v.std(ddof=0)  # noqa: E731
+    steps = sorted(headline["checkpoint_step"].unique())
+    controls = headline[headline["dup_factor"] == 1]
+    if controls["sample_id"].nunique() >= 3 and set(controls["checkpoint_step"]) == set(steps):
+        return (controls.groupby("checkpoint_step")["D_x"].agg(spread),
+                "never-duplicated probe samples at the same checkpoint")
+    base = headline[headline["checkpoint_step"] == steps[0]]["D_x"]
+    return pd.Series(float(spread(base)) if len(base) else math.nan, index=steps), "the first evaluated model"
+
+
+def decide_findings(summary: dict, settings: dict, last: int) -> dict:
+    """{'i' | 'ii' | 'iii': verdict dict} at the last checkpoint and headline guidance scale."""
+    entry = summary["checkpoints"][str(last)][f"{settings['guidance_scale']:g}"]
+    return {key: verdicts.decide(entry["correlations"], key) for key in verdicts.FINDINGS}
+
+
+def read_findings(summary: dict, per_sample: pd.DataFrame, per_seed: pd.DataFrame | None, settings: dict) -> dict:
+    """summary.json's `findings`, `premise` and `reliability` (None without per_seed.csv), at the last
+    checkpoint and headline guidance scale."""
+    g = settings["guidance_scale"]
+    last, at_last = last_checkpoint_rows(per_sample, g)
+    out = dict(findings=decide_findings(summary, settings, last), premise=verdicts.premise(at_last), reliability=None)
+    if per_seed is not None:
+        seeds = per_seed[(per_seed["guidance_scale"] == g) & (per_seed["checkpoint_step"] == last)]
+        columns = [c for c in seeds.columns if c.startswith(("D_x", "D_T"))]
+        out["reliability"] = verdicts.reliability(seeds, at_last, columns, f"sev_{settings['severity_backend']}")
+    return out
+
+
+def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
+    """The run's warnings.jsonl (else its probes.jsonl scored; else []) and its --warning_fpr."""
+    config = run.read_config(run_dir) if (run_dir / run.CONFIG_FILE).is_file() else dict(run.RUN_DEFAULTS)
+    fpr = float(config["warning_fpr"])
+    return early_warning.run_warnings(run_dir, fpr, int(config["high_noise_timestep"])), fpr
+
+
+def warning_summary(per_sample: pd.DataFrame, warnings: list[dict], fpr: float, summary: dict, settings: dict,
+                    n_boot: int) -> dict | None:
+    """summary.json's `early_warning`: the warning against "memorized at the last checkpoint" (severity over
+    the threshold at the headline g, as everywhere in this report) and against each sample's onset step."""
+    if not warnings:
+        return None
+    _, at_last = last_checkpoint_rows(per_sample, settings["guidance_scale"])
+    memorized = {int(s): bool(v > settings["threshold"]) for s, v in zip(at_last["sample_id"], at_last["severity"])}
+    onset = {int(s): o["onset_step"] for s, o in summary["onset"].items()}
+    return dict(fpr=fpr, **early_warning.evaluate_warning(warnings, memorized, onset, n_boot))
+
+
+def build_summary(eval_dir: Path, per_sample: pd.DataFrame, settings: dict, failed=(), n_boot: int = 1000,
+                  run_dir=None) -> tuple[dict, list[dict]]:
+    """summary.json of `eval_dir` from its tables (and the run's warnings, from `run_dir`, by default the folder
+    above `eval_dir`), written atomically; returns (summary, warnings)."""
+    summary = summarize(per_sample, settings, n_boot)
+    summary["skipped_checkpoints"] = list(failed)
+    warnings, fpr = run_warnings(Path(run_dir) if run_dir else eval_dir.parent)
+    summary["early_warning"] = warning_summary(per_sample, warnings, fpr, summary, settings, n_boot)
+    per_seed_path = eval_dir / "per_seed.csv"
+    summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
+                                 settings))
+    write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary, warnings
