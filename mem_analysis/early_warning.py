@@ -1,6 +1,6 @@
 """Early warning of memorization from the training probes alone (docs/science.md, "Early warning").
 
-Per probe step s and tracked sample i, three features from the probe rows (science.md M1, M2),
+Per probe step s and tracked sample i, three features from the probe rows (docs/science.md M1, M2),
 each oriented so that memorization raises it:
 - `k_excess`  = mean over the high-noise window (t >= high_noise_from) of k_g at the largest probed g;
 - `lg_excess` = log of the same window's mean L_g at that g;

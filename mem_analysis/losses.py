@@ -56,7 +56,7 @@ class DenoisingResult:
         return per_sample_mse(self.noise, self.prediction(g))
 
     def loss_x0(self, g: float) -> torch.Tensor:
-        """x0-space loss `mean_elements (x - x0hat(e_g))^2` (S, T); equals `L_g / SNR_t` (science.md identity)."""
+        """x0-space loss `mean_elements (x - x0hat(e_g))^2` (S, T); equals `L_g / SNR_t` (docs/science.md, notation)."""
         return per_sample_mse(self.x[:, None].expand_as(self.x_t), self.x0hat(g))
 
 

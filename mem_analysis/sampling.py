@@ -52,8 +52,7 @@ class Trajectories:
         """`e_g = e_0 + g_k (e_c - e_0)` at each step's sampling scale, (P, N, K, *latent)."""
         if self.step_guidance is None:
             return guided(self.e_c, self.e_0, self.guidance_scale)
-        g = self.step_guidance.to(self.e_c.dtype).reshape((1, 1, -1) + (1,) * (self.e_c.ndim - 3))
-        return self.e_0 + g * (self.e_c - self.e_0)
+        return guided(self.e_c, self.e_0, self.step_guidance.to(self.e_c.dtype).reshape((1, 1, -1) + (1,) * (self.e_c.ndim - 3)))
 
 
 def initial_noise_for_seeds(seeds, latent_shape, dtype=torch.float32, device="cpu", init_noise_sigma=1.0) -> torch.Tensor:
@@ -121,35 +120,25 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     device, dtype = module_device_dtype(unet)
     scheduler = DDIMScheduler.from_config(components.sampler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    prediction_type = prediction_type_of(scheduler)
     timesteps = scheduler.timesteps
     alpha_bar = alpha_bar_from_scheduler(scheduler)[timesteps.cpu()]
     P, N, K = len(prompts), len(seeds), len(timesteps)
     step_guidance = guidance_scales(guidance_schedule, timesteps.cpu(), guidance_scale,
                                     scheduler.config.num_train_timesteps)
     latent_shape = tuple(latent_shape) if latent_shape is not None else latent_shape_of(unet)
-
-    if initial_noise is None:
-        x_T = initial_noise_for_seeds(seeds, latent_shape, dtype, device, scheduler.init_noise_sigma)
-    else:
-        x_T = initial_noise.to(device, dtype)
-    x_T = broadcast_per_prompt(x_T, P, N, latent_shape, "initial_noise").reshape((P * N,) + latent_shape)
-    start = x_T
-    if forward_noised_from is not None:
-        x = forward_noised_from.to(device, dtype)
-        if tuple(x.shape) not in (latent_shape, (P,) + latent_shape):
-            raise ValueError(f"forward_noised_from must be (*latent) or (prompts, *latent) = {(P,) + latent_shape}, "
-                             f"got {tuple(x.shape)}")
-        x = x.reshape((-1, 1) + latent_shape).expand((P, N) + latent_shape)
-        a0 = alpha_bar[0].item()
-        start = a0 ** 0.5 * x.reshape(x_T.shape) + (1 - a0) ** 0.5 * x_T
+    x_T, start = start_latents(seeds, P, latent_shape, initial_noise, forward_noised_from, float(alpha_bar[0]),
+                               device, dtype, scheduler.init_noise_sigma)
     if noise_fn is None:
         cond = encode_prompts(components.tokenizer, components.text_encoder, prompts).to(device, dtype)
         uncond = encode_prompts(components.tokenizer, components.text_encoder, [negative_prompt]).to(device, dtype)
 
-    x_rec = recording((P * N, K) + latent_shape, spill_dir, "x_t")
-    ec_rec = recording((P * N, K) + latent_shape, spill_dir, "e_c")
-    e0_rec = recording((P * N, K) + latent_shape, spill_dir, "e_0")
+        def noise_fn(latents, t, prompt_index, seed_index):  # the pipeline's batched CFG call: [uncond, cond]
+            model_in = scheduler.scale_model_input(torch.cat([latents.to(dtype)] * 2), t)
+            hidden = torch.cat([uncond.expand(len(latents), -1, -1), cond[prompt_index]])
+            out_0, out_c = unet(model_in, t, encoder_hidden_states=hidden).sample.chunk(2)
+            return out_c, out_0
+
+    record = {name: recording((P * N, K) + latent_shape, spill_dir, name) for name in ("x_t", "e_c", "e_0")}
     final = torch.empty((P * N,) + latent_shape)
     images = [] if decode else None
     was_training = unet.training
@@ -157,23 +146,8 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
     try:
         for lo in range(0, P * N, batch_size):
             hi = min(lo + batch_size, P * N)
-            items = torch.arange(lo, hi, device=device)
-            prompt_index, seed_index = items // N, items % N
-            latents = start[lo:hi]
-            for k, t in enumerate(timesteps):
-                if noise_fn is None:
-                    model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                    hidden = torch.cat([uncond.expand(hi - lo, -1, -1), cond[prompt_index]])
-                    out_0, out_c = unet(model_in, t, encoder_hidden_states=hidden).sample.chunk(2)
-                else:
-                    out_c, out_0 = noise_fn(latents.float(), int(t), prompt_index, seed_index)
-                    out_c, out_0 = out_c.to(device, dtype), out_0.to(device, dtype)
-                noise_pred = out_0 + float(step_guidance[k]) * (out_c - out_0)
-                x_rec[lo:hi, k] = latents.float().cpu()
-                abar_k = expand_like(alpha_bar[k].item(), latents)
-                ec_rec[lo:hi, k] = to_epsilon(out_c.float(), latents.float(), abar_k, prediction_type).cpu()
-                e0_rec[lo:hi, k] = to_epsilon(out_0.float(), latents.float(), abar_k, prediction_type).cpu()
-                latents = scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+            latents = denoise(scheduler, noise_fn, start[lo:hi], torch.arange(lo, hi, device=device), N, alpha_bar,
+                              step_guidance, {name: rec[lo:hi] for name, rec in record.items()})
             final[lo:hi] = latents.float().cpu()
             if decode:
                 images.append(decode_latents(components.vae, latents).cpu())
@@ -184,6 +158,46 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
         return t.reshape((P, N) + tuple(t.shape[1:]))
 
     return Trajectories(prompts, seeds, float(guidance_scale), timesteps.cpu(), alpha_bar,
-                        per_prompt(x_T.float().cpu()), per_prompt(x_rec), per_prompt(ec_rec), per_prompt(e0_rec),
-                        per_prompt(final), per_prompt(torch.cat(images)) if decode else None,
+                        per_prompt(x_T.float().cpu()), per_prompt(record["x_t"]), per_prompt(record["e_c"]),
+                        per_prompt(record["e_0"]), per_prompt(final), per_prompt(torch.cat(images)) if decode else None,
                         float(scheduler.final_alpha_cumprod), parse_guidance_schedule(guidance_schedule), step_guidance)
+
+
+def start_latents(seeds, P: int, latent_shape, initial_noise, forward_noised_from, alpha_bar_start: float, device,
+                  dtype, init_noise_sigma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, start), each (P * N, *latent): the seeds' noise (or `initial_noise`) and the sampler's first input,
+    `x_T` itself or `sqrt(abar_t0) x + sqrt(1 - abar_t0) x_T` with `x = forward_noised_from`."""
+    N = len(seeds)
+    if initial_noise is None:
+        x_T = initial_noise_for_seeds(seeds, latent_shape, dtype, device, init_noise_sigma)
+    else:
+        x_T = initial_noise.to(device, dtype)
+    x_T = broadcast_per_prompt(x_T, P, N, latent_shape, "initial_noise").reshape((P * N,) + latent_shape)
+    if forward_noised_from is None:
+        return x_T, x_T
+    x = forward_noised_from.to(device, dtype)
+    if tuple(x.shape) not in (latent_shape, (P,) + latent_shape):
+        raise ValueError(f"forward_noised_from must be (*latent) or (prompts, *latent) = {(P,) + latent_shape}, "
+                         f"got {tuple(x.shape)}")
+    x = x.reshape((-1, 1) + latent_shape).expand((P, N) + latent_shape)
+    return x_T, alpha_bar_start ** 0.5 * x.reshape(x_T.shape) + (1 - alpha_bar_start) ** 0.5 * x_T
+
+
+def denoise(scheduler: DDIMScheduler, noise_fn, latents: torch.Tensor, items: torch.Tensor, num_seeds: int,
+            alpha_bar: torch.Tensor, step_guidance: torch.Tensor, record: dict) -> torch.Tensor:
+    """DDIM from `latents` (one batch of (prompt, seed) items) over the scheduler's timesteps with CFG
+    `e_g = e_0 + g_k (e_c - e_0)` (losses.guided), `noise_fn(latents, t, prompt_index, seed_index) -> (out_c, out_0)`
+    giving the model's outputs in the scheduler's prediction space; writes each step's input `x_t` and its `e_c`, `e_0` (as eps,
+    float32) into `record`'s buffers and returns the final latents."""
+    prediction_type = prediction_type_of(scheduler)
+    prompt_index, seed_index = items // num_seeds, items % num_seeds
+    for k, t in enumerate(scheduler.timesteps):
+        out_c, out_0 = noise_fn(latents.float(), int(t), prompt_index, seed_index)
+        out_c, out_0 = out_c.to(latents.device, latents.dtype), out_0.to(latents.device, latents.dtype)
+        record["x_t"][:, k] = latents.float().cpu()
+        abar_k = expand_like(alpha_bar[k].item(), latents)
+        record["e_c"][:, k] = to_epsilon(out_c.float(), latents.float(), abar_k, prediction_type).cpu()
+        record["e_0"][:, k] = to_epsilon(out_0.float(), latents.float(), abar_k, prediction_type).cpu()
+        latents = scheduler.step(guided(out_c, out_0, float(step_guidance[k])), t, latents, eta=0.0,
+                                 return_dict=False)[0]
+    return latents
