@@ -19,6 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLDS = {"pixel_cosine": 0.75, "ssim": 0.75, "l2": 0.9, "nn_identity": 0.5,
                       "latent_cosine": 0.75, "sscd": 0.75}
 BACKENDS = tuple(DEFAULT_THRESHOLDS)
+MEMORIZED_SHARE = 0.5  # a sample is memorized when at least this share of its seeds are (is_memorized)
 
 
 def centred_cosine(generated: torch.Tensor, reference: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +67,12 @@ def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> to
     nearest = torch.cdist(generated.double().reshape(P * N, -1), pool.double().reshape(len(pool), -1)).argmin(1)
     return (nearest.reshape(P, N) == paired_index[:, None].to(nearest.device)).double()
 
+
+def is_memorized(memorized_fraction):
+    """The sample-level label of every report: memorized when `memorized_fraction >= 0.5`, i.e. when at least
+    half of its seeds are copies (the copy label) or over the similarity threshold (`--label similarity`).
+    Takes a float, array or Series; NaN (no label) is not memorized."""
+    return np.asarray(memorized_fraction, dtype=np.float64) >= MEMORIZED_SHARE
 
 def load_sscd(path: str | Path) -> torch.jit.ScriptModule:
     """Load an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt) on CPU, in eval mode."""

@@ -55,6 +55,137 @@ def correlation(x, y, method: str = "pearson", n_bootstrap: int = 1000, confiden
     return Correlation(r, float(low), float(high), x.size)
 
 
+def stratified_indices(strata, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_bootstrap, n) resample indices drawn within strata: position i of every resample is a uniform draw,
+    with replacement, from the positions whose stratum equals `strata[i]` (so each stratum keeps its size)."""
+    strata = np.asarray(strata).reshape(-1)
+    idx = np.empty((n_bootstrap, strata.size), dtype=np.int64)
+    for value in np.unique(strata):
+        members = np.flatnonzero(strata == value)
+        idx[:, members] = members[rng.integers(0, members.size, (n_bootstrap, members.size))]
+    return idx
+
+
+def residualise_on_groups(values: np.ndarray, groups) -> np.ndarray:
+    """`v_i - mean_{j: g_j = g_i} v_j` along the last axis: the residual of a regression on group dummies."""
+    _, codes = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+    onehot = np.eye(codes.max() + 1)[codes]  # (n, k)
+    means = (values @ onehot) / onehot.sum(0)
+    return values - means @ onehot.T
+
+
+def residualise_on_covariate(values: np.ndarray, covariate) -> np.ndarray:
+    """`v - (a + b z)` along the last axis, (a, b) the least-squares fit of v on [1, z]: the residual of a
+    linear regression on the covariate z (with intercept)."""
+    design = np.column_stack([np.ones(np.size(covariate)), np.asarray(covariate, dtype=np.float64).reshape(-1)])
+    hat = design @ np.linalg.pinv(design)  # (n, n), symmetric projection onto span[1, z]
+    return values - values @ hat
+
+
+WITHIN_METHODS = ("fixed_effects", "partial")
+
+
+def within_factor_correlation(x, y, factors, method: str = "fixed_effects", n_bootstrap: int = 1000,
+                              confidence: float = 0.95, seed: int = 0) -> Correlation:
+    """Pearson r of x and y *within* duplication factor, with a bootstrap interval resampling within factor.
+
+    `method` 'fixed_effects': both variables residualised on factor dummies (each value minus its factor's mean),
+        r_FE = sum_F sum_i (x_Fi - xbar_F)(y_Fi - ybar_F) / sqrt(sum (x_Fi - xbar_F)^2 sum (y_Fi - ybar_F)^2):
+        only the variation among samples of equal factor counts, whatever the shape of the dependence on F.
+    `method` 'partial': partial Pearson r given z = log(1 + F) (F = 0, a held-out image, has z = 0): the Pearson r
+        of the residuals of x and y after a least-squares fit on [1, z], equal to
+        (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)); it removes only what is linear in z.
+    The interval resamples samples within each factor (`stratified_indices`) `n_bootstrap` times and takes the
+    `(1 -+ confidence) / 2` quantiles. r is NaN (interval too) when the residuals of x or y are constant, e.g. when
+    no factor holds two samples. Pairs with a NaN are dropped.
+    """
+    if method not in WITHIN_METHODS:
+        raise ValueError(f"method must be one of {WITHIN_METHODS}, got {method!r}")
+    x, y = np.asarray(x, dtype=np.float64).reshape(-1), np.asarray(y, dtype=np.float64).reshape(-1)
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if not x.shape == y.shape == factors.shape:
+        raise ValueError(f"x, y and factors must have the same length, got {x.size}, {y.size}, {factors.size}")
+    keep = ~(np.isnan(x) | np.isnan(y) | np.isnan(factors))
+    x, y, factors = x[keep], y[keep], factors[keep]
+    if x.size < 3:
+        raise ValueError(f"need at least 3 (x, y) pairs for a correlation, got {x.size}")
+
+    def r_of(a, b):
+        if method == "fixed_effects":
+            a, b = residualise_on_groups(a, factors), residualise_on_groups(b, factors)
+        else:
+            z = np.log1p(factors)
+            a, b = residualise_on_covariate(a, z), residualise_on_covariate(b, z)
+        r = pearson_rows(a, b)
+        flat = np.ptp(a, -1) <= 1e-9 * np.maximum(1.0, np.abs(a).max(-1))
+        flat |= np.ptp(b, -1) <= 1e-9 * np.maximum(1.0, np.abs(b).max(-1))
+        return np.where(flat, np.nan, r)
+
+    r = float(r_of(x, y))
+    if n_bootstrap <= 0 or np.isnan(r):
+        return Correlation(r, float("nan"), float("nan"), x.size)
+    idx = stratified_indices(factors, n_bootstrap, np.random.default_rng(seed))
+    boot = r_of(x[idx], y[idx])
+    if np.isnan(boot).all():
+        return Correlation(r, float("nan"), float("nan"), x.size)
+    low, high = np.nanquantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Correlation(r, float(low), float(high), x.size)
+
+
+Difference = namedtuple("Difference", ["diff", "low", "high", "n_pos", "n_neg"])
+
+
+def stratified_difference(values, labels, strata=None, n_bootstrap: int = 1000, confidence: float = 0.95,
+                          seed: int = 0) -> Difference:
+    """Mean difference positives minus negatives *at equal stratum*, with a bootstrap interval.
+
+    Per stratum s with both classes, d_s = mean(v | pos, s) - mean(v | neg, s); the estimate is
+    sum_s w_s d_s / sum_s w_s with w_s = n_pos,s n_neg,s / (n_pos,s + n_neg,s) (the weight that minimises the
+    variance of the combination when both classes share one variance). Strata with one class only carry no
+    contrast and are left out. `strata=None`: one stratum, the plain (pooled) difference of means. The interval
+    resamples within each (stratum, class) cell `n_bootstrap` times. NaN when no stratum holds both classes.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    strata = np.zeros(values.size) if strata is None else np.asarray(strata, dtype=np.float64).reshape(-1)
+    if not values.shape == labels.shape == strata.shape:
+        raise ValueError(f"values, labels and strata must have the same length, got {values.size}, {labels.size}, "
+                         f"{strata.size}")
+    keep = ~np.isnan(values)
+    values, labels, strata = values[keep], labels[keep], strata[keep]
+    both = [s for s in np.unique(strata) if labels[strata == s].any() and not labels[strata == s].all()]
+    use = np.isin(strata, both)
+    n_pos, n_neg = int(labels[use].sum()), int((~labels[use]).sum())
+    if not both:
+        return Difference(float("nan"), float("nan"), float("nan"), n_pos, n_neg)
+    values, labels, strata = values[use], labels[use], strata[use]
+    cells = [(strata == s) & (labels == c) for s in both for c in (True, False)]
+    onehot = np.stack(cells, 1).astype(np.float64)  # (n, 2k): positives then negatives of each stratum
+    counts = onehot.sum(0)
+    weights = counts[0::2] * counts[1::2] / (counts[0::2] + counts[1::2])
+
+    def diff_of(v):
+        means = (v @ onehot) / counts
+        return ((means[..., 0::2] - means[..., 1::2]) @ weights) / weights.sum()
+
+    diff = float(diff_of(values))
+    if n_bootstrap <= 0:
+        return Difference(diff, float("nan"), float("nan"), n_pos, n_neg)
+    cell_of = onehot.argmax(1)
+    boot = diff_of(values[stratified_indices(cell_of, n_bootstrap, np.random.default_rng(seed))])
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Difference(diff, float(low), float(high), n_pos, n_neg)
+
+
+def group_difference(a, b, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> Difference:
+    """mean(a) - mean(b) of two independent groups with a percentile bootstrap interval resampling each group
+    separately (n_pos = len(a), n_neg = len(b)); NaN when a group is empty. NaNs dropped."""
+    a, b = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (a, b))
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    values, labels = np.r_[a, b], np.r_[np.ones(a.size, bool), np.zeros(b.size, bool)]
+    return stratified_difference(values, labels, None, n_bootstrap, confidence, seed)
+
+
 def check_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     """Scores (float64) and boolean labels, with both classes present."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
