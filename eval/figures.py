@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from eval.tables import fmt_corr, last_checkpoint_rows  # noqa: E402
+from mem_analysis import verdicts  # noqa: E402
 from mem_analysis.decomposition import reference_schedule  # noqa: E402
 from mem_analysis.io import atomic_path  # noqa: E402
 
@@ -121,7 +122,7 @@ def loss_curve_figure(eval_dir: Path, at_last: pd.DataFrame, settings: dict, las
         return None
     pick = curves["guidance_scale"] == g
     ids, t = curves["sample_id"][pick], curves["probe_timesteps"][pick][0]
-    memorized = at_last.set_index("sample_id").loc[ids, "severity"].to_numpy() > settings["threshold"]
+    memorized = verdicts.memorized_labels(at_last.set_index("sample_id").loc[ids])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, space in ((axes[0], "probe_loss_cfg_x0", "x0 space: ||x - x0hat(e_g)||^2"),
                            (axes[1], "probe_loss_cfg", "epsilon space: ||eps - e_g||^2")):

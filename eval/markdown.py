@@ -12,9 +12,10 @@ import pandas as pd
 
 from eval.figures import draw_figures, loss_curve_figure, warning_figure
 from eval.summary import build_summary
-from eval.tables import fmt, fmt_corr, last_checkpoint_rows
+from eval.tables import fmt, fmt_corr, fmt_diff, last_checkpoint_rows
 from mem_analysis import stats, verdicts
 from mem_analysis.io import write_text_atomic
+from mem_analysis.severity import MEMORIZED_SHARE
 
 GUIDED_K = re.compile(r"^k_cfg_(\d+(?:\.\d+)?)_early$")  # k_cfg_<g>_early, not the _uncentred variants
 
@@ -34,9 +35,45 @@ def mean_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> str:
     return "n/a (no samples)" if np.isnan(mean) else f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
 
 
+def measure_line(col: str, m: dict) -> str:
+    """One deciding measure of a correlation finding: pooled r, within-factor r (deciding), partial r, verdict."""
+    if m.get("missing"):
+        return f"{col}: not in the table: {m['verdict']}"
+    return (f"{col} pooled {fmt_corr(m['pooled'] or dict(r=None))}, within factor (fixed effects) "
+            f"{fmt_corr(m['within'])}, partial given log(1 + F) {fmt_corr(m['partial'])} "
+            f"({'+' if m['sign'] > 0 else '-'} predicted): {m['verdict']}")
+
+
+def contrast_line(col: str, m: dict) -> str:
+    """One measure of finding (i): memorized minus not within factor (deciding) and pooled, and its verdict."""
+    if m.get("missing"):
+        return f"{col}: not in the table: {m['verdict']}"
+    return (f"{col} within factor {fmt_diff(m['within'])}, pooled {fmt_diff(m['pooled'])} "
+            f"({'higher' if m['sign'] > 0 else 'lower'} predicted): {m['verdict']}")
+
+
+def contrast_table(decided: dict) -> list[str]:
+    """Finding (i) per duplication factor: memorized minus not of each deciding measure (one class: untestable)."""
+    cols = [c for c, m in decided["measures"].items() if not m.get("missing")]
+    if not cols:
+        return []
+    lines = ["", "| dup_factor | memorized / not | " + " | ".join(f"{c} (memorized - not)" for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for f, d in decided["measures"][cols[0]]["per_factor"].items():
+        cells = ["untestable (one class only)" if decided["measures"][c]["per_factor"][f].get("untestable")
+                 else fmt_diff(decided["measures"][c]["per_factor"][f]) for c in cols]
+        lines.append(f"| {f} | {d['n_pos']} / {d['n_neg']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def verdict_text(decided: dict) -> str:
+    """'holds', or 'partly holds (D_x_early holds; D_T_early carried by duplication alone)'."""
+    return decided["verdict"] + (f" ({decided['detail']})" if decided.get("detail") else "")
+
+
 def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) -> list[str]:
-    """The paper's three findings, each decided by a measure fixed in advance (mem_analysis.verdicts.FINDINGS),
-    with the line saying which measure decided it and why, then the secondary figures."""
+    """The paper's three findings, each decided by the measures of mem_analysis.verdicts.FINDINGS, pooled and within
+    duplication factor, with the line saying which measure decided it and why, then the secondary figures."""
     g = f"{settings['guidance_scale']:g}"
     entry = summary["checkpoints"][str(last)][g]
     corr = lambda col: entry["correlations"].get(col, {}).get("pearson", dict(r=None))  # noqa: E731
@@ -45,19 +82,27 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
     K = f"{settings['early_steps']} DDIM steps" if settings.get("early_steps") else f"DDIM steps with t >= {hi}"
     n, m = entry["n_samples"], entry["n_memorized"]
     lines = [f"At the last evaluated checkpoint (step {last}, g = {g}, {n} probe samples, {m} memorized: "
-             f"severity > {settings['threshold']:g}); r is Pearson across samples with a 95% bootstrap interval. "
-             f"Each verdict is decided by the measures named on its second line (rules: docs/findings.md).", ""]
+             f"memorized_fraction >= {MEMORIZED_SHARE:g}). A finding holds only if it holds across all samples "
+             "(pooled) AND among samples of equal duplication factor (within factor: both variables residualised on factor "
+             "dummies, the deciding figure; the partial r given log(1 + F) is shown beside); pooled without within is "
+             "\"carried by duplication alone\". r is Pearson with severity; intervals are 95% bootstrap, within factor "
+             "resampling samples within their factor. Rules: docs/findings.md.", ""]
     if m in (0, n):
-        lines += [f"{'No' if m == 0 else 'Every'} probe sample is memorized at this checkpoint: the verdicts rest on "
-                  "the spread of severity alone, and detection scores (AUROC) are undefined.", ""]
+        lines += [f"{'No' if m == 0 else 'Every'} probe sample is memorized at this checkpoint: finding 1's contrast "
+                  "cannot be formed and detection scores (AUROC) are undefined.", ""]
     for key, number in (("i", 1), ("ii", 2), ("iii", 3)):
         spec, decided = verdicts.FINDINGS[key], summary["findings"][key]
-        measures = "; ".join(f"{col} {fmt_corr(corr(col))} ({'+' if sign > 0 else '-'} predicted): "
-                             f"{decided['measures'][col]}" for col, sign in spec["decide"])
-        lines += [f"**{number}. {spec['title']}** -- {decided['verdict']}.",
-                  f"- Decided by {measures}. Why these: {spec['why']}.",
-                  "- Secondary: " + "; ".join(f"{col} {fmt_corr(corr(col))}" for col in spec["secondary"]
-                                              if col in entry["correlations"]) + "."]
+        if decided["kind"] == "contrast":
+            decided_by = ("the contrast at equal duplication factor, memorized minus not: "
+                          + "; ".join(contrast_line(c, mm) for c, mm in decided["measures"].items()))
+        else:
+            decided_by = "; ".join(measure_line(c, mm) for c, mm in decided["measures"].items())
+        lines += [f"**{number}. {spec['title']}** -- {verdict_text(decided)}.",
+                  f"- Decided by {decided_by}. Why these: {spec['why']}.",
+                  "- Secondary (pooled): " + "; ".join(f"{col} {fmt_corr(corr(col))}" for col in spec["secondary"]
+                                                       if col in entry["correlations"]) + "."]
+        if decided["kind"] == "contrast":
+            lines += contrast_table(decided)
         if key == "ii":
             d = det("wen_magnitude")
             lines.append(f"- Wen et al.'s magnitude ||e_c - e_0|| (first {K}): AUROC {fmt(d.get('auroc'))}, "
@@ -77,34 +122,51 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
 
 
 def premise_lines(premise: dict) -> list[str]:
-    """The premise check: k_0 (centred and uncentred) per duplication factor, and its one-line verdict."""
-    uncentred = premise.get("k_uncond_uncentred_by_dup", {})
-    lines = [f"**Premise: the unconditional prediction carries no x (k_0 ~ 0)** -- {premise['verdict']}.",
-             f"- Measure: k_uncond (centred on mu) in the {premise['window']}, mean over samples; holds when "
-             f"|k_0| < {premise['tolerance']:g}.", "",
-             "| dup_factor | samples | k_0 centred | k_0 uncentred |", "|---|---|---|---|"]
-    for dup, k0 in premise["k_uncond_by_dup"].items():
-        lines.append(f"| {dup} | {premise['n_by_dup'][dup]} | {fmt(k0, 2)} | {fmt(uncentred.get(dup), 2)} |")
+    """The premise check: first-step k_0 per duplication factor against the held-out images, the references beside
+    it, the training-side probe, and its one-line verdict."""
+    null = premise["null"] or (f"none: fewer than {verdicts.MIN_HELDOUT} held-out probe images, so the fallback "
+                               f"|k0_first| < {premise['tolerance']:g} (not a test against a null)")
+    lines = [f"**Premise: the unconditional prediction carries no x (k_0 ~ 0)** -- {premise['sentence']}.",
+             f"- Decided by k0_first ({premise['window']}) against the null: {null}. A factor fails when the 95% "
+             f"interval of delta_k0 = k0_first(factor) - k0_first(held-out) lies above {premise['tolerance']:g}, holds "
+             f"when it lies below. Beside it: the analytic linear-Gaussian k_0 (a denoiser that memorizes nothing), "
+             f"k_0 on Gaussian probes, and the training-side probe k_uncond_early ({premise['training_probe']}).", "",
+             "| dup_factor | samples | k0_first [95% CI] | delta_k0 [95% CI] | premise | analytic k_0 | "
+             "k_0 Gaussian probes | training-side probe k_uncond_early centred / uncentred |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dup, n in premise["n_by_dup"].items():
+        k0 = premise["k0_first_by_dup"].get(dup)
+        first = f"{fmt(k0['mean'], 2)} [{fmt(k0['ci_low'], 2)}, {fmt(k0['ci_high'], 2)}]" if k0 else "n/a"
+        delta = premise["delta_k0_by_dup"].get(dup)
+        delta = fmt_diff(delta) if delta else ("(the null)" if dup == "0" and premise["null"] else "n/a")
+        lines.append(f"| {dup} | {n} | {first} | {delta} | {premise['state_by_dup'].get(dup, '')} | "
+                     f"{fmt(premise['analytic_k0_by_dup'].get(dup), 2)} | "
+                     f"{fmt(premise['k0_gauss_by_dup'].get(dup), 2)} | "
+                     f"{fmt(premise['k_uncond_by_dup'].get(dup), 2)} / "
+                     f"{fmt(premise['k_uncond_uncentred_by_dup'].get(dup), 2)} |")
     return lines
 
 
 def anchor_lines(summary: dict, settings: dict, last: int) -> list[str]:
-    """The paper's per-model Pearson r beside this run's figure of the same kind, and what differs."""
+    """The paper's per-model Pearson r beside this run's D_x_early figure, the all-steps D_x below, and what differs."""
     entry = summary["checkpoints"][str(last)][f"{settings['guidance_scale']:g}"]
+    c = lambda col: entry["correlations"].get(col, {}).get("pearson", dict(r=None, n=0))  # noqa: E731
     lines = ["Each of the paper's figures is ONE Pearson correlation per model, across its prompts, between the "
              "schedule deviation and SSCD severity. The mapping of the three numbers to models is taken from the "
-             "paper's text (as docs/findings.md quotes it); this run is a fourth model, not a fourth measure.", "",
-             "| model | Pearson r (D_x, paper schedule, vs severity) | n prompts |", "|---|---|---|"]
+             "paper's text (as docs/findings.md quotes it); this run is a fourth model, read with D_x over the early "
+             "steps, not the paper's all-steps D_x (whose late terms restate severity here).", "",
+             "| model | Pearson r (D_x vs severity, paper schedule; the paper's rows over all steps) | n prompts |",
+             "|---|---|---|"]
     lines += [f"| {model} (paper) | {r:.2f} | (paper) |" for model, r in verdicts.PAPER_ANCHORS]
-    c = entry["correlations"].get("D_x", {}).get("pearson", dict(r=None, n=0))
-    lines += [f"| this run (step {last}) | {fmt_corr(c)} | {c.get('n')} |", "",
-              f"Conditions that differ: model (this run: `{settings['model']}`, fine-tuned here, vs pretrained SD "
-              f"v1.4 / v2.1 / Realistic Vision); prompts (the probe captions of a dataset with controlled duplication, "
-              f"vs the paper's prompt sets); severity (`{settings['severity_backend']}` vs SSCD); seeds "
-              f"({len(settings['seeds'])} vs the paper's); sampler steps "
-              f"(DDIM {settings['num_inference_steps']} vs 50, "
-              f"so a sum D is not comparable: the per-step D_x_mean is). D_x_early and D_T are other measures and "
-              f"are not set beside these figures."]
+    lines += [f"| this run (step {last}), D_x_early | {fmt_corr(c('D_x_early'))} | {c('D_x_early').get('n')} |",
+              f"| this run (step {last}), all-steps D_x (secondary) | {fmt_corr(c('D_x'))} | {c('D_x').get('n')} |", "",
+              f"Conditions that differ: the window (the first sampling steps here, all steps in the paper); model "
+              f"(this run: `{settings['model']}`, fine-tuned here, vs pretrained SD v1.4 / v2.1 / Realistic Vision); "
+              f"prompts (the probe captions of a dataset with controlled duplication, vs the paper's prompt sets, so "
+              f"this r also spans duplication factors: its within-factor figure is finding 3's); severity "
+              f"(`{settings['severity_backend']}` vs SSCD); seeds ({len(settings['seeds'])} vs the paper's); sampler "
+              f"steps (DDIM {settings['num_inference_steps']} vs 50, so a sum D is not comparable: the per-step "
+              f"D_x_mean is)."]
     return lines
 
 
@@ -125,7 +187,7 @@ def reliability_lines(rel: dict) -> list[str]:
 def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]:
     """Finding 1 by group (memorized vs not) and k by duplication factor and guidance scale, at one checkpoint."""
     g, hi = f"{settings['guidance_scale']:g}", settings["high_noise_timestep"]
-    memorized = (at_last["severity"] > settings["threshold"]).to_numpy()
+    memorized = verdicts.memorized_labels(at_last)
     lines = [f"Memorized (n = {int(memorized.sum())}) vs not (n = {int((~memorized).sum())}), mean per sample "
              f"with a 95% bootstrap interval:", "",
              "| quantity | memorized | not memorized |", "|---|---|---|"]
@@ -167,31 +229,51 @@ def onset_summary(summary: dict) -> list[str]:
 
 
 def headline_lines(summary: dict, settings: dict, at_last: pd.DataFrame, last: int) -> list[str]:
-    """The figures the README quotes, all read from summary.json / per_sample.csv of this evaluation."""
+    """headline.md, rendered from summary.json's `headline` block (and the intervals of its `findings`)."""
     g = f"{settings['guidance_scale']:g}"
     entry = summary["checkpoints"][str(last)][g]
     corr = lambda col: fmt_corr(entry["correlations"].get(col, {}).get("pearson", dict(r=None)))  # noqa: E731
-    fraction = at_last.groupby("dup_factor")["memorized_fraction"].mean().sort_index(ascending=False)
-    f = summary["findings"]
-    lines = [f"Step {last}, g = {g}, {len(settings['seeds'])} seeds, DDIM {settings['num_inference_steps']} steps, "
-             f"{entry['n_samples']} probe samples ({entry['n_memorized']} memorized: `{settings['severity_backend']}` "
-             f"> {settings['threshold']:g}); written by eval/report.py, do not edit.", "",
-             "- Share of seeds over the threshold by duplication factor: "
-             + ", ".join(f"{d}x {fmt(v, 2)}" for d, v in fraction.items()) + ".",
-             f"- Finding 1 (CFG loss larger), decided by loss_cfg_x0_early: {f['i']['verdict']}; "
-             f"{corr('loss_cfg_x0_early')} (epsilon space, all t: {corr('loss_cfg')}).",
-             f"- Finding 2 (early collapse), decided by collapse_early and cos_diff_xmu_early: {f['ii']['verdict']}; "
-             f"{corr('collapse_early')} and {corr('cos_diff_xmu_early')}.",
-             f"- Finding 3 (deviation tracks severity), decided by D_x_early and D_T: {f['iii']['verdict']}; "
-             f"{corr('D_x_early')} and {corr('D_T')}.",
-             f"- Premise k_0 ~ 0: {summary['premise']['verdict']}.",
-             f"- Anchor: Pearson of D_x with severity across this run's samples {corr('D_x')}, beside the paper's "
+    block, f = summary["headline"], summary["findings"]
+    fraction = sorted(((int(k.rsplit("_", 1)[1]), v) for k, v in block["figures"].items()
+                       if k.startswith("memorized_fraction_dup_")), reverse=True)
+
+    def pooled_within(key):
+        parts = []
+        for col, m in f[key]["measures"].items():
+            if m.get("missing"):
+                parts.append(f"{col} not measured")
+            elif f[key]["kind"] == "contrast":
+                parts.append(f"{col} memorized - not {fmt_diff(m['within'])} within factor, "
+                             f"{fmt_diff(m['pooled'])} pooled")
+            else:
+                parts.append(f"{col} {fmt_corr(m['pooled'] or dict(r=None))} pooled, "
+                             f"{fmt_corr(m['within'])} within factor")
+        return "; ".join(parts)
+
+    lines = [f"Step {block['step']}, g = {g}, {len(settings['seeds'])} seeds, DDIM {settings['num_inference_steps']} "
+             f"steps, {entry['n_samples']} probe samples ({entry['n_memorized']} memorized: memorized_fraction >= "
+             f"{MEMORIZED_SHARE:g}); a finding holds only if it holds pooled and within duplication factor; written by "
+             "eval/report.py, do not edit.", "",
+             "- Memorized fraction of seeds by duplication factor: "
+             + ", ".join(f"{d}x {fmt(v, 2)}" for d, v in fraction) + ".",
+             f"- Finding 1 (at equal duplication, memorized samples have the CFG loss higher and the conditional loss "
+             f"lower), decided by loss_cfg_x0_early and loss_cond_x0_early: {block['verdicts']['finding_i']}; "
+             f"{pooled_within('i')}.",
+             f"- Finding 2 (early collapse), decided by collapse_early and cos_diff_xmu_early: "
+             f"{block['verdicts']['finding_ii']}; {pooled_within('ii')}.",
+             f"- Finding 3 (deviation tracks severity), decided by D_x_early and D_T_early: "
+             f"{block['verdicts']['finding_iii']}; {pooled_within('iii')} (all-steps D_T, secondary: {corr('D_T')}).",
+             f"- Premise k_0 ~ 0 (first-step k_0 against held-out images): {summary['premise']['sentence']}.",
+             f"- Anchor: Pearson of D_x over the early steps with severity across this run's samples "
+             f"{corr('D_x_early')}, beside the paper's "
              + ", ".join(f"{r:.2f} ({m})" for m, r in verdicts.PAPER_ANCHORS)
-             + " (one figure per model; the conditions differ, see report.md)."]
+             + f" (all-steps D_x on pretrained models with SSCD severity; here all-steps D_x {corr('D_x')}, whose late "
+             "terms restate severity; other conditions: report.md)."]
     rel = summary.get("reliability") or {}
-    if "D_T" in rel and "D_x_early" in rel:
+    if "D_T_early" in rel and "D_x_early" in rel:
         lines.append(f"- Reliability across seeds: D_x_early {fmt(rel['D_x_early']['reliability'], 2)}, "
-                     f"D_T {fmt(rel['D_T']['reliability'], 2)}, severity {fmt(rel['severity']['reliability'], 2)}.")
+                     f"D_T_early {fmt(rel['D_T_early']['reliability'], 2)}, "
+                     f"severity {fmt(rel['severity']['reliability'], 2)}.")
     return lines
 
 
@@ -210,8 +292,8 @@ def warning_lines(result: dict | None, figure: str | None) -> list[str]:
               "samples of the same step (held-out images when the dataset has them, else never-duplicated ones, "
               f"each null sample scored leave-one-out); the alarm fires at a {result['fpr']:g} false-alarm rate "
               "per probe step (docs/science.md, \"Early warning from training probes\"). It is measured against "
-              "severity: \"memorized\" = over the threshold at the last evaluated checkpoint; lead time = onset step - "
-              "first alarm step.", ""]
+              "what sampling found: \"memorized\" = at least half its seeds memorized at the last evaluated "
+              "checkpoint; lead time = onset step (severity crossing the threshold) - first alarm step.", ""]
     steps = result["auroc_by_step"]
     earliest, best = result["earliest_auroc_0_9"], result["best_auroc"]
     n_pos = max((a["n_positive"] for a in steps.values()), default=0)

@@ -1,6 +1,7 @@
 """A checkpoint evaluation's tables -> summary.json (M7 of docs/science.md): per checkpoint and guidance scale the
 correlation of every score with severity and its detection AUROC, each sample's onset, the findings decided by
-mem_analysis.verdicts, the premise, the reliability across seeds, and the early warning against what sampling found.
+mem_analysis.verdicts (pooled and within duplication factor), the premise (mem_analysis.premise), the reliability
+across seeds, the early warning against what sampling found, and the `headline` block a study runner aggregates.
 
 Pure computation from tables (no figures, no text): eval/markdown.py renders it, eval/figures.py draws it.
 """
@@ -16,6 +17,7 @@ import pandas as pd
 from eval.tables import last_checkpoint_rows
 from mem_analysis import early_warning, run, stats, verdicts
 from mem_analysis.io import write_text_atomic
+from mem_analysis.premise import premise as decide_premise
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
 NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction"}
@@ -50,11 +52,11 @@ def detection(scores: np.ndarray, labels: np.ndarray, direction: str = "higher")
 
 def summarize(per_sample: pd.DataFrame, settings: dict, n_boot: int = 1000) -> dict:
     """M7 per checkpoint and guidance scale, and the onset of memorization per sample."""
-    threshold = settings["threshold"]
+    threshold = settings["threshold"]  # onset: a sample's severity crossing it
     out = dict(settings=settings, checkpoints={}, onset={})
     for (step, g), rows in per_sample.groupby(["checkpoint_step", "guidance_scale"]):
         sev = rows["severity"].to_numpy(float)
-        labels = (sev > threshold).astype(int)  # as M6's memorized fraction: similarity over the threshold
+        labels = verdicts.memorized_labels(rows).astype(int)  # at least half the seeds (severity.is_memorized)
         entry = dict(n_samples=int(len(rows)), n_memorized=int(labels.sum()),
                      mean_severity=float(sev.mean()), correlations={}, detection={})
         for col in score_columns(rows):
@@ -92,23 +94,31 @@ def deviation_rise_thresholds(headline: pd.DataFrame) -> tuple[pd.Series, str]:
     return pd.Series(float(spread(base)) if len(base) else math.nan, index=steps), "the first evaluated model"
 
 
-def decide_findings(summary: dict, settings: dict, last: int) -> dict:
+def decide_findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame, n_boot: int = 1000) -> dict:
     """{'i' | 'ii' | 'iii': verdict dict} at the last checkpoint and headline guidance scale."""
     entry = summary["checkpoints"][str(last)][f"{settings['guidance_scale']:g}"]
-    return {key: verdicts.decide(entry["correlations"], key) for key in verdicts.FINDINGS}
+    return {key: verdicts.decide(at_last, entry["correlations"], key, n_boot) for key in verdicts.FINDINGS}
 
 
-def read_findings(summary: dict, per_sample: pd.DataFrame, per_seed: pd.DataFrame | None, settings: dict) -> dict:
+def read_findings(summary: dict, per_sample: pd.DataFrame, per_seed: pd.DataFrame | None, settings: dict,
+                  n_boot: int = 1000) -> dict:
     """summary.json's `findings`, `premise` and `reliability` (None without per_seed.csv), at the last
     checkpoint and headline guidance scale."""
     g = settings["guidance_scale"]
     last, at_last = last_checkpoint_rows(per_sample, g)
-    out = dict(findings=decide_findings(summary, settings, last), premise=verdicts.premise(at_last), reliability=None)
+    out = dict(findings=decide_findings(summary, settings, last, at_last, n_boot),
+               premise=decide_premise(at_last, n_boot=n_boot), reliability=None)
     if per_seed is not None:
         seeds = per_seed[(per_seed["guidance_scale"] == g) & (per_seed["checkpoint_step"] == last)]
         columns = [c for c in seeds.columns if c.startswith(("D_x", "D_T"))]
         out["reliability"] = verdicts.reliability(seeds, at_last, columns, f"sev_{settings['severity_backend']}")
     return out
+
+
+def headline_block(summary: dict, per_sample: pd.DataFrame, settings: dict) -> dict:
+    """summary.json's `headline` (mem_analysis.verdicts.headline_block) at the last checkpoint and headline g."""
+    last, at_last = last_checkpoint_rows(per_sample, settings["guidance_scale"])
+    return verdicts.headline_block(summary, at_last, last)
 
 
 def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
@@ -120,12 +130,12 @@ def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
 
 def warning_summary(per_sample: pd.DataFrame, warnings: list[dict], fpr: float, summary: dict, settings: dict,
                     n_boot: int) -> dict | None:
-    """summary.json's `early_warning`: the warning against "memorized at the last checkpoint" (severity over
-    the threshold at the headline g, as everywhere in this report) and against each sample's onset step."""
+    """summary.json's `early_warning`: the warning against "memorized at the last checkpoint" (at least half the
+    seeds memorized at the headline g, as everywhere in this report) and against each sample's onset step."""
     if not warnings:
         return None
     _, at_last = last_checkpoint_rows(per_sample, settings["guidance_scale"])
-    memorized = {int(s): bool(v > settings["threshold"]) for s, v in zip(at_last["sample_id"], at_last["severity"])}
+    memorized = dict(zip(at_last["sample_id"].astype(int).tolist(), verdicts.memorized_labels(at_last).tolist()))
     onset = {int(s): o["onset_step"] for s, o in summary["onset"].items()}
     return dict(fpr=fpr, **early_warning.evaluate_warning(warnings, memorized, onset, n_boot))
 
@@ -140,6 +150,7 @@ def build_summary(eval_dir: Path, per_sample: pd.DataFrame, settings: dict, fail
     summary["early_warning"] = warning_summary(per_sample, warnings, fpr, summary, settings, n_boot)
     per_seed_path = eval_dir / "per_seed.csv"
     summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
-                                 settings))
+                                 settings, n_boot))
+    summary["headline"] = headline_block(summary, per_sample, settings)
     write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     return summary, warnings

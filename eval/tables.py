@@ -66,3 +66,10 @@ def fmt_corr(c: dict) -> str:
     """'r = 0.870 [0.710, 0.950]' (95% bootstrap interval)."""
     return "r = n/a (undefined: constant values or fewer than 3 samples)" if c["r"] is None else \
         f"r = {fmt(c['r'])} [{fmt(c['ci_low'])}, {fmt(c['ci_high'])}]"
+
+
+def fmt_diff(d: dict | None) -> str:
+    """'+0.120 [0.050, 0.190]': a difference memorized minus not, with its 95% bootstrap interval."""
+    if not d or d.get("diff") is None:
+        return "n/a"
+    return f"{d['diff']:+.3f} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"

@@ -77,8 +77,8 @@ def sentence(out: dict) -> str:
     deltas = out["delta_k0_by_dup"]
     worst = max(deltas, key=lambda f: -np.inf if deltas[f]["diff"] is None else deltas[f]["diff"])
     d = deltas[worst]
-    figure = f"delta_k0 = {d['diff']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}] at {worst}x" if d["ci_low"] is not None \
-        else "delta_k0 undefined"
+    figure = ("delta_k0 undefined" if d["ci_low"] is None else
+              f"delta_k0 = {d['diff']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}] at {worst}x")
     if out["verdict"] in (DOES_NOT_HOLD, PARTLY):
         text = (f"{out['verdict']}: at {named('fails')} the first-step k_0 exceeds the held-out images' by more than "
                 f"{tol:g} ({figure}): the unconditional first prediction carries more of these training images "
@@ -104,14 +104,14 @@ def premise(at_last: pd.DataFrame, tolerance: float = PREMISE_TOLERANCE, referen
     mean of ANALYTIC_K0_COLUMN per factor when present).
     """
     factors = at_last["dup_factor"].to_numpy(float)
-    out = dict(tolerance=tolerance, measure=None, null=None, n_by_dup={str(int(d)): int(n) for d, n in
-                                                                           at_last.groupby("dup_factor").size().items()},
+    sizes = at_last.groupby("dup_factor").size()
+    out = dict(tolerance=tolerance, measure=None, null=None, n_by_dup={str(int(d)): int(n) for d, n in sizes.items()},
                window="the sampler's first prediction from pure Gaussian noise, mean over seeds",
                k0_first_by_dup={}, delta_k0_by_dup={}, state_by_dup={},
                analytic_k0_by_dup=reference if reference is not None else mean_by_dup(at_last, ANALYTIC_K0_COLUMN),
                k0_gauss_by_dup=mean_by_dup(at_last, "k0_gauss_early"),
-               training_probe="forward-noised training latents, high-noise window (k_uncond_early): holds "
-                              "sqrt(abar_t) x of the image, so not the premise",
+               training_probe="forward-noised training latents in the high-noise window, which still hold "
+                              "sqrt(abar_t) x of the image: not the premise",
                k_uncond_by_dup=mean_by_dup(at_last, "k_uncond_early"),
                k_uncond_uncentred_by_dup=mean_by_dup(at_last, "k_uncond_uncentred_early"))
     if MEASURE in at_last and at_last[MEASURE].notna().any():

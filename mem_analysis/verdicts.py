@@ -108,7 +108,8 @@ def combine(parts: dict[str, str]) -> tuple[str, str]:
         verdict = PARTLY
     else:
         verdict = CARRIED if all(v == CARRIED for v in testable.values()) else DOES_NOT_HOLD
-    detail = "; ".join(f"{k} {v}" for k, v in testable.items()) if verdict == PARTLY or len(set(testable.values())) > 1 else ""
+    mixed = verdict == PARTLY or len(set(testable.values())) > 1
+    detail = "; ".join(f"{k} {v}" for k, v in testable.items()) if mixed else ""
     if untested and testable:
         detail = "; ".join(filter(None, [detail, f"{', '.join(untested)} cannot be tested"]))
     return verdict, detail

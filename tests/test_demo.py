@@ -100,10 +100,11 @@ def test_report_numbers_equal_the_tables(demo):
         np.testing.assert_allclose(printed.to_numpy(), expected.to_numpy(), atol=5e-4, err_msg=caption)
 
     last = table[table["checkpoint_step"] == table["checkpoint_step"].max()]
-    r = np.corrcoef(last["D_x"], last["severity"])[0, 1]
-    printed_r = re.search(r"^\| this run \(step \d+\) \| r = (-?[\d.]+)", report, flags=re.M)
-    assert printed_r, "report.md's anchor table does not print the D_x Pearson r"
-    assert float(printed_r.group(1)) == pytest.approx(r, abs=5e-4)
+    for column, row in (("D_x_early", "D_x_early"), ("D_x", "all-steps D_x \\(secondary\\)")):
+        r = np.corrcoef(last[column], last["severity"])[0, 1]
+        printed_r = re.search(rf"^\| this run \(step \d+\), {row} \| r = (-?[\d.]+)", report, flags=re.M)
+        assert printed_r, f"report.md's anchor table does not print the {column} Pearson r"
+        assert float(printed_r.group(1)) == pytest.approx(r, abs=5e-4)
 
     threshold = settings["threshold"]
     onset_rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+|never) \| (\d+|never) \|$", report, flags=re.M)

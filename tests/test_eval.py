@@ -172,28 +172,40 @@ def test_figures_and_report_numbers_equal_the_tables(single):
         r = np.corrcoef(last[col], last["severity"])[0, 1]
         assert f"r = {r:.3f} [" in text, col
     summary = json.loads((out / "summary.json").read_text())
-    # each verdict follows from its deciding measures' intervals, recomputed here by the rule of docs/findings.md
+    # each verdict follows from its deciding measures' intervals, pooled AND within duplication factor, recomputed
+    # here by the rule of docs/findings.md; pooled r is the plain Pearson of the table
     correlations = summary["checkpoints"]["4"]["7.5"]["correlations"]
     lines = text.splitlines()
-    for number, deciding in ((1, {"loss_cfg_x0_early": 1}), (2, {"collapse_early": -1, "cos_diff_xmu_early": -1}),
-                             (3, {"D_x_early": 1, "D_T": 1})):
+    for number, key, deciding in ((1, "i", {"loss_cfg_x0_early": 1, "loss_cond_x0_early": -1}),
+                                  (2, "ii", {"collapse_early": -1, "cos_diff_xmu_early": -1}),
+                                  (3, "iii", {"D_x_early": 1, "D_T_early": 1})):
         at = next(i for i, line in enumerate(lines) if line.startswith(f"**{number}."))
+        decided = summary["findings"][key]
+        assert list(decided["measures"]) == list(deciding)
         parts = {}
         for col, sign in deciding.items():
-            c = correlations[col]["pearson"]
-            if c["r"] is not None:
-                assert c["r"] == pytest.approx(np.corrcoef(last[col], last["severity"])[0, 1], abs=1e-9)
-                parts[col] = (c["ci_low"] > 0) if sign > 0 else (c["ci_high"] < 0)
+            m = decided["measures"][col]
+            on_side = lambda v: None if v is None or v["ci_low"] is None else (  # noqa: E731
+                v["ci_low"] > 0 if sign > 0 else v["ci_high"] < 0)
+            pooled, within = on_side(m["pooled"]), on_side(m["within"])
+            parts[col] = ("cannot be tested" if pooled is None or (pooled and within is None) else
+                          "does not hold" if not pooled else "holds" if within else "carried by duplication alone")
+            assert m["verdict"] == parts[col]
+            if key != "i" and correlations[col]["pearson"]["r"] is not None:
+                assert m["pooled"]["r"] == pytest.approx(np.corrcoef(last[col], last["severity"])[0, 1], abs=1e-9)
         verdict = lines[at].split(" -- ")[1]
-        if not parts:
-            assert verdict.startswith("cannot be tested")
-        elif all(parts.values()):
-            assert verdict.startswith("holds")
-        elif not any(parts.values()):
-            assert verdict.startswith("does not hold")
+        assert verdict.startswith(decided["verdict"])
+        assert summary["headline"]["verdicts"][f"finding_{key}"] == decided["verdict"]
+        if key == "i":  # the CFG loss carries it; the conditional loss alone never makes it hold
+            cfg, cond = parts["loss_cfg_x0_early"], parts["loss_cond_x0_early"]
+            assert decided["verdict"] == ({"holds": "holds" if cond == "holds" else "partly holds"}.get(cfg, cfg))
         else:
-            assert verdict.startswith("partly holds")
-        assert lines[at + 1].startswith("- Decided by " + next(iter(deciding)))
+            testable = [v for v in parts.values() if v != "cannot be tested"]
+            expected = ("cannot be tested" if not testable else "holds" if set(testable) == {"holds"} else
+                        "partly holds" if "holds" in testable else "carried by duplication alone"
+                        if set(testable) == {"carried by duplication alone"} else "does not hold")
+            assert decided["verdict"] == expected
+        assert lines[at + 1].startswith("- Decided by ")
     assert set(summary["premise"]["k_uncond_by_dup"]) == {"1", "4", "8"}
     k0 = last.groupby("dup_factor")["k_uncond_early"].mean()
     assert summary["premise"]["k_uncond_by_dup"]["8"] == pytest.approx(k0[8])

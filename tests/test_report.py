@@ -29,7 +29,9 @@ def hand_table() -> pd.DataFrame:
         cos_diff_xmu_early=-severity,                    # falls as predicted: holds
         diversity=[0.9, 0.8, 0.7, 0.6, 0.1, 0.2],        # lower = memorized
         D_x_early=np.full(6, 0.5),                       # constant: cannot be tested
+        D_T_early=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6],        # rises with severity within each factor too: holds
         D_T=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6], D_x=severity * 3,
+        k0_first=[0.0, 0.1, 0.1, 0.1, 0.4, 0.5],         # no held-out rows: the fallback |k_0| < 0.2
         k_uncond_early=[0.0, 0.1, 0.1, 0.1, 0.4, 0.5], k_uncond_uncentred_early=[0.3] * 6,
     ))
 
@@ -44,16 +46,21 @@ def summary():
 
 def test_verdicts_are_decided_by_the_named_measures(summary):
     f = summary["findings"]
-    assert f["i"]["verdict"] == "holds" and f["i"]["measures"] == {"loss_cfg_x0_early": "holds"}
-    assert f["ii"]["verdict"] == "partly holds (collapse_early does not hold; cos_diff_xmu_early holds)"
-    assert f["iii"]["verdict"] == "holds (D_x_early cannot be tested)"
+    # finding (i) is a contrast at equal duplication: here every factor holds one class only (64x all memorized)
+    assert f["i"]["verdict"] == "cannot be tested" and f["i"]["measures"]["loss_cfg_x0_early"]["within"]["diff"] is None
+    assert f["i"]["measures"]["loss_cfg_x0_early"]["per_factor"]["64"]["untestable"] == "one class only"
+    assert f["ii"]["verdict"] == "partly holds"
+    assert f["ii"]["detail"] == "collapse_early does not hold; cos_diff_xmu_early holds"
+    assert f["iii"]["verdict"] == "holds" and f["iii"]["detail"] == "D_x_early cannot be tested"
     lines = markdown.findings(summary, SETTINGS, 500, hand_table())
     verdict_lines = [i for i, line in enumerate(lines) if line.startswith("**")]
     assert [lines[i].split(" -- ")[1] for i in verdict_lines] == [
-        "holds.", "partly holds (collapse_early does not hold; cos_diff_xmu_early holds).",
+        "cannot be tested.", "partly holds (collapse_early does not hold; cos_diff_xmu_early holds).",
         "holds (D_x_early cannot be tested)."]
-    for i, key in zip(verdict_lines, ("loss_cfg_x0_early", "collapse_early", "D_x_early")):
-        assert lines[i + 1].startswith(f"- Decided by {key} r = ") and "Why these:" in lines[i + 1]
+    assert lines[verdict_lines[0] + 1].startswith("- Decided by the contrast at equal duplication factor")
+    for i, key in zip(verdict_lines[1:], ("collapse_early", "D_x_early")):
+        assert lines[i + 1].startswith(f"- Decided by {key} pooled r = ") and "Why these:" in lines[i + 1]
+        assert "within factor (fixed effects) r = " in lines[i + 1]
     assert "diversity r = " in lines[verdict_lines[1] + 2]  # final diversity only as secondary
 
 
@@ -71,12 +78,19 @@ def test_detection_uses_each_scores_direction_and_counts_negatives(summary):
 
 def test_premise_per_duplication_factor(summary):
     premise = summary["premise"]
+    # the training-side probe is kept, labelled; it does not decide
     assert premise["k_uncond_by_dup"] == pytest.approx({"1": 0.05, "4": 0.1, "64": 0.45})
-    assert premise["holds_for"] == [1, 4] and premise["fails_for"] == [64]
-    assert premise["verdict"].startswith("fails for duplication factor(s) 64 (k_0 = 0.45 at 64x)")
-    assert "(1 - k_0) = 0.55" in premise["verdict"]
+    k0_first = {f: e["mean"] for f, e in premise["k0_first_by_dup"].items()}
+    assert k0_first == pytest.approx({"1": 0.05, "4": 0.1, "64": 0.45})
+    # no held-out rows: the fallback |k0_first| < 0.2, said as such
+    assert premise["null"] is None and premise["holds_for"] == [1, 4] and premise["fails_for"] == [64]
+    assert premise["verdict"] == "partly holds"
+    assert premise["sentence"].startswith("cannot be judged against a null") and "fallback |k0_first| < 0.2" in \
+        premise["sentence"] and "largest |k0_first| 0.45 at 64x" in premise["sentence"]
+    assert "carries the training image" not in premise["sentence"]
     lines = markdown.premise_lines(premise)
-    assert "| 64 | 2 | 0.45 | 0.30 |" in lines
+    assert any(line.startswith("| 64 | 2 | 0.45 [0.40, 0.50] | n/a | fails |") and line.endswith("| 0.45 / 0.30 |")
+               for line in lines)
 
 
 def test_reliability_by_hand():
@@ -99,7 +113,8 @@ def test_anchor_table_reads_the_paper_per_model(summary):
     for row in ("| SD v1.4 (paper) | 0.92 |", "| SD v2.1 (paper) | 0.92 |", "| Realistic Vision (paper) | 0.70 |"):
         assert row in text
     r = np.corrcoef(hand_table()["D_x"], hand_table()["severity"])[0, 1]
-    assert f"| this run (step 500) | r = {r:.3f} [" in text
+    assert "| this run (step 500), D_x_early | r = n/a" in text  # constant in the hand table
+    assert f"| this run (step 500), all-steps D_x (secondary) | r = {r:.3f} [" in text
     assert "taken from the paper's text" in text and "severity (`pixel_cosine` vs SSCD)" in text
 
 
