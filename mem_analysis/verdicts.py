@@ -21,7 +21,7 @@ from mem_analysis.severity import is_memorized
 HOLDS, DOES_NOT_HOLD, CARRIED, PARTLY, UNTESTED = (
     "holds", "does not hold", "carried by duplication alone", "partly holds", "cannot be tested")
 VERDICTS = (HOLDS, DOES_NOT_HOLD, CARRIED, PARTLY, UNTESTED)
-# Scores whose value is *lower* for a memorized sample (all others: higher). Stated in advance, never fitted:
+# Scores whose value is *lower* for a memorized sample (all others: higher). Set from the mechanism, never fitted:
 # final diversity and early collapse shrink when seeds converge; the conditional loss and the residual of the
 # decomposition shrink when the image is reproduced; the noise predictions carry -x (negative cosines with x).
 LOWER_IS_MEMORIZED_PREFIXES = ("diversity", "collapse_", "loss_cond", "residual", "cos_c_x", "cos_0_x", "cos_diff_x")
