@@ -129,11 +129,12 @@ def premise_lines(premise: dict) -> list[str]:
     lines = [f"**Premise: the unconditional prediction carries no x (k_0 ~ 0)** -- {premise['sentence']}.",
              f"- Decided by k0_first ({premise['window']}) against the null: {null}. A factor fails when the 95% "
              f"interval of delta_k0 = k0_first(factor) - k0_first(held-out) lies above {premise['tolerance']:g}, holds "
-             f"when it lies below. Beside it: the analytic linear-Gaussian k_0 (a denoiser that memorizes nothing), "
-             f"k_0 on Gaussian probes, and the training-side probe k_uncond_early ({premise['training_probe']}).", "",
-             "| dup_factor | samples | k0_first [95% CI] | delta_k0 [95% CI] | premise | analytic k_0 | "
-             "k_0 Gaussian probes | training-side probe k_uncond_early centred / uncentred |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"when it lies below. Beside it: the analytic k_0 of the optimal Gaussian denoiser fitted on the training "
+             f"latents (a denoiser that memorizes nothing; premise_reference.json), k_0 on Gaussian probes, and the "
+             f"training-side probe k_uncond_early ({premise['training_probe']}) with its analytic value.", "",
+             "| dup_factor | samples | k0_first [95% CI] | delta_k0 [95% CI] | premise | analytic k_0, first step | "
+             "k_0 Gaussian probes | training-side probe k_uncond_early centred / uncentred | its analytic value |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for dup, n in premise["n_by_dup"].items():
         k0 = premise["k0_first_by_dup"].get(dup)
         first = f"{fmt(k0['mean'], 2)} [{fmt(k0['ci_low'], 2)}, {fmt(k0['ci_high'], 2)}]" if k0 else "n/a"
@@ -143,7 +144,8 @@ def premise_lines(premise: dict) -> list[str]:
                      f"{fmt(premise['analytic_k0_by_dup'].get(dup), 2)} | "
                      f"{fmt(premise['k0_gauss_by_dup'].get(dup), 2)} | "
                      f"{fmt(premise['k_uncond_by_dup'].get(dup), 2)} / "
-                     f"{fmt(premise['k_uncond_uncentred_by_dup'].get(dup), 2)} |")
+                     f"{fmt(premise['k_uncond_uncentred_by_dup'].get(dup), 2)} | "
+                     f"{fmt(premise['analytic_k0_forward_by_dup'].get(dup), 2)} |")
     return lines
 
 

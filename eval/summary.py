@@ -17,7 +17,7 @@ import pandas as pd
 from eval.tables import last_checkpoint_rows
 from mem_analysis import early_warning, run, stats, verdicts
 from mem_analysis.io import write_text_atomic
-from mem_analysis.premise import premise as decide_premise
+from mem_analysis.premise import premise as decide_premise, reference_from_file
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
 NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction"}
@@ -101,13 +101,14 @@ def decide_findings(summary: dict, settings: dict, last: int, at_last: pd.DataFr
 
 
 def read_findings(summary: dict, per_sample: pd.DataFrame, per_seed: pd.DataFrame | None, settings: dict,
-                  n_boot: int = 1000) -> dict:
+                  n_boot: int = 1000, premise_reference: dict | None = None) -> dict:
     """summary.json's `findings`, `premise` and `reliability` (None without per_seed.csv), at the last
-    checkpoint and headline guidance scale."""
+    checkpoint and headline guidance scale; `premise_reference`: evaluation's premise_reference.json, if any."""
     g = settings["guidance_scale"]
     last, at_last = last_checkpoint_rows(per_sample, g)
     out = dict(findings=decide_findings(summary, settings, last, at_last, n_boot),
-               premise=decide_premise(at_last, n_boot=n_boot), reliability=None)
+               premise=decide_premise(at_last, reference=reference_from_file(premise_reference), n_boot=n_boot),
+               reliability=None)
     if per_seed is not None:
         seeds = per_seed[(per_seed["guidance_scale"] == g) & (per_seed["checkpoint_step"] == last)]
         columns = [c for c in seeds.columns if c.startswith(("D_x", "D_T"))]
@@ -149,8 +150,10 @@ def build_summary(eval_dir: Path, per_sample: pd.DataFrame, settings: dict, fail
     warnings, fpr = run_warnings(Path(run_dir) if run_dir else eval_dir.parent)
     summary["early_warning"] = warning_summary(per_sample, warnings, fpr, summary, settings, n_boot)
     per_seed_path = eval_dir / "per_seed.csv"
+    reference_path = eval_dir / "premise_reference.json"
     summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
-                                 settings, n_boot))
+                                 settings, n_boot,
+                                 json.loads(reference_path.read_text()) if reference_path.is_file() else None))
     summary["headline"] = headline_block(summary, per_sample, settings)
     write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     return summary, warnings

@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mem_analysis import stats
-from mem_analysis.verdicts import (ANALYTIC_K0_COLUMN, DOES_NOT_HOLD, HOLDS, MIN_HELDOUT, PARTLY, PREMISE_TOLERANCE,
-                                   UNTESTED, entry)
+from mem_analysis.verdicts import DOES_NOT_HOLD, HOLDS, MIN_HELDOUT, PARTLY, PREMISE_TOLERANCE, UNTESTED, entry
 
 MEASURE = "k0_first"
 
@@ -96,19 +95,22 @@ def premise(at_last: pd.DataFrame, tolerance: float = PREMISE_TOLERANCE, referen
     """The premise per duplication factor, decided on first-step k_0 against the held-out images.
 
     `at_last`: one checkpoint's rows at one guidance scale with `dup_factor` and `k0_first` (and, shown beside,
-    `k_uncond_early`, `k_uncond_uncentred_early`, `k0_gauss_early`, ANALYTIC_K0_COLUMN). With at least
+    `k_uncond_early`, `k_uncond_uncentred_early`, `k0_gauss_early`). With at least
     MIN_HELDOUT held-out rows (dup_factor 0): per factor F > 0, `delta_k0 = mean k0_first(F) - mean
     k0_first(0)` with a 95% bootstrap interval; the premise fails for F when the interval lies wholly above
     `tolerance`, holds when wholly below it. Without them, the fallback |mean k0_first(F)| < tolerance, said as
-    such. `reference`: the analytic linear-Gaussian k_0, {str(factor): value}, printed beside (default: the
-    mean of ANALYTIC_K0_COLUMN per factor when present).
+    such. `reference`: the analytic k_0 of the optimal Gaussian denoiser fitted on the training latents (a denoiser
+    that memorizes nothing), printed beside: {'first_step': {str(factor): k_0 at the sampler's first step, mean over
+    seeds}, 'forward_early': {str(factor): k_0 on forward-noised latents over the high-noise window}} (`reference`
+    `reference_from_file` reads it from evaluation's premise_reference.json).
     """
     factors = at_last["dup_factor"].to_numpy(float)
     sizes = at_last.groupby("dup_factor").size()
     out = dict(tolerance=tolerance, measure=None, null=None, n_by_dup={str(int(d)): int(n) for d, n in sizes.items()},
                window="the sampler's first prediction from pure Gaussian noise, mean over seeds",
                k0_first_by_dup={}, delta_k0_by_dup={}, state_by_dup={},
-               analytic_k0_by_dup=reference if reference is not None else mean_by_dup(at_last, ANALYTIC_K0_COLUMN),
+               analytic_k0_by_dup=dict((reference or {}).get("first_step", {})),
+               analytic_k0_forward_by_dup=dict((reference or {}).get("forward_early", {})),
                k0_gauss_by_dup=mean_by_dup(at_last, "k0_gauss_early"),
                training_probe="forward-noised training latents in the high-noise window, which still hold "
                               "sqrt(abar_t) x of the image: not the premise",
@@ -129,3 +131,14 @@ def premise(at_last: pd.DataFrame, tolerance: float = PREMISE_TOLERANCE, referen
     out["verdict"] = verdict_of(out["state_by_dup"]) if out["measure"] else UNTESTED
     out["sentence"] = sentence(out)
     return out
+
+
+def reference_from_file(premise_reference: dict | None) -> dict | None:
+    """`premise`'s `reference` from evaluation's premise_reference.json (mem_analysis.gaussian_reference): per
+    duplication factor the analytic first-step k_0 (`first_step.k0_mean`) and the forward-noised k_0 over the
+    high-noise window (`k0_forward_early`); the 'training' pool entry is left out. None without the file."""
+    if not premise_reference:
+        return None
+    per_dup = lambda values: {f: v for f, v in (values or {}).items() if f != "training"}  # noqa: E731
+    return dict(first_step=per_dup(premise_reference.get("first_step", {}).get("k0_mean")),
+                forward_early=per_dup(premise_reference.get("k0_forward_early")))

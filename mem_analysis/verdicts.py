@@ -30,7 +30,6 @@ DECIDING_WITHIN, SHOWN_WITHIN = "fixed_effects", "partial"
 PREMISE_TOLERANCE = 0.2  # delta_k0 (or |k_0| without a null) below this: "no more x than a never-trained image"
 MIN_HELDOUT = 3  # held-out probe images needed to serve as the premise's null
 PAPER_ANCHORS = (("SD v1.4", 0.92), ("SD v2.1", 0.92), ("Realistic Vision", 0.70))
-ANALYTIC_K0_COLUMN = "k0_first_analytic"  # the linear-Gaussian k_0 per sample, when evaluation writes it
 FINDINGS = {
     "i": dict(title="Overestimation: under memorization the CFG loss is larger",
               kind="contrast", decide=(("loss_cfg_x0_early", +1), ("loss_cond_x0_early", -1)),

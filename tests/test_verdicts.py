@@ -8,7 +8,7 @@ import pytest
 
 from eval import markdown, summary as summary_module
 from mem_analysis import stats, verdicts
-from mem_analysis.premise import premise
+from mem_analysis.premise import premise, reference_from_file
 
 SETTINGS = dict(guidance_scale=7.5, threshold=0.75, high_noise_timestep=700, early_steps=None, seeds=[0, 1],
                 severity_backend="pixel_cosine", num_inference_steps=30, model="tiny", probe_noise_draws=4)
@@ -156,6 +156,15 @@ def test_premise_holds_on_a_no_memorization_control():
     assert result["sentence"].startswith("holds: first-step k_0 within 0.2 of the held-out images'")
     # judged without the null, the same measurements would fail everywhere
     assert premise(table[table.dup_factor > 0], n_boot=300)["verdict"] == "does not hold"
+    # the analytic Gaussian reference (evaluation's premise_reference.json) is printed beside, never deciding
+    file = {"first_step": {"k0_mean": {"training": 0.01, "0": 0.002, "64": 0.003}},
+            "k0_forward_early": {"training": 0.4, "0": 0.41, "64": 0.47}}
+    beside = premise(table, reference=reference_from_file(file), n_boot=300)
+    assert beside["analytic_k0_by_dup"] == {"0": 0.002, "64": 0.003}
+    assert beside["analytic_k0_forward_by_dup"] == {"0": 0.41, "64": 0.47}
+    assert beside["verdict"] == result["verdict"] and beside["delta_k0_by_dup"] == result["delta_k0_by_dup"]
+    row = next(line for line in markdown.premise_lines(beside) if line.startswith("| 64 |"))
+    assert "| holds | 0.00 |" in row and row.endswith("| 0.47 |")
 
 
 def test_premise_fails_where_duplicated_k0_is_planted_above_the_held_out():
