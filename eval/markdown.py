@@ -83,10 +83,10 @@ def findings(summary: dict, settings: dict, last: int, at_last: pd.DataFrame) ->
     n, m = entry["n_samples"], entry["n_memorized"]
     lines = [f"At the last evaluated checkpoint (step {last}, g = {g}, {n} probe samples, {m} memorized: "
              f"memorized_fraction >= {MEMORIZED_SHARE:g}). A finding holds only if it holds across all samples "
-             "(pooled) AND among samples of equal duplication factor (within factor: both variables residualised on factor "
-             "dummies, the deciding figure; the partial r given log(1 + F) is shown beside); pooled without within is "
-             "\"carried by duplication alone\". r is Pearson with severity; intervals are 95% bootstrap, within factor "
-             "resampling samples within their factor. Rules: docs/findings.md.", ""]
+             "(pooled) AND among samples of equal duplication factor (within factor: both variables residualised "
+             "on factor dummies, the deciding figure; the partial r given log(1 + F) is shown beside); pooled without "
+             "within is \"carried by duplication alone\". r is Pearson with severity; intervals are 95% bootstrap, "
+             "within factor resampling samples within their factor. Rules: docs/findings.md.", ""]
     if m in (0, n):
         lines += [f"{'No' if m == 0 else 'Every'} probe sample is memorized at this checkpoint: finding 1's contrast "
                   "cannot be formed and detection scores (AUROC) are undefined.", ""]
