@@ -8,13 +8,17 @@
 #   4 compare   eval/compare_runs.py over every run and schedule -> $ARENA_DIR/compare (table, figure, report.md);
 #               the default arena (demo config, runs/arena, every mitigation) also publishes them to docs/arena and
 #               the main table to the README's arena block
-# Mitigations (name: flags of train/finetune.py): none; wen: --mitigation_wen_threshold T, with T =
-# $ARENA_WEN_THRESHOLD when set, else calibrated on the unmitigated run (trained first): eval/wen_threshold.py,
-# the $ARENA_WEN_QUANTILE (0.95) quantile of ||e_c - e_0|| of its never-duplicated probe samples at its last step;
+# Mitigations (name: flags of train/finetune.py): none; wen: --mitigation_wen_thresholds FILE, a threshold per
+# timestep calibrated on the unmitigated run (trained first) by eval/wen_threshold.py --output FILE: at each probe
+# timestep the $ARENA_WEN_QUANTILE (0.95) quantile of ||e_c - e_0|| of its never-duplicated probe samples at its last
+# $ARENA_WEN_LAST_STEPS (1) probe steps ($ARENA_DIR/wen_thresholds.json; what it printed, with the share of each
+# factor's probe values over the thresholds, in $ARENA_DIR/wen_threshold.txt); or --mitigation_wen_threshold
+# $ARENA_WEN_THRESHOLD (one T for every timestep) when that is set;
 # rand_word_add: --caption_augmentation rand_word_add (p 0.1, somepago/DCR's default);
 # text_noise: --text_embedding_noise $ARENA_TEXT_NOISE; dedup: --dedup_sampling.
 # Environment: ARENA_CONFIG (configs/demo_cpu.yaml), ARENA_DIR (runs/arena), ARENA_MITIGATIONS (names, default
-# all), ARENA_DELAY (700), ARENA_WEN_THRESHOLD, ARENA_WEN_QUANTILE, ARENA_TEXT_NOISE (0.1), ARENA_SKIP_SETUP=1
+# all), ARENA_DELAY (700), ARENA_WEN_THRESHOLD, ARENA_WEN_QUANTILE, ARENA_WEN_LAST_STEPS, ARENA_TEXT_NOISE (0.1),
+# ARENA_SKIP_SETUP=1
 # (use the Python as it is), ARENA_LAUNCH (accelerate launch flags; default one CPU process), ARENA_JOBS
 # (mitigations trained and evaluated at once, default 1; each one's log is then $ARENA_DIR/<name>.log),
 # PYTHON (.venv/bin/python), OMP_NUM_THREADS (2).
@@ -77,10 +81,10 @@ arena_run() {  # arena_run NAME: train with the mitigation's flags, evaluate und
 }
 
 calibrate_wen() {  # the wen flags from the finished unmitigated run's probes (eval/wen_threshold.py)
-  local threshold
-  threshold=$($PY eval/wen_threshold.py --run_dir "$DIR/none" --quantile "${ARENA_WEN_QUANTILE:-0.95}" | tail -n 1)
-  FLAGS[wen]="--mitigation_wen_threshold $threshold"
-  echo "[arena] wen threshold $threshold (calibrated on $DIR/none)" | tee "$DIR/wen_threshold.txt"
+  $PY eval/wen_threshold.py --run_dir "$DIR/none" --quantile "${ARENA_WEN_QUANTILE:-0.95}" \
+    --last_steps "${ARENA_WEN_LAST_STEPS:-1}" --output "$DIR/wen_thresholds.json" | tee "$DIR/wen_threshold.txt"
+  FLAGS[wen]="--mitigation_wen_thresholds $DIR/wen_thresholds.json"
+  echo "[arena] wen thresholds per timestep in $DIR/wen_thresholds.json (calibrated on $DIR/none)"
 }
 
 runs=()
@@ -110,5 +114,6 @@ echo "arena total $(seconds_since "$start") (jobs $JOBS)" | tee -a "$DIR/arena_t
 if (( ${#publish[@]} )); then
   cp "$DIR/arena_timings.txt" docs/arena/arena_timings.txt
   [[ ! -f $DIR/wen_threshold.txt ]] || cp "$DIR/wen_threshold.txt" docs/arena/wen_threshold.txt
+  [[ ! -f $DIR/wen_thresholds.json ]] || cp "$DIR/wen_thresholds.json" docs/arena/wen_thresholds.json
 fi
 echo "[arena] report: $DIR/compare/report.md (wall seconds per run: $DIR/arena_timings.txt)"

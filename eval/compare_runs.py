@@ -17,7 +17,10 @@ run's last evaluated checkpoint and its headline guidance scale:
   FID itself when the embedder is Inception's pool features) and `mmd_features` in its feature space.
 Writes OUT/comparison.csv (one row per run and schedule), OUT/by_dup_factor.csv,
 OUT/memorization_vs_cost.png and OUT/report.md; with Wen's filter, the share of training examples it
-filtered (mean over steps of train/wen_filtered_share in the run's TensorBoard events).
+filtered (mean over logged steps of train/wen_filtered_share in the run's TensorBoard events), per duplication
+factor (`wen_filtered_<F>x`, from the runs logs/finetune/dup_F) over the whole run and after the median onset
+of the most duplicated samples in the unmitigated run (`wen_filtered_<F>x_after_onset`, from step
+`wen_onset_step`: the unmitigated run's, else the run's own).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from mem_analysis.run import read_config  # noqa: E402
 from mem_analysis.severity import embed_images, load_sscd  # noqa: E402
 from mem_analysis.stats import frechet_distance, mean_interval, median_distance, mmd_squared  # noqa: E402
 
-MITIGATION_FLAGS = {"mitigation_wen_threshold": None, "caption_augmentation": None, "text_embedding_noise": 0.0,
+MITIGATION_FLAGS = {"mitigation_wen_threshold": None, "mitigation_wen_thresholds": None, "caption_augmentation": None, "text_embedding_noise": 0.0,
                     "dedup_sampling": False}
 POOLED_SIZE = 16
 
@@ -155,21 +158,53 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
         cost = interval(never[column].to_numpy(float), n_boot)
         row.update({f"{column}_1x": cost["mean"], f"{column}_1x_low": cost["low"], f"{column}_1x_high": cost["high"]})
     row.update(generated_distance(folder, step, set(never["sample_id"]), settings["dataset"], cache, feature))
-    row["wen_filtered_share"] = training_mean(run / config.get("logging_dir", "logs") / "finetune",
-                                              "train/wen_filtered_share")
+    logdir = run / config.get("logging_dir", "logs") / "finetune"
+    row["wen_filtered_share"] = training_series(logdir, "train/wen_filtered_share").mean()
     return row, by_dup
 
 
-def training_mean(logdir: Path, tag: str) -> float:
-    """Mean over steps of a training scalar in the run's TensorBoard events (NaN when not logged)."""
+def training_series(logdir: Path, tag: str) -> pd.Series:
+    """A training scalar of the run's TensorBoard events by step (empty when not logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not logdir.is_dir():
-        return math.nan
+        return pd.Series(dtype=float)
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0}).Reload()
     if tag not in events.Tags().get("scalars", []):
-        return math.nan
-    return float(np.mean([event.value for event in events.Scalars(tag)]))
+        return pd.Series(dtype=float)
+    return pd.Series({event.step: event.value for event in events.Scalars(tag)}, dtype=float).sort_index()
+
+
+def wen_shares_by_factor(run: Path) -> dict[int, pd.Series]:
+    """Per duplication factor F, train/wen_filtered_share by step from the run's logs/finetune/dup_F."""
+    config = read_config(run) if (run / "config.yaml").is_file() else {}
+    root = run / config.get("logging_dir", "logs") / "finetune"
+    shares = {int(d.name[4:]): training_series(d, "train/wen_filtered_share") for d in sorted(root.glob("dup_*"))
+              if d.name[4:].isdigit()}
+    return {f: v for f, v in shares.items() if len(v)}
+
+
+def add_wen_shares(comparison: pd.DataFrame, runs: list[Path], top: int) -> pd.DataFrame:
+    """`wen_filtered_<F>x` (mean over logged steps) and `wen_filtered_<F>x_after_onset` (steps >= `wen_onset_step`,
+    the median onset of the top-factor samples in the unmitigated run under constant guidance, else in the run
+    itself) for every run that logged Wen's filter."""
+    comparison = comparison.copy()
+    reference = comparison[(comparison["mitigation"] == "none") & (comparison["schedule"] == "constant")]
+    reference_onset = reference[f"median_onset_{top}x"].dropna()
+    for run in runs:
+        shares = wen_shares_by_factor(run)
+        pick = comparison["run"] == run.name
+        if not shares:
+            continue
+        own = comparison.loc[pick & (comparison["schedule"] == "constant"), f"median_onset_{top}x"].dropna()
+        onset = float(reference_onset.iloc[0]) if len(reference_onset) else (float(own.iloc[0]) if len(own)
+                                                                             else math.nan)
+        comparison.loc[pick, "wen_onset_step"] = onset
+        for factor, series in shares.items():
+            comparison.loc[pick, f"wen_filtered_{factor}x"] = series.mean()
+            late = series[series.index >= onset] if math.isfinite(onset) else series.iloc[:0]
+            comparison.loc[pick, f"wen_filtered_{factor}x_after_onset"] = late.mean() if len(late) else math.nan
+    return comparison
 
 
 def generated_distance(folder: Path, step: int, sample_ids: set, dataset: str, cache: dict, feature=None) -> dict:
@@ -239,6 +274,30 @@ def main_table(lines: list[str]) -> list[str]:
     return lines[start:end]
 
 
+def wen_cell(row, top: int) -> str:
+    """'0.620 / 0.040': the shares of top-factor and 1x rows Wen's filter removed after onset ('n/a' without it)."""
+    values = [row.get(f"wen_filtered_{f}x_after_onset", math.nan) for f in (top, 1)]
+    return " / ".join(fmt(v) for v in values)
+
+
+def wen_lines(comparison: pd.DataFrame, factors: list[int]) -> list[str]:
+    """Wen's filter per duplication factor: the share of training rows it removed, over the run and after onset."""
+    columns = [f"wen_filtered_{d}x" for d in factors if f"wen_filtered_{d}x" in comparison]
+    if not columns:
+        return []
+    filtered = comparison[comparison[columns].notna().any(axis=1)].drop_duplicates("run")
+    lines = ["", "Wen's filter: share of the training rows of each duplication factor whose loss it removed (means of "
+             "train/wen_filtered_share/dup_F over the logged steps), over the whole run / from the onset step on "
+             "(the median onset of the most duplicated samples in the unmitigated run, else in the run itself). "
+             "Rows whose caption was dropped for CFG have e_c = e_0 and are never filtered.", "",
+             "| run | onset step | " + " | ".join(f"{d}x" for d in factors) + " |", "|---|---|" + "---|" * len(factors)]
+    for _, r in filtered.iterrows():
+        cells = [f"{fmt(r.get(f'wen_filtered_{d}x', math.nan))} / {fmt(r.get(f'wen_filtered_{d}x_after_onset', math.nan))}"
+                 for d in factors]
+        lines.append(f"| {r['run']} | {fmt(r.get('wen_onset_step', math.nan), 0)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> list[str]:
     """report.md: how it was measured, the main table and the per-factor table."""
     factors = sorted(by_dup["dup_factor"].unique())
@@ -256,14 +315,15 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
              "the checkpoints' timeline: an eval of the last checkpoint alone (data_scripts/arena.sh evaluates "
              "delayed guidance so) shows n/a.", "",
              f"| run | mitigation | schedule | step | memorized {top}x | crossed {top}x (median onset) | "
-             f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) | Wen filtered |",
+             f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) | Wen filtered {top}x / 1x after onset |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(f"| {r['run']} | {r['mitigation']} | {r['schedule']} | {r['step']} | "
                      f"{with_ci(r, f'memorized_{top}x')} | {r[f'crossed_{top}x']} "
                      f"({fmt(r[f'median_onset_{top}x'], 0)}) | {fmt(r[f'D_x_early_{top}x'])} | "
                      f"{with_ci(r, 'loss_cond_1x', 4)} | {with_ci(r, 'diversity_1x')} "
-                     f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) | {fmt(r['wen_filtered_share'])} |")
+                     f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) | {wen_cell(r, top)} |")
+    lines += wen_lines(comparison, factors)
     if "frechet_features" in comparison:
         lines += ["", "In the feature space of --feature_model (generated never-duplicated vs unique training images):",
                   "", "| run | schedule | Frechet distance | MMD^2 |", "|---|---|---|---|"]
@@ -312,6 +372,7 @@ def main(args) -> Path:
             by_dup += dup_rows
     comparison, by_dup = pd.DataFrame(rows), pd.DataFrame(by_dup)
     top = int(by_dup["dup_factor"].max())
+    comparison = add_wen_shares(comparison, runs, top)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "comparison.csv", comparison.to_csv(index=False))

@@ -3,7 +3,9 @@ duplicate-aware sampling weights, and inference-time guidance schedules.
 
 Training time (train/finetune.py flags):
 - Wen et al. (ICLR 2024): drop from the loss the examples whose text-conditional noise magnitude
-  `||e_c - e_0||` exceeds a threshold (`wen_example_magnitude`, `wen_filter_weights`, `weighted_mean`).
+  `||e_c - e_0||` (epsilon space, `wen_epsilon_magnitude`) exceeds a threshold of their timestep
+  (`wen_threshold_table`, `wen_threshold_curve`, `wen_filter_weights`), the kept losses averaged over the
+  kept examples (`kept_mean`).
 - Somepalli et al. (NeurIPS 2023, somepago/DCR): caption randomisation (`augment_caption`) and
   Gaussian noise on the caption embedding (`noisy_text_embedding`).
 - Deduplication at equal compute: rows drawn with probability proportional to 1 / dup_factor
@@ -27,22 +29,102 @@ def wen_example_magnitude(e_c: torch.Tensor, e_0: torch.Tensor) -> torch.Tensor:
     return (e_c.float() - e_0.float()).flatten(1).norm(dim=1)
 
 
-def wen_filter_weights(magnitudes: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Loss weights `w_i = 0 if m_i > threshold else 1` (float, same shape and device as `magnitudes`)."""
-    return (magnitudes <= threshold).to(torch.float32)
+def wen_epsilon_magnitude(out_c: torch.Tensor, out_0: torch.Tensor, x_t: torch.Tensor, alpha_bar,
+                          prediction_type: str = "epsilon") -> torch.Tensor:
+    """`||e_c - e_0||` in epsilon space from the model's outputs (`to_epsilon` on both branches), (B,) float32.
+
+    The probes' `text_magnitude` (the calibration's values) is in epsilon space, so the filter is too:
+    for v-prediction `e = sqrt(abar) v + sqrt(1 - abar) x_t`, hence `e_c - e_0 = sqrt(abar_t) (v_c - v_0)`.
+    """
+    from mem_analysis.schedule import to_epsilon
+
+    return wen_example_magnitude(to_epsilon(out_c.float(), x_t.float(), alpha_bar, prediction_type),
+                                 to_epsilon(out_0.float(), x_t.float(), alpha_bar, prediction_type))
 
 
-def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`sum_i w_i l_i / B`: the batch mean with dropped examples counted as zero, not renormalised.
+def wen_threshold_table(timesteps, magnitudes, quantile: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Per-timestep thresholds `T_k = quantile_q {m_i : t_i = t_k}` over the distinct timesteps t_k (increasing).
 
-    Dividing by the batch size B (not by sum w) keeps the loss defined and differentiable when every
-    example of a process is dropped (the backward pass still runs, so DDP / ZeRO never wait on a
-    process that skipped it), and makes the average over P processes of batch B equal the weighted
-    loss of one process holding all P * B examples.
+    Fed the never-duplicated probe magnitudes of an unmitigated run (one value per sample and probe
+    timestep), so that at each probe timestep a share 1 - q of ordinary images lies above T_k.
+    One T pooled over every t cannot do that: `||e_c - e_0|| = sqrt(SNR_t) ||x0hat_c - x0hat_0||`, and
+    sqrt(SNR_t) spans two orders of magnitude over SD's schedule, so the low-noise values set a pooled T
+    that the high-noise values of memorized images never reach (docs/science.md, "Wen's filter").
+    """
+    timesteps = np.asarray(timesteps, dtype=np.int64).reshape(-1)
+    magnitudes = np.asarray(magnitudes, dtype=np.float64).reshape(-1)
+    if timesteps.shape != magnitudes.shape or magnitudes.size == 0:
+        raise ValueError(f"need one timestep per magnitude, got {timesteps.size} and {magnitudes.size}")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile {quantile} must lie in (0, 1]")
+    grid = np.unique(timesteps)
+    return grid, np.array([np.quantile(magnitudes[timesteps == t], quantile) for t in grid])
+
+
+def wen_threshold_curve(grid, thresholds, alpha_bar) -> np.ndarray:
+    """The threshold at every training timestep t = 0..N-1 from per-timestep thresholds `T_k` at `grid` t_k:
+
+        T(t) = sqrt(SNR_t) * interp(t; t_k, T_k / sqrt(SNR_{t_k}))
+
+    (linear between grid timesteps, constant beyond the ends), i.e. interpolated on the x0 scale
+    `||x0hat_c - x0hat_0|| = ||e_c - e_0|| / sqrt(SNR_t)`, where the steep factor sqrt(SNR_t) is removed:
+    near t = 0 sqrt(SNR_t) grows several-fold within the first grid interval, which a linear interpolation
+    of T itself would not follow. A single grid point gives a constant x0-scale threshold; pass one T for
+    every t (`np.full`) to get Wen's single threshold back.
+    """
+    grid = np.asarray(grid, dtype=np.float64).reshape(-1)
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    alpha_bar = np.asarray(alpha_bar, dtype=np.float64).reshape(-1)
+    if grid.shape != thresholds.shape or grid.size == 0 or np.any(np.diff(grid) <= 0):
+        raise ValueError("grid timesteps must be increasing, one threshold each")
+    if grid[0] < 0 or grid[-1] >= alpha_bar.size:
+        raise ValueError(f"grid timesteps {grid.tolist()} lie outside the schedule [0, {alpha_bar.size - 1}]")
+    root_snr = np.sqrt(alpha_bar / (1 - alpha_bar))
+    on_x0_scale = thresholds / root_snr[grid.astype(np.int64)]
+    return root_snr * np.interp(np.arange(alpha_bar.size), grid, on_x0_scale)
+
+
+def read_wen_thresholds(path) -> tuple[np.ndarray, np.ndarray]:
+    """(grid timesteps, thresholds) of a threshold file written by eval/wen_threshold.py: JSON with
+    `timesteps` (increasing) and `thresholds` (epsilon space, one per timestep; `bin_edges` and the
+    calibration's provenance are kept for the reader). ValueError, one line, when it is not one."""
+    import json
+    from pathlib import Path
+
+    try:
+        table = json.loads(Path(path).read_text())
+        grid = np.asarray(table["timesteps"], dtype=np.float64)
+        thresholds = np.asarray(table["thresholds"], dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"Wen threshold file {path}: {type(err).__name__}: {err}; write it with "
+                         f"eval/wen_threshold.py --output FILE") from None
+    if table.get("space", "epsilon") != "epsilon":
+        raise ValueError(f"Wen threshold file {path}: space {table['space']!r}; the filter compares epsilon-space "
+                         f"magnitudes")
+    if grid.ndim != 1 or grid.shape != thresholds.shape or grid.size == 0 or np.any(np.diff(grid) <= 0) \
+            or np.any(grid != np.round(grid)) or not np.all(np.isfinite(thresholds)) or np.any(thresholds < 0):
+        raise ValueError(f"Wen threshold file {path}: timesteps must be increasing integers with one threshold "
+                         f">= 0 each")
+    return grid.astype(np.int64), thresholds
+
+
+def wen_filter_weights(magnitudes: torch.Tensor, thresholds) -> torch.Tensor:
+    """Loss weights `w_i = 0 if m_i > T_i else 1` (float, as `magnitudes`); `thresholds` one T or one per example."""
+    thresholds = torch.as_tensor(thresholds, device=magnitudes.device, dtype=torch.float32)
+    return (magnitudes.float() <= thresholds).to(torch.float32)
+
+
+def kept_mean(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`sum_i w_i l_i / max(sum_i w_i, 1)`: the mean over the kept examples (Wen et al.'s code averages the
+    loss over the examples its mask keeps, so filtering does not shrink the step of the others).
+
+    A process that keeps nothing gets `0 * sum l_i = 0`: a loss still connected to the graph, so its
+    backward runs and DDP / ZeRO never wait on it; its zero gradient enters the average over processes.
     """
     if per_example.shape != weights.shape:
         raise ValueError(f"per-example losses {tuple(per_example.shape)} and weights {tuple(weights.shape)} differ")
-    return (per_example * weights.to(per_example.dtype)).sum() / per_example.numel()
+    weights = weights.to(per_example.dtype)
+    return (per_example * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def noisy_text_embedding(hidden: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:

@@ -363,3 +363,49 @@ def test_each_alarmed_sample_is_announced_once_with_caption_and_first_step(tiny_
     for sid, step in first.items():
         (line,) = [line for line in lines if f" sample {sid} " in line]
         assert line.startswith(f"[early warning] step {step}: ") and repr(caption_of[sid]) in line
+
+
+def test_wen_thresholds_calibrated_per_timestep_on_a_run_and_a_filter_that_keeps_nothing(
+        trained_run, tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """eval/wen_threshold.py --output on the trained run: each probe timestep's 0.95 quantile of the 4
+    never-duplicated samples (so 1 of 4 lies above it); then thresholds of 0 with no caption dropout filter
+    every example: the loss is 0, the backward still runs, and the share logged per factor is 1."""
+    import numpy as np
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from eval import compare_runs, wen_threshold
+
+    table_path = tmp_path / "wen" / "thresholds.json"
+    assert wen_threshold.cli(["--run_dir", str(trained_run), "--output", str(table_path)]) == 0
+    table = json.loads(table_path.read_text())
+    probes = pd.read_json(trained_run / "probes.jsonl", lines=True)
+    last = probes[(probes.step == probes.step.max()) & (probes.dup_factor == 1)]
+    assert table["timesteps"] == sorted(int(t) for t in probes.timestep.unique())
+    for t, threshold in zip(table["timesteps"], table["thresholds"]):
+        assert threshold == pytest.approx(np.quantile(last[last.timestep == t].text_magnitude, 0.95))
+    assert last.sample_id.nunique() == 4 and table["share_over_threshold"][str(probes.step.max())]["1"] == 0.25
+    assert table["bin_edges"] == [0.0, 300.0, 625.0, 825.0, 1000.0]
+
+    zeros = tmp_path / "zeros.json"
+    zeros.write_text(json.dumps({"timesteps": table["timesteps"], "thresholds": [0.0] * len(table["timesteps"])}))
+    run = tmp_path / "run"
+    assert finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--max_train_steps", 2, "--probe_steps", 0,
+                             "--checkpointing_steps", 0, "--logging_steps", 1, "--proportion_empty_prompts", 0,
+                             "--mitigation_wen_thresholds", zeros)) == 0
+    events = EventAccumulator(str(run / "logs" / "finetune")).Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [0.0, 0.0]
+    assert [e.value for e in events.Scalars("train/wen_filtered_share")] == [1.0, 1.0]
+    shares = compare_runs.wen_shares_by_factor(run)
+    assert set(shares) == {1, 4, 8} and all((series == 1.0).all() for series in shares.values())
+
+
+def test_wen_flags_are_one_or_the_other_and_a_bad_file_is_one_line(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    for extra in (["--mitigation_wen_thresholds", bad], ["--mitigation_wen_thresholds", bad,
+                                                         "--mitigation_wen_threshold", 1.0]):
+        assert finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", *extra)) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and ("bad.json" in lines[0] or "not both" in lines[0])
+    assert not (tmp_path / "run").exists()

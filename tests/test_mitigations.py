@@ -2,6 +2,8 @@
 schedules through the project's own DDIM sampler with an oracle denoiser, and the distribution distances."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,11 @@ from analysis_oracles import OracleUNet, oracle_eps
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from mem_analysis import alpha_bar_from_scheduler, sample_trajectories
-from mem_analysis.mitigations import (augment_caption, dedup_sampling_weights, guidance_scales,
-                                      parse_guidance_schedule, weighted_mean, wen_example_magnitude,
-                                      wen_filter_weights)
+from mem_analysis.mitigations import (augment_caption, dedup_sampling_weights, guidance_scales, kept_mean,
+                                      parse_guidance_schedule, read_wen_thresholds, wen_epsilon_magnitude,
+                                      wen_example_magnitude, wen_filter_weights, wen_threshold_curve,
+                                      wen_threshold_table)
+from mem_analysis.schedule import clean_estimate, snr
 from mem_analysis.presets import SD_SCHEDULER
 from mem_analysis.sd import SDComponents
 from mem_analysis.stats import frechet_distance, mean_interval, median_distance, mmd_squared
@@ -27,36 +31,132 @@ def test_wen_filter_zeroes_exactly_the_examples_over_the_threshold():
     e_c = e_0 + norms[:, None, None, None] * direction
     magnitudes = wen_example_magnitude(e_c, e_0)
     torch.testing.assert_close(magnitudes, norms, atol=1e-5, rtol=0)
-    weights = wen_filter_weights(magnitudes, threshold=1.0 + 1e-4)
+    weights = wen_filter_weights(magnitudes, thresholds=1.0 + 1e-4)
     assert weights.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    per_example = torch.tensor([0.4, 2.5, 0.9, 3.0, 1.0])  # one threshold per example (its timestep's)
+    assert wen_filter_weights(magnitudes, per_example).tolist() == [0.0, 1.0, 0.0, 0.0, 1.0]
 
 
-def test_wen_window_reports_the_share_over_the_threshold_and_the_mean_magnitude_on_cpu():
-    """The logged train/wen_* scalars: means per micro-step over the window, then a new window."""
+def test_wen_window_reports_the_filtered_share_per_factor_and_the_mean_magnitude_on_cpu():
+    """The logged train/wen_* scalars: shares of the examples seen in the window, per factor, then a new window."""
     from types import SimpleNamespace
 
     from train.finetune import WenWindow
 
-    window, accelerator = WenWindow(torch.device("cpu")), SimpleNamespace(num_processes=1)
-    window.add(torch.tensor([1.0, 5.0, 3.0, 7.0]), threshold=4.0)  # share 0.5, mean 4
-    window.add(torch.tensor([5.0, 5.0]), threshold=4.0)  # share 1 (whole batch filtered), mean 5
-    values = window.read(accelerator, micro_steps=2)
-    assert values == pytest.approx({"wen_filtered_share": 0.75, "wen_magnitude_mean": 4.5,
-                                    "wen_fully_filtered_processes": 0.5})
-    assert window.read(accelerator, micro_steps=1)["wen_magnitude_mean"] == 0.0  # the window starts anew
+    row_factors = [1, 1, 1, 64, 64, 16]  # the dup_factor of train rows 0..5
+    window, accelerator = WenWindow(torch.device("cpu"), row_factors), SimpleNamespace(num_processes=1)
+    window.add(torch.tensor([1.0, 5.0, 3.0, 7.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 3, 1, 4]))
+    window.add(torch.tensor([5.0, 5.0]), torch.tensor([0.0, 0.0]), torch.tensor([5, 2]))  # the whole batch filtered
+    values = window.read(accelerator)
+    assert values == pytest.approx({"wen_filtered_share": 4 / 6, "wen_magnitude_mean": 26 / 6,
+                                    "wen_fully_filtered_processes": 0.5, "wen_filtered_share/dup_1": 1 / 3,
+                                    "wen_filtered_share/dup_64": 1.0, "wen_filtered_share/dup_16": 1.0})
+    assert window.read(accelerator)["wen_magnitude_mean"] == 0.0  # the window starts anew
 
 
-def test_weighted_mean_is_per_process_average_of_one_big_batch_even_when_a_shard_is_all_dropped():
-    losses = torch.rand(8, requires_grad=True)
-    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # the second "process" keeps nothing
-    whole = weighted_mean(losses, weights)
-    shards = (weighted_mean(losses[:4], weights[:4]) + weighted_mean(losses[4:], weights[4:])) / 2
-    torch.testing.assert_close(whole, shards)
-    torch.testing.assert_close(whole, (losses[0] + losses[2] + losses[3]) / 8)
-    dropped = weighted_mean(losses[4:], weights[4:])
-    dropped.backward()  # defined, with a zero gradient: the process still runs its backward
-    assert dropped.item() == 0.0 and losses.grad[4:].abs().sum() == 0 and torch.isfinite(losses.grad).all()
-    assert weighted_mean(losses.detach(), torch.ones(8)).item() == pytest.approx(losses.detach().mean().item())
+def test_kept_mean_averages_over_the_kept_examples_and_is_zero_with_a_gradient_when_none_is_kept():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    mean = kept_mean(losses, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert mean.item() == pytest.approx((1.0 + 3.0) / 2)  # over the 2 kept, not the batch of 4
+    mean.backward()
+    assert losses.grad.tolist() == [0.5, 0.0, 0.5, 0.0]
+    losses.grad = None
+    none_kept = kept_mean(losses, torch.zeros(4))
+    none_kept.backward()  # defined: the process still runs its backward (DDP / ZeRO never wait on it)
+    assert none_kept.item() == 0.0 and losses.grad.tolist() == [0.0] * 4
+    assert kept_mean(losses.detach(), torch.ones(4)).item() == pytest.approx(2.5)
+
+
+def sd_alpha_bar() -> np.ndarray:
+    """SD's scaled-linear schedule, abar_t for t = 0..999."""
+    return alpha_bar_from_scheduler(DDPMScheduler(**SD_SCHEDULER)).numpy()
+
+
+def test_text_magnitude_is_root_snr_times_the_clean_estimates_distance():
+    """||e_c - e_0|| = sqrt(SNR_t) ||x0hat(e_c) - x0hat(e_0)||, whatever x_t: why one T cannot fit every t."""
+    alpha_bar = torch.tensor([0.999, 0.9, 0.3, 0.01], dtype=torch.float64)
+    x_t, e_c, e_0 = (torch.randn(4, *LATENT, dtype=torch.float64) for _ in range(3))
+    x0_gap = (clean_estimate(x_t, e_c, alpha_bar) - clean_estimate(x_t, e_0, alpha_bar)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(wen_example_magnitude(e_c, e_0).double(), snr(alpha_bar).sqrt() * x0_gap,
+                               rtol=1e-5, atol=0)
+
+
+def test_v_prediction_magnitude_is_the_epsilon_space_one():
+    """A v-model that predicts v = sqrt(abar) e - sqrt(1 - abar) x0hat(e) for known e_c, e_0 (its definition)
+    gives, converted, ||e_c - e_0||: the filter and the probes' calibration live in one space."""
+    alpha_bar = torch.tensor([0.95, 0.5, 0.02])
+    x_t, e_c, e_0 = (torch.randn(3, *LATENT) for _ in range(3))
+    a = alpha_bar[:, None, None, None]
+
+    def v_of(e):
+        return a.sqrt() * e - (1 - a).sqrt() * clean_estimate(x_t, e, alpha_bar)
+
+    expected = (e_c - e_0).flatten(1).norm(dim=1)
+    torch.testing.assert_close(wen_epsilon_magnitude(v_of(e_c), v_of(e_0), x_t, alpha_bar, "v_prediction"), expected,
+                               rtol=1e-4, atol=1e-4)
+    # it is sqrt(abar_t) ||v_c - v_0||, not the raw v-space norm the filter used to threshold
+    torch.testing.assert_close(expected, alpha_bar.sqrt() * (v_of(e_c) - v_of(e_0)).flatten(1).norm(dim=1),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wen_epsilon_magnitude(e_c, e_0, x_t, alpha_bar, "epsilon"), expected)
+
+
+def planted_magnitudes(rng):
+    """Never-duplicated magnitudes sqrt(SNR_t) * 0.3 * lognormal(0, 0.1) at the probe grid (200 per t), and
+    planted rows at t >= 750 three times the null's median there: above every null value of their own t,
+    below the low-noise values that set a pooled quantile."""
+    alpha_bar = sd_alpha_bar()
+    grid = np.arange(50, 1000, 100)
+    scale = np.sqrt(alpha_bar[grid] / (1 - alpha_bar[grid])) * 0.3
+    t_null = np.repeat(grid, 200)
+    m_null = np.repeat(scale, 200) * rng.lognormal(0.0, 0.1, t_null.size)
+    t_planted = np.repeat(grid[grid >= 750], 5)
+    m_planted = 3 * np.sqrt(alpha_bar[t_planted] / (1 - alpha_bar[t_planted])) * 0.3
+    return alpha_bar, grid, t_null, m_null, t_planted, m_planted
+
+
+def test_per_timestep_threshold_filters_the_planted_rows_where_a_pooled_one_filters_none():
+    alpha_bar, grid, t_null, m_null, t_planted, m_planted = planted_magnitudes(np.random.default_rng(0))
+    pooled = np.quantile(m_null, 0.95)
+    assert wen_filter_weights(torch.tensor(m_planted), pooled).tolist() == [1.0] * len(m_planted)  # keeps them all
+    table_t, table_T = wen_threshold_table(t_null, m_null, 0.95)
+    assert table_t.tolist() == grid.tolist()
+    for t, T in zip(table_t, table_T):
+        assert T == pytest.approx(np.quantile(m_null[t_null == t], 0.95))
+    curve = wen_threshold_curve(table_t, table_T, alpha_bar)
+    assert wen_filter_weights(torch.tensor(m_planted), torch.tensor(curve[t_planted])).sum() == 0  # removes them all
+    null_filtered = 1 - wen_filter_weights(torch.tensor(m_null), torch.tensor(curve[t_null])).numpy()
+    for t in grid:  # 5 % of ordinary images at every timestep, by construction of the quantile
+        assert null_filtered[t_null == t].mean() == pytest.approx(0.05, abs=0.006)
+
+
+def test_threshold_curve_is_exact_at_the_grid_and_linear_on_the_x0_scale_between():
+    alpha_bar = sd_alpha_bar()
+    root_snr = np.sqrt(alpha_bar / (1 - alpha_bar))
+    grid, thresholds = np.array([100, 300]), np.array([2.0, 0.5])
+    curve = wen_threshold_curve(grid, thresholds, alpha_bar)
+    assert curve[100] == pytest.approx(2.0) and curve[300] == pytest.approx(0.5)
+    x0_scale = curve / root_snr
+    assert x0_scale[200] == pytest.approx((2.0 / root_snr[100] + 0.5 / root_snr[300]) / 2)
+    assert x0_scale[0] == pytest.approx(2.0 / root_snr[100]) and x0_scale[999] == pytest.approx(0.5 / root_snr[300])
+    assert curve[0] > 3 * curve[100]  # sqrt(SNR) grows steeply toward t = 0, and the threshold with it
+    assert wen_threshold_curve([500], [1.5], alpha_bar)[500] == pytest.approx(1.5)
+
+
+def test_threshold_file_is_read_back_and_a_bad_one_is_one_line(tmp_path):
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps({"space": "epsilon", "timesteps": [50, 950], "thresholds": [3.0, 0.2]}))
+    grid, thresholds = read_wen_thresholds(good)
+    assert grid.tolist() == [50, 950] and thresholds.tolist() == [3.0, 0.2]
+    for name, content in (("missing.json", None), ("text.json", "not json"),
+                          ("order.json", {"timesteps": [950, 50], "thresholds": [1, 1]}),
+                          ("count.json", {"timesteps": [50], "thresholds": [1, 2]}),
+                          ("space.json", {"space": "v", "timesteps": [50], "thresholds": [1]})):
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError) as err:
+            read_wen_thresholds(path)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["rand_word_add", "rand_word_repeat", "rand_numbers_add", "multiple_captions"])

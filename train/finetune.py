@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from mem_analysis import run
 from mem_analysis.board import FactorWriters
 from mem_analysis.cli import run_command
-from mem_analysis.mitigations import noisy_text_embedding, weighted_mean, wen_example_magnitude, wen_filter_weights
+from mem_analysis.mitigations import (kept_mean, noisy_text_embedding, read_wen_thresholds, wen_epsilon_magnitude,
+                                      wen_filter_weights, wen_threshold_curve)
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_prompts, load_components
@@ -103,25 +104,42 @@ def mitigate_embeddings(hidden, args, rank: int, micro_step: int) -> torch.Tenso
     return noisy_text_embedding(hidden, args.text_embedding_noise, generator)
 
 
-def wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args):
-    """Wen et al.'s filter: per-example losses weighted 0 where ||e_c - e_0|| > T, divided by the batch size.
+class WenFilter:
+    """Wen et al.'s training filter: an example whose `||e_c - e_0||` (epsilon space) exceeds the threshold
+    of its timestep gets loss weight 0; the kept losses are averaged over the kept examples (`kept_mean`).
 
-    `e_0` comes from one extra unconditional forward without gradients on the same noisy input;
-    returns (loss, magnitudes). Every process runs its backward even when all its weights are 0.
+    The threshold curve T(t), t = 0..N-1, comes from `--mitigation_wen_thresholds FILE` (per-timestep
+    thresholds, mem_analysis.mitigations.wen_threshold_curve) or `--mitigation_wen_threshold T` (T at every t).
     """
-    with torch.no_grad():
-        e_0 = unet(noisy, timesteps, uncond_hidden.expand(noisy.shape[0], -1, -1), return_dict=False)[0]
-    magnitudes = wen_example_magnitude(prediction.detach(), e_0)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if weights is not None:
-        per_sample = per_sample * weights
-    keep = wen_filter_weights(magnitudes, args.mitigation_wen_threshold)
-    return weighted_mean(per_sample, keep), magnitudes
+
+    def __init__(self, args, noise_scheduler, device):
+        alpha_bar = alpha_bar_from_scheduler(noise_scheduler)
+        if args.mitigation_wen_thresholds is not None:
+            grid, thresholds = read_wen_thresholds(args.mitigation_wen_thresholds)
+            curve = wen_threshold_curve(grid, thresholds, alpha_bar.numpy())
+        else:
+            curve = np.full(alpha_bar.numel(), float(args.mitigation_wen_threshold))
+        self.curve = torch.as_tensor(curve, dtype=torch.float32, device=device)
+        self.alpha_bar = alpha_bar.to(device, torch.float32)
+        self.prediction_type = noise_scheduler.config.prediction_type
+
+    def loss(self, unet, noisy, timesteps, prediction, target, uncond_hidden, weights):
+        """(loss, magnitudes, keep): `e_0` from one extra unconditional forward without gradients on the same
+        noisy input. Every process runs its backward, even when it keeps nothing (its loss is then 0)."""
+        with torch.no_grad():
+            out_0 = unet(noisy, timesteps, uncond_hidden.expand(noisy.shape[0], -1, -1), return_dict=False)[0]
+        magnitudes = wen_epsilon_magnitude(prediction.detach(), out_0, noisy, self.alpha_bar[timesteps],
+                                           self.prediction_type)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weights is not None:
+            per_sample = per_sample * weights
+        keep = wen_filter_weights(magnitudes, self.curve[timesteps])
+        return kept_mean(per_sample, keep), magnitudes, keep
 
 
-def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, uncond_hidden=None):
-    """(loss, Wen magnitudes or None): batch mean of ||target - prediction||^2 at uniform random t
-    (target eps or v), Min-SNR weighted if asked, with Wen's filter when --mitigation_wen_threshold is set."""
+def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, uncond_hidden=None, wen=None):
+    """(loss, Wen's (magnitudes, keep) or None): batch mean of ||target - prediction||^2 at uniform random t
+    (target eps or v), Min-SNR weighted if asked, through Wen's filter when `wen` (a WenFilter) is given."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if args.noise_offset:
         noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
@@ -136,8 +154,9 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, unco
     if args.snr_gamma is not None:
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=args.snr_gamma) / (snr if epsilon else snr + 1)
-    if args.mitigation_wen_threshold is not None:
-        return wen_filtered_loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights, args)
+    if wen is not None:
+        loss, magnitudes, keep = wen.loss(unet, noisy, timesteps, prediction, target, uncond_hidden, weights)
+        return loss, (magnitudes, keep)
     if weights is None:
         return F.mse_loss(prediction.float(), target.float()), None
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -145,25 +164,43 @@ def diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args, unco
 
 
 class WenWindow:
-    """Wen filter scalars summed on the device between logging steps (read with the loss, no extra host sync):
-    the share of examples filtered, the mean magnitude ||e_c - e_0||, and the processes whose whole batch
-    was filtered, each a mean per micro-step over the window."""
+    """Wen filter counts summed on the device between logging steps (read with the loss, no extra host sync):
+    per duplication factor the examples seen and filtered, the magnitudes' sum, and the micro-batches whose
+    every example was filtered."""
 
-    def __init__(self, device):
-        self.total = torch.zeros(3, device=device)  # this process: share sum, magnitude sum, fully filtered count
+    def __init__(self, device, row_factors):
+        """`row_factors`: the dup_factor of every train row (empty: no per-factor counts)."""
+        self.factors = sorted({int(f) for f in row_factors}) or [0]
+        lookup = {f: i for i, f in enumerate(self.factors)}
+        self.row_index = torch.tensor([lookup[int(f)] for f in row_factors], dtype=torch.long, device=device)
+        self.counts = torch.zeros(len(self.factors), 2, device=device)  # per factor: seen, filtered
+        self.totals = torch.zeros(3, device=device)  # magnitude sum, fully filtered micro-batches, micro-batches
 
-    def add(self, magnitudes: torch.Tensor, threshold: float) -> None:
-        """Add one micro-batch's magnitudes."""
-        share = (magnitudes > threshold).float().mean()
-        self.total += torch.stack([share, magnitudes.float().mean(), (share == 1).float()])
+    def add(self, magnitudes: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add one micro-batch: its magnitudes, keep weights (1 kept, 0 filtered) and train row indices."""
+        index = self.row_index[rows.to(self.row_index.device)] if len(self.row_index) else torch.zeros_like(rows)
+        self.counts.index_add_(0, index, torch.stack([torch.ones_like(keep), 1 - keep], 1).float())
+        self.totals += torch.stack([magnitudes.float().sum(), (keep.sum() == 0).float(), torch.ones(())
+                                    .to(keep.device)])
 
-    def read(self, accelerator, micro_steps: int) -> dict[str, float]:
-        """The window's scalars over all processes (call on every process), then a new window."""
-        rows = accelerator.gather(self.total[None]).cpu() if accelerator.num_processes > 1 else self.total[None].cpu()
-        self.total = torch.zeros_like(self.total)  # not zero_(): on CPU, .cpu() above returns this very storage
-        rows = rows / max(micro_steps, 1)
-        return {"wen_filtered_share": float(rows[:, 0].mean()), "wen_magnitude_mean": float(rows[:, 1].mean()),
-                "wen_fully_filtered_processes": float(rows[:, 2].sum())}
+    def read(self, accelerator) -> dict[str, float]:
+        """The window's scalars over all processes (call on every process), then a new window:
+        `wen_filtered_share` (filtered / seen examples), `wen_filtered_share/dup_F` per factor,
+        `wen_magnitude_mean`, and `wen_fully_filtered_processes` (per micro-step, processes that kept nothing)."""
+        local = torch.cat([self.counts.flatten(), self.totals])[None]
+        rows = (accelerator.gather(local) if accelerator.num_processes > 1 else local).cpu().double()
+        # not zero_(): on CPU, .cpu() above may return this very storage
+        self.counts, self.totals = torch.zeros_like(self.counts), torch.zeros_like(self.totals)
+        counts = rows[:, :-3].reshape(len(rows), -1, 2).sum(0)
+        magnitude_sum, fully, micro = rows[:, -3], rows[:, -2], rows[:, -1]
+        seen = float(counts[:, 0].sum())
+        values = {"wen_filtered_share": float(counts[:, 1].sum()) / max(seen, 1.0),
+                  "wen_magnitude_mean": float(magnitude_sum.sum()) / max(seen, 1.0),
+                  "wen_fully_filtered_processes": float((fully / micro.clamp(min=1)).sum())}
+        if len(self.row_index):
+            values.update({f"wen_filtered_share/dup_{f}": float(counts[i, 1] / counts[i, 0])
+                           for i, f in enumerate(self.factors) if counts[i, 0] > 0})
+        return values
 
 
 class LossWindow:
@@ -372,7 +409,11 @@ def main(argv=None) -> int:
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not main_process, desc="steps")
     unet.train()
     window = LossWindow(accelerator.device, time.perf_counter())
-    wen_window = WenWindow(accelerator.device) if args.mitigation_wen_threshold is not None else None
+    wen = wen_window = None
+    if args.mitigation_wen_threshold is not None or args.mitigation_wen_thresholds is not None:
+        wen = WenFilter(args, noise_scheduler, accelerator.device)
+        wen_window = WenWindow(accelerator.device, train_split["dup_factor"]
+                               if "dup_factor" in train_split.column_names else [])
     compile_reported = not args.torch_compile
     for epoch in range(first_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
@@ -390,11 +431,11 @@ def main(argv=None) -> int:
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
-                loss, wen_magnitudes = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args,
-                                                      uncond_hidden)
+                loss, wen_filtered = diffusion_loss(unet, latents, hidden, noise_scheduler, generator, args,
+                                                    uncond_hidden, wen)
                 window.add(loss.detach() / args.gradient_accumulation_steps, global_step + 1)
                 if wen_window is not None:
-                    wen_window.add(wen_magnitudes, args.mitigation_wen_threshold)
+                    wen_window.add(*wen_filtered, batch["row"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -433,9 +474,10 @@ def main(argv=None) -> int:
                         writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
                         writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
                     if wen_window is not None:  # read on every process (a gather when there are several)
-                        wen_values = wen_window.read(accelerator, window.steps * args.gradient_accumulation_steps)
-                        for name, value in wen_values.items() if writer is not None else ():
-                            writer.add_scalar(f"train/{name}", value, global_step)
+                        wen_values = {f"train/{k}": v for k, v in wen_window.read(accelerator).items()}
+                        if writer is not None:  # per-factor shares into the runs logs/finetune/dup_F
+                            for name, value in factor_writers.log(wen_values, global_step).items():
+                                writer.add_scalar(name, value, global_step)
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     window.reset(now)
             paused = time.perf_counter()

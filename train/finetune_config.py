@@ -118,7 +118,11 @@ FLAGS = {
     "dataloader_num_workers": (0, int, "dataloader worker processes"),
     # mitigations of memorization (mem_analysis/mitigations.py; all off by default)
     "mitigation_wen_threshold": (None, optional(float), "Wen et al.: loss weight 0 for examples whose "
-                                 "||e_c - e_0|| (one extra unconditional forward, no grad) exceeds this"),
+                                 "||e_c - e_0|| (epsilon space; one extra unconditional forward, no grad) exceeds "
+                                 "this T at every timestep; the kept losses are averaged over the kept examples"),
+    "mitigation_wen_thresholds": (None, optional(str), "Wen's filter with a threshold per timestep: a JSON file "
+                                  "written by eval/wen_threshold.py --output (timesteps, thresholds; interpolated "
+                                  "to every t on the x0 scale); instead of mitigation_wen_threshold"),
     "caption_augmentation": (None, optional(str), "Somepalli et al.: rand_word_add, rand_word_repeat, "
                              "rand_numbers_add or multiple_captions"),
     "caption_augmentation_p": (0.1, float, "probability that a caption is augmented"),
@@ -243,6 +247,15 @@ def check_mitigations(config: dict) -> None:
         raise ConfigError("text_embedding_noise must be >= 0 (0 turns it off)")
     if config["mitigation_wen_threshold"] is not None and config["mitigation_wen_threshold"] < 0:
         raise ConfigError("mitigation_wen_threshold must be >= 0 (a magnitude ||e_c - e_0||)")
+    if config["mitigation_wen_thresholds"] is not None:
+        from mem_analysis.mitigations import read_wen_thresholds
+
+        if config["mitigation_wen_threshold"] is not None:
+            raise ConfigError("give mitigation_wen_threshold (one T) or mitigation_wen_thresholds (a file), not both")
+        try:
+            read_wen_thresholds(config["mitigation_wen_thresholds"])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def auto_train_steps(train_rows: int, global_batch: int, interval: int, passes: float = AUTO_EPOCHS) -> int:
