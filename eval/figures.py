@@ -137,33 +137,3 @@ def loss_curve_figure(eval_dir: Path, at_last: pd.DataFrame, settings: dict, las
         ax.legend(fontsize=6)
     save_figure(fig, eval_dir / "figures" / "loss_per_timestep.png")
     return "loss_per_timestep.png"
-
-
-def warning_figure(eval_dir: Path, warnings: list[dict], result: dict | None) -> str | None:
-    """Score over training: each sample (thin) and the mean per duplication factor, the alarm threshold,
-    and each sample's severity onset step marked on its own curve."""
-    if result is None:
-        return None
-    frame = pd.DataFrame(warnings).dropna(subset=["score"])
-    frame = frame[frame["sample_id"].astype(str).isin(result["lead_time"])]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for k, (dup, rows) in enumerate(sorted(frame.groupby("dup_factor"), key=lambda kv: kv[0])):
-        colour = f"C{k}"
-        for sid, own in rows.groupby("sample_id"):
-            own = own.sort_values("step")
-            ax.plot(own["step"], own["score"], color=colour, lw=0.5, alpha=0.4)
-            onset = result["lead_time"][str(int(sid))]["onset_step"]
-            if onset is not None:
-                at = own[own["step"] <= onset].tail(1)
-                ax.plot(at["step"], at["score"], "v", color=colour, ms=6, mec="k", mew=0.5)
-        mean = rows.groupby("step")["score"].mean()
-        ax.plot(mean.index, mean.values, "-o", color=colour, ms=3, lw=1.8, label=f"dup {dup}")
-    scored = frame[frame["dup_factor"] > 1] if (frame["dup_factor"] > 1).any() else frame
-    ax.axhline(float(scored["threshold"].median()), color="grey", ls=":", label=f"alarm ({result['fpr']:g} FPR)")
-    ax.plot([], [], "v", color="grey", mec="k", mew=0.5, label="severity onset (last probe step before it)")
-    ax.set(xlabel="training step", ylabel="warning score (robust sd of the null)",
-           title="early warning from training probes")
-    ax.legend(fontsize=6)
-    name = "warning_over_training.png"
-    save_figure(fig, eval_dir / "figures" / name)
-    return name

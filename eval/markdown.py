@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eval.figures import draw_figures, loss_curve_figure, warning_figure
+from eval.figures import draw_figures, loss_curve_figure
+from eval.warning_section import headline_line, warning_figure, warning_lines
 from eval.summary import build_summary
 from eval.tables import fmt, fmt_corr, fmt_diff, last_checkpoint_rows
 from mem_analysis import stats, verdicts
@@ -276,65 +277,8 @@ def headline_lines(summary: dict, settings: dict, at_last: pd.DataFrame, last: i
         lines.append(f"- Reliability across seeds: D_x_early {fmt(rel['D_x_early']['reliability'], 2)}, "
                      f"D_T_early {fmt(rel['D_T_early']['reliability'], 2)}, "
                      f"severity {fmt(rel['severity']['reliability'], 2)}.")
-    return lines
-
-
-def fmt_auroc(entry: dict) -> str:
-    """'0.950 [0.800, 1.000]' (95% bootstrap interval over samples)."""
-    return f"{fmt(entry['auroc'])} [{fmt(entry['ci_low'])}, {fmt(entry['ci_high'])}]"
-
-
-def warning_lines(result: dict | None, figure: str | None) -> list[str]:
-    """report.md's early-warning section: AUROC over probe steps, lead times per dup factor, false alarms."""
-    lines = ["## Early warning from training probes", ""]
-    if result is None:
-        return lines + ["The run logged no probes (probe_steps 0): no warning to evaluate.", ""]
-    lines += ["Score per probe step and sample from the training probes alone (high-noise k_g and L_g at the "
-              "largest probed g, and the fall of L_c from its start), in robust standard deviations of the null "
-              "samples of the same step (held-out images when the dataset has them, else never-duplicated ones, "
-              f"each null sample scored leave-one-out); the alarm fires at a {result['fpr']:g} false-alarm rate "
-              "per probe step (docs/science.md, \"Early warning from training probes\"). It is measured against "
-              "what sampling found: \"memorized\" = at least half its seeds memorized at the last evaluated "
-              "checkpoint; lead time = onset step (severity crossing the threshold) - first alarm step.", ""]
-    steps = result["auroc_by_step"]
-    earliest, best = result["earliest_auroc_0_9"], result["best_auroc"]
-    n_pos = max((a["n_positive"] for a in steps.values()), default=0)
-    if best is None:
-        lines.append(f"AUROC undefined: {n_pos} of the probe samples are memorized at the last checkpoint "
-                     "(one class only).")
-    elif earliest is not None:
-        lines.append(f"**AUROC first reaches 0.9 at probe step {earliest}: {fmt_auroc(steps[str(earliest)])}** "
-                     f"({steps[str(earliest)]['n_positive']} memorized of {steps[str(earliest)]['n']}).")
-    else:
-        lines.append(f"**AUROC never reaches 0.9; best {fmt_auroc(steps[str(best)])} at probe step {best}** "
-                     f"({steps[str(best)]['n_positive']} memorized of {steps[str(best)]['n']}).")
-    lines += ["", "| probe step | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps),
-              "| AUROC | " + " | ".join(fmt(a["auroc"], 2) for a in steps.values()) + " |", ""]
-    lead = pd.DataFrame(result["lead_time"].values())
-    lines += ["| dup_factor | samples | alarmed | first alarm (median step) | crossed severity | "
-              "alarmed no later than the crossing | median lead time (steps) |", "|---|---|---|---|---|---|---|"]
-    for dup, rows in sorted(lead.groupby("dup_factor"), key=lambda kv: -kv[0]):
-        alarmed, crossed = rows["first_alarm_step"].notna(), rows["onset_step"].notna()
-        leads = rows["lead_time"].dropna().astype(float)
-        lines.append(f"| {dup} | {len(rows)} | {int(alarmed.sum())} | "
-                     f"{fmt(float(rows['first_alarm_step'].dropna().median()), 0) if alarmed.any() else 'never'} | "
-                     f"{int(crossed.sum())} | {int((leads >= 0).sum())} | "
-                     f"{fmt(float(leads.median()), 0) if len(leads) else 'n/a'} |")
-    top = lead[lead["dup_factor"] == lead["dup_factor"].max()]
-    leads = top["lead_time"].dropna().astype(float)
-    missed = int((top["onset_step"].notna() & top["first_alarm_step"].isna()).sum())
-    lines += ["", f"**Median lead time for the {int(lead['dup_factor'].max())}x samples: "
-              f"{fmt(float(leads.median()), 0) + ' steps' if len(leads) else 'n/a'}** (over the {len(leads)} of "
-              f"{len(top)} that both alarmed and crossed the severity threshold; {missed} crossed without an alarm)."]
-    fa = result["false_alarms"]
-    lines += ["", f"**False alarms: {fa['count']} of {fa['never_duplicated']} never-duplicated probe samples** "
-              f"alarmed at some probe step ({fa['alarmed_checks']} of {fa['checks']} (sample, step) checks, "
-              f"{fmt(fa['alarmed_checks'] / fa['checks'] if fa['checks'] else None)} against the asked "
-              f"{result['fpr']:g})" + (f": samples {', '.join(map(str, fa['samples']))}." if fa["samples"] else "."),
-              ""]
-    if figure:
-        lines += [f"![early warning](figures/{figure})", ""]
-    return lines
+    warning = headline_line(summary.get("early_warning"))
+    return lines + ([warning] if warning else [])
 
 
 def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int = 1000, run_dir=None) -> Path:

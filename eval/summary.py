@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from eval.tables import last_checkpoint_rows
-from mem_analysis import early_warning, run, stats, verdicts
+from mem_analysis import stats, verdicts, warning_evaluation
 from mem_analysis.io import write_text_atomic
 from mem_analysis.premise import premise as decide_premise, reference_from_file
 
@@ -122,38 +122,23 @@ def headline_block(summary: dict, per_sample: pd.DataFrame, settings: dict) -> d
     return verdicts.headline_block(summary, at_last, last)
 
 
-def run_warnings(run_dir: Path) -> tuple[list[dict], float]:
-    """The run's warnings.jsonl (else its probes.jsonl scored; else []) and its --warning_fpr."""
-    config = run.read_config(run_dir) if (run_dir / run.CONFIG_FILE).is_file() else dict(run.RUN_DEFAULTS)
-    fpr = float(config["warning_fpr"])
-    return early_warning.run_warnings(run_dir, fpr, int(config["high_noise_timestep"])), fpr
-
-
-def warning_summary(per_sample: pd.DataFrame, warnings: list[dict], fpr: float, summary: dict, settings: dict,
-                    n_boot: int) -> dict | None:
-    """summary.json's `early_warning`: the warning against "memorized at the last checkpoint" (at least half the
-    seeds memorized at the headline g, as everywhere in this report) and against each sample's onset step."""
-    if not warnings:
-        return None
-    _, at_last = last_checkpoint_rows(per_sample, settings["guidance_scale"])
-    memorized = dict(zip(at_last["sample_id"].astype(int).tolist(), verdicts.memorized_labels(at_last).tolist()))
-    onset = {int(s): o["onset_step"] for s, o in summary["onset"].items()}
-    return dict(fpr=fpr, **early_warning.evaluate_warning(warnings, memorized, onset, n_boot))
-
-
 def build_summary(eval_dir: Path, per_sample: pd.DataFrame, settings: dict, failed=(), n_boot: int = 1000,
                   run_dir=None) -> tuple[dict, list[dict]]:
     """summary.json of `eval_dir` from its tables (and the run's warnings, from `run_dir`, by default the folder
     above `eval_dir`), written atomically; returns (summary, warnings)."""
     summary = summarize(per_sample, settings, n_boot)
     summary["skipped_checkpoints"] = list(failed)
-    warnings, fpr = run_warnings(Path(run_dir) if run_dir else eval_dir.parent)
-    summary["early_warning"] = warning_summary(per_sample, warnings, fpr, summary, settings, n_boot)
+    run_path = Path(run_dir) if run_dir else eval_dir.parent
+    summary["early_warning"] = warning_evaluation.evaluate_run(run_path, eval_dir, n_boot, settings=settings)
+    if summary["early_warning"] is not None:
+        summary["early_warning"]["figures"] = warning_evaluation.headline_figures(summary["early_warning"])
+    warnings = warning_evaluation.run_warnings(run_path)[0]
     per_seed_path = eval_dir / "per_seed.csv"
     reference_path = eval_dir / "premise_reference.json"
     summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
                                  settings, n_boot,
                                  json.loads(reference_path.read_text()) if reference_path.is_file() else None))
     summary["headline"] = headline_block(summary, per_sample, settings)
+    summary["headline"].setdefault("figures", {}).update((summary["early_warning"] or {}).get("figures", {}))
     write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     return summary, warnings

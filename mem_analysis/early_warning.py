@@ -133,6 +133,24 @@ def alarm_threshold(reference_size: int, fpr: float) -> float:
     return float(np.quantile(stats, 1 - fpr))
 
 
+def leave_one_out_scores(features: np.ndarray, null: np.ndarray, fpr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(score, alarm threshold) per row of `features` (N, F): `null_score` against the `null` rows, each null
+    row against the other null rows (leave-one-out); NaN where fewer than MIN_NULL reference rows remain."""
+    features, null = np.asarray(features, dtype=np.float64), np.asarray(null, dtype=bool)
+    scores, thresholds = np.full(len(features), np.nan), np.full(len(features), np.nan)
+    others = ~null
+    if null.sum() >= MIN_NULL and others.any():
+        scores[others] = null_score(features[others], features[null])
+        thresholds[others] = alarm_threshold(int(null.sum()), fpr)
+    if null.sum() - 1 >= MIN_NULL:
+        for i in np.flatnonzero(null):
+            reference = null.copy()
+            reference[i] = False
+            scores[i] = null_score(features[i:i + 1], features[reference])[0]
+            thresholds[i] = alarm_threshold(int(reference.sum()), fpr)
+    return scores, thresholds
+
+
 def score_step(rows: list[dict], baseline: dict[int, float], fpr: float = 0.01,
                high_noise_from: int = HIGH_NOISE_TIMESTEP) -> list[dict]:
     """Warning rows of one probe step: {step, sample_id, dup_factor, score, threshold, alarm} per sample.
@@ -144,18 +162,7 @@ def score_step(rows: list[dict], baseline: dict[int, float], fpr: float = 0.01,
         return []
     step = int(rows[0]["step"])
     ids, dups, feats = sample_features(rows, baseline, high_noise_from)
-    null = null_mask(dups)
-    scores, thresholds = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
-    others = ~null
-    if null.sum() >= MIN_NULL and others.any():
-        scores[others] = null_score(feats[others], feats[null])
-        thresholds[others] = alarm_threshold(int(null.sum()), fpr)
-    if null.sum() - 1 >= MIN_NULL:
-        for i in np.flatnonzero(null):
-            reference = null.copy()
-            reference[i] = False
-            scores[i] = null_score(feats[i:i + 1], feats[reference])[0]
-            thresholds[i] = alarm_threshold(int(reference.sum()), fpr)
+    scores, thresholds = leave_one_out_scores(feats, null_mask(dups), fpr)
     return [dict(step=step, sample_id=int(sid), dup_factor=int(dup),
                  score=None if np.isnan(s) else float(s), threshold=None if np.isnan(t) else float(t),
                  alarm=bool(np.isfinite(s) and s > t))

@@ -4,6 +4,8 @@ report.md equal those recomputed here from the tables (per_sample.csv), not read
 """
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import subprocess
@@ -128,10 +130,15 @@ def test_arena_calibrates_wen_on_the_unmitigated_run_and_compares_both_schedules
     assert done.stdout.index("== train none") < done.stdout.index("== train wen")  # none first, whatever the order
     probes = pd.read_json(folder / "none" / "probes.jsonl", lines=True)
     last = probes[(probes.step == probes.step.max()) & (probes.dup_factor == 1)]
-    expected = np.quantile(last["text_magnitude"], 0.95)
-    threshold = yaml.safe_load((folder / "wen" / "config.yaml").read_text())["mitigation_wen_threshold"]
-    assert threshold == pytest.approx(expected, rel=1e-5) and threshold > 0
+    table = yaml.safe_load((folder / "wen" / "config.yaml").read_text())["mitigation_wen_thresholds"]
+    thresholds = json.loads(Path(table).read_text())
+    assert thresholds["timesteps"] == sorted(int(t) for t in last["timestep"].unique())
+    for t, threshold in zip(thresholds["timesteps"], thresholds["thresholds"]):  # one per probe timestep
+        assert threshold == pytest.approx(np.quantile(last[last.timestep == t]["text_magnitude"], 0.95), rel=1e-5)
     comparison = pd.read_csv(folder / "compare" / "comparison.csv")
+    wen = comparison[comparison.run == "wen"].iloc[0]
+    shares = [wen[f"wen_filtered_{f}x"] for f in sorted(probes.dup_factor.unique()) if f"wen_filtered_{f}x" in wen]
+    assert shares and all(0.0 <= v <= 1.0 for v in shares)  # logged per factor, read by compare_runs
     assert sorted(zip(comparison["run"], comparison["schedule"])) == [
         ("none", "constant"), ("none", "delay:700"), ("wen", "constant"), ("wen", "delay:700")]
     delayed = pd.read_csv(folder / "wen" / "eval_delay700" / "per_sample.csv")

@@ -303,3 +303,30 @@ def test_compare_runs_reads_each_runs_own_tables(single, trained_run, tmp_path):
 def test_checkpoints_last_selects_the_last_checkpoint_only(trained_run):
     every = find_checkpoints(trained_run, None)
     assert len(every) > 2 and find_checkpoints(trained_run, "last") == every[-1:]
+
+
+def test_warning_eval_reads_any_evaluated_run_and_marks_it_out_of_sample(single, trained_run, tmp_path):
+    """eval/warning_eval.py on the tiny run: the frozen warning beside its baselines, the same numbers as the
+    evaluation's own summary.json, the sampling monitor read at the latest checkpoint at or before each probe
+    step, and the run marked out of sample (it is not the Twemoji demo)."""
+    from eval import warning_eval
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*"))
+    shutil.copytree(single["out"], run / "eval")
+    out = tmp_path / "oos"
+    assert warning_eval.cli([str(run), "--output_dir", str(out), "--bootstrap", "50"]) == 0
+    b = json.loads((out / "warning_eval.json").read_text())[str(run)]["baselines"]
+    assert b["designed_on"] is False and b["seed"] == 0 and b["monitor_seeds"] == 2
+    assert {s: e["sampling_checkpoint"] for s, e in b["steps"].items()} == {"0": 0, "2": 2, "4": 4}
+    assert b["cost"] == dict(probe=8, sampling=16, vae_decodes=2, ratio=2.0)  # 4 probe t; 2 seeds x 4 DDIM x CFG
+    assert set(b["lead"]) == {"memorized", "similarity > 0.5", "similarity > 0.6", "similarity > 0.75", "copy"}
+    summary = json.loads((single["out"] / "summary.json").read_text())["early_warning"]
+    assert summary["baselines"]["steps"].keys() == b["steps"].keys()
+    assert summary["baselines"]["decision_step"] == b["decision_step"]
+    assert summary["figures"]["warning_sampling_to_probe_cost"] == 2.0
+    report = (out / "report.md").read_text()
+    assert f"| {run} | " in report and "no (out of sample)" in report and "This run is out of sample" in report
+    assert "Lead time on the checkpoint grid" in (single["out"] / "report.md").read_text()
+    assert warning_eval.cli([str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
