@@ -52,6 +52,7 @@ from mem_analysis.stats import frechet_distance, mean_interval, median_distance,
 MITIGATION_FLAGS = {"mitigation_wen_threshold": None, "mitigation_wen_thresholds": None, "caption_augmentation": None, "text_embedding_noise": 0.0,
                     "dedup_sampling": False}
 POOLED_SIZE = 16
+WEN_TARGET = (0.5, 0.05)  # Wen's filter does its job: >= half the top-factor rows, <= 5 % of 1x rows after onset
 
 
 class CompareError(Exception):
@@ -290,11 +291,18 @@ def wen_lines(comparison: pd.DataFrame, factors: list[int]) -> list[str]:
              "train/wen_filtered_share/dup_F over the logged steps), over the whole run / from the onset step on "
              "(the median onset of the most duplicated samples in the unmitigated run, else in the run itself). "
              "Rows whose caption was dropped for CFG have e_c = e_0 and are never filtered.", "",
-             "| run | onset step | " + " | ".join(f"{d}x" for d in factors) + " |", "|---|---|" + "---|" * len(factors)]
+             f"Target: at least {WEN_TARGET[0]:g} of the {max(factors)}x rows and at most {WEN_TARGET[1]:g} of the "
+             "1x rows removed after onset.", "",
+             "| run | onset step | " + " | ".join(f"{d}x" for d in factors) + " | target met |",
+             "|---|---|" + "---|" * len(factors) + "---|"]
     for _, r in filtered.iterrows():
         cells = [f"{fmt(r.get(f'wen_filtered_{d}x', math.nan))} / {fmt(r.get(f'wen_filtered_{d}x_after_onset', math.nan))}"
                  for d in factors]
-        lines.append(f"| {r['run']} | {fmt(r.get('wen_onset_step', math.nan), 0)} | " + " | ".join(cells) + " |")
+        top, never = (r.get(f"wen_filtered_{d}x_after_onset", math.nan) for d in (max(factors), 1))
+        met = "n/a" if not (math.isfinite(top) and math.isfinite(never)) else \
+            "yes" if top >= WEN_TARGET[0] and never <= WEN_TARGET[1] else "no"
+        lines.append(f"| {r['run']} | {fmt(r.get('wen_onset_step', math.nan), 0)} | " + " | ".join(cells)
+                     + f" | {met} |")
     return lines
 
 

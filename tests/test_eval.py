@@ -330,3 +330,29 @@ def test_warning_eval_reads_any_evaluated_run_and_marks_it_out_of_sample(single,
     assert "Lead time on the checkpoint grid" in (single["out"] / "report.md").read_text()
     assert warning_eval.cli([str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_runs_reads_wens_filtered_share_per_factor_after_the_unmitigated_onset(tmp_path):
+    """Shares written as training writes them (train/wen_filtered_share in logs/finetune/dup_F): the mean over
+    the run and over the steps from the unmitigated run's median top-factor onset on, and the target's verdict."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from eval import compare_runs
+
+    run = tmp_path / "wen"
+    shares = {64: {100: 0.1, 200: 0.3, 300: 0.6, 400: 0.8}, 1: {100: 0.0, 200: 0.02, 300: 0.04, 400: 0.06}}
+    for factor, by_step in shares.items():
+        writer = SummaryWriter(str(run / "logs" / "finetune" / f"dup_{factor}"))
+        for step, value in by_step.items():
+            writer.add_scalar("train/wen_filtered_share", value, step)
+        writer.close()
+    comparison = pd.DataFrame([dict(run="none", mitigation="none", schedule="constant", median_onset_64x=300.0),
+                               dict(run="wen", mitigation="w", schedule="constant", median_onset_64x=np.nan)])
+    out = compare_runs.add_wen_shares(comparison, [tmp_path / "none", run], 64)
+    wen = out[out.run == "wen"].iloc[0]
+    assert wen["wen_onset_step"] == 300.0
+    assert wen["wen_filtered_64x"] == pytest.approx(0.45) and wen["wen_filtered_64x_after_onset"] == pytest.approx(0.7)
+    assert wen["wen_filtered_1x_after_onset"] == pytest.approx(0.05)
+    lines = compare_runs.wen_lines(out, [1, 64])
+    assert "| wen | 300 | 0.030 / 0.050 | 0.450 / 0.700 | yes |" in lines
+    assert np.isnan(out[out.run == "none"].iloc[0].get("wen_filtered_64x", np.nan))
