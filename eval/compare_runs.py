@@ -164,6 +164,34 @@ def compare_one(run: Path, folder: Path, n_boot: int, cache: dict, feature=None)
     return row, by_dup
 
 
+def top_fractions(row, top: int) -> pd.Series:
+    """Per top-factor sample (sample_id), the memorized fraction at the row's step and guidance scale."""
+    table = pd.read_csv(Path(row["eval_dir"]) / "per_sample.csv")
+    pick = ((table["guidance_scale"] == row["guidance_scale"]) & (table["checkpoint_step"] == row["step"])
+            & (table["dup_factor"] == top))
+    return table[pick].set_index("sample_id")["memorized_fraction"].astype(float)
+
+
+def add_differences(comparison: pd.DataFrame, top: int, n_boot: int) -> pd.DataFrame:
+    """`memorized_<top>x_vs_none` (+ `_low`, `_high`): the mean over the top-factor samples of (this run's memorized
+    fraction - the unmitigated run's under the same schedule), the same probe samples in both, with a 95% bootstrap
+    interval resampling the samples (paired: each resampled sample brings both of its values)."""
+    comparison = comparison.copy()
+    column = f"memorized_{top}x_vs_none"
+    for schedule, rows in comparison.groupby("schedule"):
+        reference = rows[rows["mitigation"] == "none"]
+        if reference.empty:
+            continue
+        base = top_fractions(reference.iloc[0], top)
+        for index, row in rows.iterrows():
+            own = top_fractions(row, top)
+            common = own.index.intersection(base.index)
+            diff = interval((own[common] - base[common]).to_numpy(float), n_boot)
+            comparison.loc[index, [column, column + "_low", column + "_high"]] = [diff["mean"], diff["low"],
+                                                                               diff["high"]]
+    return comparison
+
+
 def training_series(logdir: Path, tag: str) -> pd.Series:
     """A training scalar of the run's TensorBoard events by step (empty when not logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -275,6 +303,14 @@ def main_table(lines: list[str]) -> list[str]:
     return lines[start:end]
 
 
+def vs_none(row, top: int) -> str:
+    """'-0.250 [-0.400, -0.100]': the change of the top-factor memorized fraction against the unmitigated run."""
+    column = f"memorized_{top}x_vs_none"
+    if not math.isfinite(row.get(column, math.nan)) or row["mitigation"] == "none":
+        return "-"
+    return f"{row[column]:+.3f} [{fmt(row[column + '_low'])}, {fmt(row[column + '_high'])}]"
+
+
 def wen_cell(row, top: int) -> str:
     """'0.620 / 0.040': the shares of top-factor and 1x rows Wen's filter removed after onset ('n/a' without it)."""
     values = [row.get(f"wen_filtered_{f}x_after_onset", math.nan) for f in (top, 1)]
@@ -313,7 +349,9 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
     lines = ["# Mitigations compared", "",
              f"Each row: one run (training-time mitigation) evaluated under one guidance schedule, at its last "
              f"checkpoint, g = {first['guidance_scale']:g}, {first['seeds']} seeds. Memorized fraction: mean over "
-             "samples of the share of seeds over the severity threshold, 95% bootstrap interval over samples. "
+             "samples of the share of seeds over the severity threshold, 95% bootstrap interval over samples; "
+             "`vs none`: the mean change against the unmitigated run under the same schedule over the same samples, "
+             "95% interval resampling the samples (paired). "
              "Costs on the never-duplicated samples: conditional probe loss L_c and seeds' diversity (mean "
              "[95% interval]); MMD^2 = unbiased squared maximum mean discrepancy, Gaussian kernel with the "
              "median-distance bandwidth of the training images, between generated images (one seed per "
@@ -322,12 +360,12 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
              "is read from the run's own per_sample.csv, summary.json and images/. The median onset step needs "
              "the checkpoints' timeline: an eval of the last checkpoint alone (data_scripts/arena.sh evaluates "
              "delayed guidance so) shows n/a.", "",
-             f"| run | mitigation | schedule | step | memorized {top}x | crossed {top}x (median onset) | "
+             f"| run | mitigation | schedule | step | memorized {top}x | vs none | crossed {top}x (median onset) | "
              f"D_x early {top}x | L_c 1x | diversity 1x | MMD^2 (n) | Wen filtered {top}x / 1x after onset |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in comparison.iterrows():
         lines.append(f"| {r['run']} | {r['mitigation']} | {r['schedule']} | {r['step']} | "
-                     f"{with_ci(r, f'memorized_{top}x')} | {r[f'crossed_{top}x']} "
+                     f"{with_ci(r, f'memorized_{top}x')} | {vs_none(r, top)} | {r[f'crossed_{top}x']} "
                      f"({fmt(r[f'median_onset_{top}x'], 0)}) | {fmt(r[f'D_x_early_{top}x'])} | "
                      f"{with_ci(r, 'loss_cond_1x', 4)} | {with_ci(r, 'diversity_1x')} "
                      f"| {fmt(r['mmd_pixels'], 4)} ({r['mmd_n_generated']}) | {wen_cell(r, top)} |")
@@ -380,7 +418,7 @@ def main(args) -> Path:
             by_dup += dup_rows
     comparison, by_dup = pd.DataFrame(rows), pd.DataFrame(by_dup)
     top = int(by_dup["dup_factor"].max())
-    comparison = add_wen_shares(comparison, runs, top)
+    comparison = add_differences(add_wen_shares(comparison, runs, top), top, args.bootstrap)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "comparison.csv", comparison.to_csv(index=False))

@@ -356,3 +356,23 @@ def test_compare_runs_reads_wens_filtered_share_per_factor_after_the_unmitigated
     lines = compare_runs.wen_lines(out, [1, 64])
     assert "| wen | 300 | 0.030 / 0.050 | 0.450 / 0.700 | yes |" in lines
     assert np.isnan(out[out.run == "none"].iloc[0].get("wen_filtered_64x", np.nan))
+
+
+def test_compare_runs_change_against_the_unmitigated_run_is_paired_over_the_same_samples(tmp_path):
+    from eval import compare_runs
+
+    rows = []
+    for name, fractions in (("none", [1.0, 0.75, 0.5, 0.25]), ("wen", [0.5, 0.75, 0.0, 0.25])):
+        folder = tmp_path / name / "eval"
+        folder.mkdir(parents=True)
+        pd.DataFrame(dict(checkpoint_step=6, guidance_scale=7.5, sample_id=[1, 2, 3, 4], dup_factor=64,
+                          memorized_fraction=fractions)).to_csv(folder / "per_sample.csv", index=False)
+        rows.append(dict(run=name, mitigation="none" if name == "none" else "w", schedule="constant",
+                         eval_dir=str(folder), guidance_scale=7.5, step=6))
+    out = compare_runs.add_differences(pd.DataFrame(rows), 64, 200)
+    wen = out[out.run == "wen"].iloc[0]
+    # per-sample changes -0.5, 0, -0.5, 0: mean -0.25; every resample's mean lies in [-0.5, 0]
+    assert wen["memorized_64x_vs_none"] == pytest.approx(-0.25)
+    assert -0.5 <= wen["memorized_64x_vs_none_low"] <= -0.25 <= wen["memorized_64x_vs_none_high"] <= 0.0
+    assert compare_runs.vs_none(wen, 64).startswith("-0.250 [")
+    assert out[out.run == "none"].iloc[0]["memorized_64x_vs_none"] == 0.0
