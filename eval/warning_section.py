@@ -110,8 +110,8 @@ def baseline_lines(b: dict) -> list[str]:
     lines = [f"Baselines (docs/science.md, \"Early warning: baselines\"): AUROC of each signal for \"memorized at the "
              f"last checkpoint\" at every probe step, on the samples where all are defined; the sampling monitor is "
              f"the mean severity of the first {b['monitor_seeds']} seeds at the latest checkpoint at or before the step, "
-             "as a robust z against the null samples. The decision step is fixed before any score is read: the last "
-             "probe step before the first onset.", "",
+             "as a robust z against the null samples. The decision step is set by sampling, not by any score: the last "
+             "probe step before the first onset (the last probe step when no sample is memorized).", "",
              "| probe step | sampling checkpoint | " + " | ".join(NAMES[n] for n in names) + " | best baseline | "
              "warning's margin over it |", "|---|---|" + "---|" * len(names) + "---|---|"]
     for step, e in b["steps"].items():
@@ -195,6 +195,6 @@ def headline_line(result: dict | None) -> str | None:
             "worse": "does worse: a cheap proxy for sampling, not an earlier signal",
             "undefined": "cannot be compared"}[v["outcome"]]
     return (f"- Early warning ({'designed on this run' if b['designed_on'] else 'out of sample'}), decided at probe "
-            f"step {step if step is not None else 'n/a'} (the last before the first onset): AUROC {fmt_auroc(warning)}; "
+            f"step {step if step is not None else 'n/a'} (the last before the first onset, or the last when none): AUROC {fmt_auroc(warning)}; "
             f"margin over the best baseline ({NAMES.get(v['best_baseline'], 'n/a')}) {fmt_margin(v['margin'])}: "
             f"{said} ({fmt(b['cost']['ratio'], 1)}x cheaper than a {b['monitor_seeds']}-seed sampling check).")
