@@ -215,6 +215,9 @@ def build(args: argparse.Namespace) -> tuple[object, dict]:
         heldout = choose_heldout(copies, probe, args.probe_heldout, rng)
         copies.update({i: 0 for i in heldout})  # dup_factor 0: in the probe split, no row in train
         probe.update(heldout)
+    if not probe:
+        raise ValueError("the probe split would be empty (no image is duplicated and no never-duplicated one is asked "
+                         "for): give a --dup_factors value above 1, --probe_unduplicated N or --probe_heldout N")
     controls = set(controls)
 
     train_rows, probe_rows, samples = [], [], []
@@ -274,7 +277,7 @@ def main(argv=None) -> int:
     """Build the dataset, write it atomically, print a summary (ValueError / FileNotFoundError on bad input)."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite)
+    check_output_dir(output_dir, args.overwrite, source=None if args.source == "twemoji" else args.source)
     dataset, manifest = build(args)
 
     def write(folder: Path) -> None:

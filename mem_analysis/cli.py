@@ -7,6 +7,8 @@ one line `PROG: error: ...` on stderr, with nothing written or nothing already w
 """
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -25,9 +27,24 @@ def run_command(main: Callable[[list[str] | None], int | None], prog: str, argv:
     try:
         return main(argv) or 0
     except failures + bad_input as error:
-        print(f"{prog}: error: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}",
-              file=sys.stderr)
+        report_error(prog, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
         return FAILED if isinstance(error, failures) else BAD_INPUT
+
+
+def report_error(prog: str, message: str) -> None:
+    """`PROG: error: message` on stderr, once per machine: under a launcher (accelerate launch, torchrun) only the
+    first process of each node prints it, so N processes that all refuse the same input give one line."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown or malformed flag) are the project's one line and exit status 2,
+    without the usage block (`--help` shows it)."""
+
+    def error(self, message: str):
+        report_error(self.prog, f"{message} (see --help)")
+        sys.exit(BAD_INPUT)
 
 
 def parse_list(value, cast=float) -> list:

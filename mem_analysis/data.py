@@ -16,18 +16,40 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from mem_analysis.io import write_folder_atomically  # noqa: F401  (re-exported for the data scripts)
+from mem_analysis.io import read_utf8_text, write_folder_atomically  # noqa: F401  (re-exported for the data scripts)
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Modes whose numbers have no fixed range: reading them as 0-255 would clip them silently.
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of an image; transparency is composited onto white (emoji are RGBA)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """RGB copy of an image with its pixels' meaning kept, whatever PIL mode it is in.
+
+    Transparency (an alpha band, premultiplied or not, or a transparent colour) is composited onto white,
+    as Twemoji (RGBA) are shown; 16-bit grey levels v become round(v / 257) (65535 -> 255); LAB, HSV,
+    YCbCr and CMYK go through PIL's conversions. Modes I and F (no fixed range) and modes PIL cannot convert
+    are refused with a one-line ValueError saying how to convert the file.
+    """
+    mode = image.mode
+    if mode in UNSCALED_MODES:
+        raise ValueError(f"image mode {mode} ({UNSCALED_MODES[mode]}) has no fixed range of grey levels; convert the "
+                         f"file to 8-bit RGB (or a 16-bit PNG) first, e.g. scaled to 0-255 with numpy and "
+                         f"Image.fromarray(array.astype('uint8'))")
+    if mode in SIXTEEN_BIT_MODES:
+        grey = np.round(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    try:
+        if any(band in ("A", "a") for band in image.getbands()) or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"image mode {mode} cannot be read as RGB ({err}); save the file as 8-bit RGB or RGBA") from None
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True,
@@ -122,31 +144,61 @@ def twemoji_images() -> list[SourceImage]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file."""
+    """Open and fully decode an image file, turned upright as its EXIF orientation says (as viewers show it)."""
     with Image.open(path) as image:
         image.load()
-        return image.copy()
+        return ImageOps.exif_transpose(image)
 
 
-def imagefolder_images(folder: str | Path, caption_column: str = "text") -> list[SourceImage]:
-    """Images listed in `folder/metadata.jsonl` (one JSON object per line: `file_name`, caption), in file order."""
+def file_inside(folder: Path, name: str, where: str) -> Path:
+    """`folder / name` resolved (symlinks followed); ValueError naming `where` if it is absolute or leaves `folder`."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root):
+        raise ValueError(f"{where}: file_name {name!r} resolves outside {folder} (absolute, '..' or a symlink out); "
+                         f"a dataset reads only files inside its own folder")
+    return path
+
+
+def read_metadata(folder: str | Path, caption_column: str = "text") -> list[tuple[str, Path, str]]:
+    """(file_name, file path, caption) of each line of `folder/metadata.jsonl`, in file order.
+
+    Each line must be a JSON object with string `file_name` and caption fields, the file inside `folder`;
+    anything else is a one-line ValueError naming the metadata file and line.
+    """
     folder = Path(folder)
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         raise FileNotFoundError(f"{metadata} not found; an image folder needs a metadata.jsonl with "
                                 f"one line per image: {{\"file_name\": ..., \"{caption_column}\": ...}}")
-    images = []
-    for line_number, line in enumerate(metadata.read_text().splitlines(), start=1):
+    rows = []
+    for line_number, line in enumerate(read_utf8_text(metadata).splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        where = f"{metadata} line {line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object {{\"file_name\": ..., \"{caption_column}\": ...}}, "
+                             f"got {type(row).__name__}")
         for column in ("file_name", caption_column):
             if column not in row:
-                raise ValueError(f"{metadata} line {line_number} has no {column!r} field "
+                raise ValueError(f"{where} has no {column!r} field "
                                  f"(fields: {sorted(row)}); fix the file or pass --caption_column")
-        path = folder / row["file_name"]
-        images.append(SourceImage(str(path), str(row[caption_column]), partial(_open_image, path)))
-    return images
+            if not isinstance(row[column], str):
+                raise ValueError(f"{where}: {column!r} must be a string, got {json.dumps(row[column])[:40]}")
+        rows.append((row["file_name"], file_inside(folder, row["file_name"], where), row[caption_column]))
+    return rows
+
+
+def imagefolder_images(folder: str | Path, caption_column: str = "text") -> list[SourceImage]:
+    """Images listed in `folder/metadata.jsonl` (one JSON object per line: `file_name`, caption), in file order;
+    only files inside `folder` are read (read_metadata)."""
+    folder = Path(folder)
+    return [SourceImage(str(folder / name), caption, partial(_open_image, path))
+            for name, path, caption in read_metadata(folder, caption_column)]
 
 
 def hf_dataset_images(name_or_path: str, image_column: str = "image", caption_column: str = "text",
@@ -237,6 +289,10 @@ def load_study_dataset(path: str | Path):
     except FileNotFoundError as error:
         raise ValueError(f"{path} is not a saved datasets folder ({error}); build it with "
                          "data_scripts/build_duplicated_dataset.py") from None
+    except IndexError:  # datasets cannot open a split saved without rows
+        empty = [split.name for split in sorted(path.iterdir()) if split.is_dir() and not _split_opens(split)]
+        raise ValueError(f"{path} split(s) {empty} hold no rows; a study needs train and probe rows: rebuild it with "
+                         "data_scripts/build_duplicated_dataset.py") from None
     if not isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{path} holds a single Dataset, not a DatasetDict with splits {list(STUDY_SPLITS)}; "
                          "rebuild it with data_scripts/build_duplicated_dataset.py")
@@ -269,13 +325,51 @@ def read_manifest(dataset_dir: str | Path, required: bool = True) -> dict | None
     return json.loads(path.read_text())
 
 
+def _split_opens(folder: Path) -> bool:
+    """Whether datasets opens one saved split (one saved without rows raises IndexError)."""
+    import datasets
+
+    try:
+        datasets.load_from_disk(str(folder))
+        return True
+    except IndexError:
+        return False
+
+
 # ---------------------------------------------------------------------------
 # Output folders of the data scripts: refuse to clobber; written by mem_analysis.io.write_folder_atomically.
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless `overwrite` (checked before any work is done)."""
+def check_output_dir(output_dir: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Refuse a file, a non-empty folder unless `overwrite`, or the folder `source` is read from or one that
+    holds it (replacing it would delete the images being read); checked before any work is done."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; choose a folder path")
+    if source is not None and Path(source).expanduser().is_dir():
+        inside = Path(source).expanduser().resolve()
+        if inside.is_relative_to(output_dir.resolve()):
+            raise ValueError(f"--output_dir {output_dir} is the source folder {source} or holds it; write the "
+                             "dataset to a folder outside its source")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace it or choose another")
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """SHA-256 naming a dataset folder's content: a study dataset's manifest.json (every sample's pixel hash and
+    duplication), an image folder's metadata.jsonl, else the names and sizes of its files and the bytes of its
+    JSON files (the split states `save_to_disk` writes); a hub name hashes to itself. Cheap: no image is read."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(f"name:{path}".encode())
+        return digest.hexdigest()
+    for marker in ("manifest.json", "metadata.jsonl"):
+        if (path / marker).is_file():
+            digest.update(marker.encode() + (path / marker).read_bytes())
+            return digest.hexdigest()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        digest.update(f"{name}:{file.stat().st_size}\n".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -25,6 +25,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def read_utf8_text(path: str | Path) -> str:
+    """The text of a UTF-8 file; ValueError naming the file, line and column of the first byte that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+                         f"save the file as UTF-8") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """`text` written to `path` through a temporary name."""
     with atomic_path(path) as tmp:

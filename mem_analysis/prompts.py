@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mem_analysis.io import read_utf8_text
+
 DEFAULT_COLUMNS = ("caption", "prompt", "text")
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
@@ -52,16 +54,24 @@ def checked_prompt(value, path: Path, where: str) -> str:
     return value.strip()
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; one line naming file and line where it is not UTF-8."""
+    try:
+        return read_utf8_text(path).splitlines()
+    except ValueError as err:
+        raise PromptFileError(str(err)) from None
+
+
 def read_jsonl_prompts(path: Path, column: str | None) -> list[str]:
     """One JSON object a line; blank lines are skipped."""
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path} line {number}: not JSON ({err.msg})") from None
+            raise PromptFileError(f"{path} line {number}: not JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
             raise PromptFileError(f"{path} line {number}: a JSON object is expected, got {type(record).__name__}")
         key = pick_column(record.keys(), column, Path(f"{path} line {number}"))
@@ -89,7 +99,7 @@ def read_prompts(path, column: str | None = None, max_prompts: int | None = None
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
     if path.suffix == ".txt":
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_lines(path) if line.strip()]
     elif path.suffix == ".jsonl":
         prompts = read_jsonl_prompts(path, column)
     elif path.suffix in (".csv", ".parquet"):

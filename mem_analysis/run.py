@@ -3,12 +3,15 @@
 train/finetune.py writes a run through these functions and evaluation, benches and tests read it
 through them, so the layout is stated once:
 
+    RUN/run.json                  what made the run: a fingerprint of the flags that shape its content and of its
+                                  dataset (`run_identity`); training into a folder that holds another run is refused
     RUN/config.yaml               the resolved flags of train/finetune.py (`read_config` adds RUN_DEFAULTS)
     RUN/probe_mu.safetensors      {"mu": the training-set mean latent of the centred k}
     RUN/probes.jsonl              one probe row per (step, sample_id, timestep) (mem_analysis.probes)
     RUN/warnings.jsonl            the early warning per probe step and sample (mem_analysis.early_warning)
     RUN/checkpoint-N/             complete once renamed from checkpoint-N.tmp; holds training_state.json
-                                  and unet/ (full), unet_ema/ (EMA) or pytorch_lora_weights.safetensors (LoRA)
+                                  and unet/ (full), unet_ema/ (EMA) or pytorch_lora_weights.safetensors (LoRA);
+                                  training_state.json names the run (`run_fingerprint`) and this save (`checkpoint_id`)
     RUN/eval[_<schedule>]/        evaluate_checkpoints.py's tables (`eval_dir`)
 
 `read_run` and `find_checkpoints` are how every evaluation opens a run; JSON-lines files are read,
@@ -17,9 +20,13 @@ appended and cut back to a step by `read_jsonl`, `append_jsonl` and `keep_jsonl_
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
+import shutil
+import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,6 +42,7 @@ PROBES_FILE = "probes.jsonl"
 WARNINGS_FILE = "warnings.jsonl"
 PROBE_MU_FILE = "probe_mu.safetensors"
 STATE_FILE = "training_state.json"
+RUN_FILE = "run.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -86,8 +94,18 @@ def read_probe_mu(run_dir: str | Path) -> torch.Tensor | None:
 
 
 def write_training_state(checkpoint: str | Path, step: int, **info) -> None:
-    """checkpoint/training_state.json: {"global_step": step, **info}."""
-    write_text_atomic(Path(checkpoint) / STATE_FILE, json.dumps({"global_step": step, **info}, indent=1))
+    """checkpoint/training_state.json: {"global_step": step, "checkpoint_id": a new random id, **info}."""
+    state = {"global_step": step, "checkpoint_id": uuid.uuid4().hex, **info}
+    write_text_atomic(Path(checkpoint) / STATE_FILE, json.dumps(state, indent=1))
+
+
+def read_training_state(checkpoint: str | Path) -> dict:
+    """A checkpoint's training_state.json ({} when it is missing or unreadable)."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
@@ -232,3 +250,207 @@ def keep_jsonl_rows(path: str | Path, last_step: int) -> list[dict]:
             kept.append(row)
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
     return kept
+
+
+# ---------------------------------------------------------------------------
+# One run per folder: what made a run, what of a folder belongs to it, and whose checkpoint is whose.
+
+# Flags that change where a run writes, how it is watched, how fast it goes or how long it runs, not what its steps
+# compute; a resume may change them (a larger max_train_steps extends a run). train_data_dir is a path: the
+# dataset's content is fingerprinted instead.
+UNFINGERPRINTED = frozenset({
+    "output_dir", "logging_dir", "save_on_each_node", "report_to", "logging_steps", "validation_prompts",
+    "num_validation_prompts", "validation_steps", "validation_inference_steps", "validation_guidance_scale",
+    "resume_from_checkpoint", "overwrite_output_dir", "dry_run", "max_train_steps", "num_train_epochs",
+    "auto_train_passes", "checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers",
+    "probe_batch_size", "channels_last", "torch_compile", "gradient_checkpointing", "cache_train_pixels",
+    "cache_caption_embeddings", "cache_train_latents", "train_data_dir"})
+# What training, evaluation and the final save write into a run folder (ARCHITECTURE.md "A training run"):
+# the entries a fresh start removes; anything else in the folder is left where it is.
+RUN_NAMES = (RUN_FILE, CONFIG_FILE, PROBES_FILE, WARNINGS_FILE, PROBE_MU_FILE, LORA_FILE, "model_index.json",
+             "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker")
+RUN_PATTERNS = (re.compile(r"^checkpoint-\d+(\.tmp)?$"), re.compile(r"^eval(_.+)?$"))
+
+
+def run_identity(config: dict, dataset_fingerprint: str) -> dict:
+    """{"fingerprint": SHA-256 of the flags that shape the run's content (all but UNFINGERPRINTED; a local model
+    path made absolute) and of the dataset's fingerprint, "dataset": that fingerprint, "config": those flags}."""
+    content = {key: value for key, value in sorted(config.items()) if key not in UNFINGERPRINTED}
+    model = content.get("pretrained_model_name_or_path")
+    if model and Path(model).exists():
+        content["pretrained_model_name_or_path"] = str(Path(model).resolve())
+    content = json.loads(json.dumps(content, default=str))
+    text = json.dumps({"config": content, "dataset": dataset_fingerprint}, sort_keys=True)
+    return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "dataset": dataset_fingerprint,
+            "config": content}
+
+
+def write_run_record(run_dir: str | Path, identity: dict) -> None:
+    """RUN/run.json (run_identity's record), written atomically."""
+    write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(identity, indent=1))
+
+
+def recorded_identity(run_dir: str | Path) -> dict | None:
+    """What a folder says made its run: run.json, else the fingerprint in its newest checkpoint (a folder holding
+    only copied checkpoints); None when neither records one (a run trained before runs recorded them)."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        if isinstance(record, dict) and "fingerprint" in record:
+            return record
+    except (OSError, ValueError):
+        pass
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        fingerprint = read_training_state(checkpoint).get("run_fingerprint")
+        if fingerprint:
+            return {"fingerprint": fingerprint}
+    return None
+
+
+def identity_difference(old: dict, new: dict) -> str:
+    """What differs between two run identities, for a one-line message: the flags (old -> new) or the dataset."""
+    if "config" not in old:
+        return "its checkpoints record another fingerprint"
+    changed = [f"{key} {old['config'].get(key)!r} -> {new['config'].get(key)!r}"
+               for key in sorted(set(old["config"]) | set(new["config"]))
+               if old["config"].get(key) != new["config"].get(key)]
+    if old.get("dataset") != new.get("dataset"):
+        changed.append("another dataset (its manifest differs)")
+    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def run_entries(run_dir: str | Path, logging_dirs=()) -> list[Path]:
+    """The entries of a folder that a run wrote (RUN_NAMES, checkpoint-N[.tmp], eval[_*], the relative
+    `logging_dirs`), sorted; [] for a missing or empty folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    names = set(RUN_NAMES) | {Path(d).parts[0] for d in logging_dirs if d and Path(d).parts and not Path(d).is_absolute()}
+    return sorted(path for path in run_dir.iterdir()
+                  if path.name in names or any(pattern.match(path.name) for pattern in RUN_PATTERNS))
+
+
+def clear_run(run_dir: str | Path, entries: list[Path]) -> None:
+    """Remove a run's `entries` so that a crash leaves the folder with the whole old run or none of it: the folder
+    is renamed to a trash folder beside it (one atomic rename), a new folder takes its name, the entries that are
+    not the run's move back, and the trash is deleted."""
+    run_dir = Path(run_dir)
+    names = {entry.name for entry in entries}
+    trash = run_dir.parent / f".{run_dir.name}.trash-{os.getpid()}"
+    os.rename(run_dir, trash)
+    run_dir.mkdir()
+    for item in trash.iterdir():
+        if item.name not in names:
+            os.rename(item, run_dir / item.name)
+    shutil.rmtree(trash)
+
+
+def damaged_file(checkpoint: str | Path) -> str | None:
+    """The first file of a checkpoint that is cut short or unreadable, with the reason; None when all read.
+
+    Cheap: safetensors headers are checked against the file's length, torch.save archives (optimizer, scheduler,
+    random states) for their closing directory, which a cut file lacks; empty files are damaged.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(p for p in Path(checkpoint).rglob("*") if p.is_file()):
+        if path.stat().st_size == 0 and path.suffix in (".safetensors", ".bin", ".pt", ".pkl", ".pth", ".json"):
+            return f"{path} is empty"
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix in (".bin", ".pt", ".pkl", ".pth") and zipfile.is_zipfile(path) is False:
+                with path.open("rb") as handle:  # torch.save archives are zip files; older pickles are not checked
+                    if handle.read(2) == b"PK":
+                        raise zipfile.BadZipFile("its zip directory is missing")
+        except Exception as err:  # safetensors and zipfile raise their own types for a cut file
+            return f"{path} is cut short or unreadable ({str(err).strip().splitlines()[0]})"
+    return None
+
+
+def checkpoint_identity(checkpoint: str | Path) -> str:
+    """A short hash that changes whenever a checkpoint is saved again or a weights file in it is replaced: its
+    checkpoint_id (training_state.json, new at each save) with the size and modification time of every file of
+    unet/, unet_ema/ and the LoRA file. Cheap to read; a copy that keeps modification times keeps it."""
+    checkpoint = Path(checkpoint)
+    digest = hashlib.sha256(str(read_training_state(checkpoint).get("checkpoint_id")).encode())
+    files = [checkpoint / LORA_FILE] + [p for sub in ("unet", "unet_ema") for p in sorted((checkpoint / sub).rglob("*"))]
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(checkpoint).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, overwrite: bool,
+                     logging_dirs=()) -> list[Path]:
+    """The old run's entries to remove before training ([] when there is nothing to remove), after checking that
+    this run may use the folder; reads only. A folder holding a run is used only to resume that same run
+    (`resume`, same fingerprint) or to start afresh (`overwrite`); otherwise a one-line ValueError says why.
+    Resuming with 'latest' a run that has no checkpoint yet starts it afresh (its entries are removed)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--output_dir {run_dir} is a file; choose a folder path")
+    if overwrite and resume is not None:
+        raise ValueError("--overwrite_output_dir starts the run afresh and --resume_from_checkpoint continues it; "
+                         "give one of them")
+    entries = run_entries(run_dir, logging_dirs)
+    if not entries or overwrite:
+        return entries
+    shown = ", ".join(entry.name for entry in entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if resume is None:
+        raise ValueError(f"--output_dir {run_dir} already holds a run ({shown}); continue it with "
+                         "--resume_from_checkpoint latest, start afresh with --overwrite_output_dir (deletes it), "
+                         "or choose another --output_dir")
+    recorded = recorded_identity(run_dir)
+    if recorded is None:
+        raise ValueError(f"--output_dir {run_dir} holds a run that records no fingerprint (no {RUN_FILE}: trained "
+                         "before runs recorded one), so resuming it cannot check that these flags made it; start "
+                         "afresh with --overwrite_output_dir or choose another --output_dir")
+    if recorded["fingerprint"] != identity["fingerprint"]:
+        raise ValueError(f"--output_dir {run_dir} holds another run ({identity_difference(recorded, identity)}); "
+                         "resume it with the flags and dataset that made it, start afresh with "
+                         "--overwrite_output_dir (deletes it), or choose another --output_dir")
+    return entries if resume == "latest" and not list_checkpoints(run_dir) else []
+
+
+def resume_checkpoint(value: str | None, run_dir: str | Path, identity: dict) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint value` names: None (fresh start; also 'latest' with no checkpoint
+    yet), the newest complete one for 'latest', else the folder (or run_dir/value). One-line ValueError when it is
+    missing, was made by another run, or holds a file cut short (naming the checkpoint to resume from instead)."""
+    if value is None:
+        return None
+    run_dir = Path(run_dir)
+    complete = list_checkpoints(run_dir)
+    if value == "latest":
+        if not complete:
+            return None
+        path = complete[-1]
+    else:
+        path = Path(value)
+        if not path.is_dir() and (run_dir / value).is_dir():
+            path = run_dir / value
+        if not (path / STATE_FILE).is_file():
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
+                             f"checkpoint-N folder with training_state.json); give one, or 'latest'")
+    damage = damaged_file(path)
+    if damage:
+        step = folder_step(path)
+        earlier = [c for c in list_checkpoints(path.parent) if step is not None and folder_step(c) < step]
+        instead = (f"delete {path} to resume from {earlier[-1]} (or give that folder)" if earlier
+                   else f"delete {path} and start afresh")
+        raise ValueError(f"--resume_from_checkpoint {value}: {damage}; {instead}")
+    fingerprint = read_training_state(path).get("run_fingerprint")
+    if fingerprint != identity["fingerprint"]:
+        why = "records no run fingerprint" if fingerprint is None else "was made by other flags or another dataset"
+        raise ValueError(f"--resume_from_checkpoint {value}: {path} {why}; resume with the flags and dataset that "
+                         "made it, or start afresh without --resume_from_checkpoint")
+    return path
+
+
+def folder_step(path: str | Path) -> int | None:
+    """N of a folder named checkpoint-N, else None."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None

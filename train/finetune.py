@@ -48,12 +48,12 @@ from mem_analysis.mitigations import (kept_mean, noisy_text_embedding, read_wen_
 from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_prompts, load_components
-from train.finetune_config import ConfigError, TrainingError, resolve_config, resolve_train_steps
+from train.finetune_config import ConfigError, TrainingError, preflight, resolve_train_steps
 from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, ImageLatents, TrainExamples,
                                  bounded_captions, build_probe_inputs, load_splits, probe_scalars, row_sampling_weights,
                                  warning_scalars)
-from train.finetune_state import (add_lora, log_validation, register_hooks, resolve_resume,
-                                  save_checkpoint, save_final_model, zero3_init_disabled)
+from train.finetune_state import (add_lora, load_resume_state, log_validation, register_hooks, save_checkpoint,
+                                  save_final_model, start_run_folder, zero3_init_disabled)
 
 
 def build_accelerator(args) -> Accelerator:
@@ -257,7 +257,7 @@ def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    args = resolve_config(argv)
+    args, identity, stale, resume_path = preflight(argv)
     output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
     rank, main_process = accelerator.process_index, accelerator.is_main_process
@@ -267,7 +267,8 @@ def main(argv=None) -> int:
         accelerator.print("validation images are off under ZeRO-3 (the main process alone cannot run the sharded UNet)")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    resume_path = resolve_resume(args.resume_from_checkpoint, output_dir, main_process)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        accelerator.print(f"resume_from_checkpoint latest: no checkpoint in {output_dir} yet; starting a fresh run")
     check_same_resume(accelerator, resume_path)
     train_split, probe_split = load_splits(args)
 
@@ -345,13 +346,14 @@ def main(argv=None) -> int:
                   f"resolution {resolution}; {steps_per_epoch} steps/epoch, {max_train_steps} steps, "
                   f"{num_epochs} epoch(s); checkpoints every {args.checkpointing_steps or 'never'}, probes every "
                   f"{args.probe_steps or 'never'} on {len(args.probe_timesteps)} timesteps; resume "
-                  f"{resume_path or 'none'}; output {output_dir}")
+                  f"{resume_path or 'none'}; output {output_dir}"
+                  + (f" (a fresh start would delete the old run's {len(stale)} entries)" if stale else ""))
         return 0
 
     global_step = 0
+    start_run_folder(accelerator, output_dir, identity, stale)
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        global_step = run.checkpoint_step(resume_path)
+        global_step = load_resume_state(accelerator, resume_path)
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     first_epoch = global_step // steps_per_epoch
     if global_step >= max_train_steps:  # resumed from the last step: nothing left to train
@@ -490,7 +492,8 @@ def main(argv=None) -> int:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
                                 {"epoch": epoch, "num_processes": accelerator.num_processes,
                                  "distributed_type": str(accelerator.distributed_type),
-                                 "use_lora": args.use_lora, "use_ema": args.use_ema})
+                                 "use_lora": args.use_lora, "use_ema": args.use_ema,
+                                 "run_fingerprint": identity["fingerprint"]})
             window.excluded += time.perf_counter() - paused  # samples/s counts training time only
             if global_step >= max_train_steps:
                 break

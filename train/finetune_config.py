@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from mem_analysis.cli import parse_list
+from mem_analysis import run
+from mem_analysis.cli import OneLineParser, parse_list
+from mem_analysis.data import dataset_fingerprint, read_metadata
 from mem_analysis.run import RUN_DEFAULTS
 
 
@@ -133,7 +135,10 @@ FLAGS = {
     "checkpoints_total_limit": (None, optional(int), "keep at most N checkpoints"),
     "save_on_each_node": (False, boolean, "nodes without a shared file system: the first process of every node "
                                           "writes checkpoints and the final model to its own output_dir"),
-    "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest'"),
+    "resume_from_checkpoint": (None, optional(str), "a checkpoint folder or 'latest' (of the same run: same "
+                               "flags and dataset, see run.json)"),
+    "overwrite_output_dir": (False, boolean, "start afresh in an output_dir that holds a run: its checkpoints, probe "
+                             "rows, warnings, logs, evaluation and final model are deleted first"),
     "logging_dir": (RUN_DEFAULTS["logging_dir"], str, "TensorBoard folder, relative to output_dir"),
     "logging_steps": (10, int, "log the training loss (mean since the last log) every N steps; the loss is read "
                                "back from the device only then and before probes, validation and checkpoints"),
@@ -161,7 +166,8 @@ LIST_FLAGS = {"validation_prompts", "probe_timesteps", "probe_guidance_scales"}
 
 def build_parser() -> argparse.ArgumentParser:
     """Argparse over FLAGS; every default is None so that only given flags override the YAML."""
-    parser = argparse.ArgumentParser(description="Fine-tune a Stable Diffusion UNet with per-sample CFG probes.")
+    parser = OneLineParser(prog="finetune.py", description="Fine-tune a Stable Diffusion UNet with per-sample CFG "
+                           "probes.")
     parser.add_argument("--config", default=None, help="experiment YAML (keys = flag names)")
     for name, (default, kind, text) in FLAGS.items():
         if kind is boolean:
@@ -203,6 +209,35 @@ def resolve_config(argv=None) -> argparse.Namespace:
     config.update({name: convert(name, value) for name, value in given.items() if value is not None})
     check_config(config)
     return argparse.Namespace(**config)
+
+
+def preflight(argv=None) -> tuple[argparse.Namespace, dict, list[Path], Path | None]:
+    """(flags, run identity, the old run's entries a fresh start removes, checkpoint to resume from), checked before
+    any process starts or anything is written (mem_analysis.run: one run per folder); bad input is a one-line
+    ConfigError. Reads no image and loads no model."""
+    args = resolve_config(argv)
+    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
+        raise ConfigError(f"study dataset {args.train_data_dir} does not exist; build it with "
+                          f"data_scripts/build_duplicated_dataset.py --output_dir {args.train_data_dir}")
+    source = args.train_data_dir or args.dataset_name
+    try:
+        if args.dataset_name and (Path(args.dataset_name) / "metadata.jsonl").is_file():
+            read_metadata(args.dataset_name, args.caption_column)  # only files inside the folder are read
+        identity = run.run_identity(vars(args), dataset_fingerprint(source))
+        stale = run.claim_run_folder(args.output_dir, identity, args.resume_from_checkpoint,
+                                     args.overwrite_output_dir, {args.logging_dir, old_logging_dir(args.output_dir)})
+        resume = run.resume_checkpoint(args.resume_from_checkpoint, args.output_dir, identity)
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    return args, identity, stale, resume
+
+
+def old_logging_dir(output_dir: str) -> str | None:
+    """The logging_dir in the config.yaml of a run already in output_dir (None without a readable one)."""
+    try:
+        return str(run.read_config(output_dir)["logging_dir"])
+    except (OSError, TypeError, yaml.YAMLError):
+        return None
 
 
 def check_config(config: dict) -> None:

@@ -115,24 +115,29 @@ def register_hooks(accelerator, args, ema_unet, zero_stage) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def resolve_resume(value, output_dir: Path, main_process: bool) -> Path | None:
-    """Checkpoint folder to resume from: None (fresh), the newest complete one for 'latest', or a given path."""
-    if value is None:
-        return None
-    if value == "latest":
-        complete = list_checkpoints(output_dir)
-        if not complete:
-            if main_process:
-                print(f"resume_from_checkpoint latest: no checkpoint in {output_dir} yet; starting a fresh run")
-            return None
-        return complete[-1]
-    path = Path(value)
-    if not path.is_dir() and (Path(output_dir) / value).is_dir():
-        path = Path(output_dir) / value
-    if not (path / run.STATE_FILE).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
-                            f"checkpoint-N folder with training_state.json); give one, or 'latest'")
-    return path
+def start_run_folder(accelerator, output_dir: Path, identity: dict, stale: list[Path]) -> None:
+    """After every process has checked the folder (train/finetune_config.preflight): each checkpoint writer
+    removes the old run's `stale` entries (mem_analysis.run.clear_run) and records this run's identity in run.json."""
+    accelerator.wait_for_everyone()
+    if checkpoint_writer(accelerator):
+        if stale:
+            print(f"fresh start in {output_dir}: removed the old run's {', '.join(e.name for e in stale)}")
+            run.clear_run(output_dir, stale)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run.write_run_record(output_dir, identity)
+    accelerator.wait_for_everyone()
+
+
+def load_resume_state(accelerator, checkpoint: Path) -> int:
+    """Restore training from `checkpoint` and return its step; a file that cannot be loaded is a one-line
+    ConfigError naming the checkpoint (preflight has already checked that no file is cut short)."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # torch, safetensors, DeepSpeed and pickle each raise their own types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--resume_from_checkpoint: cannot load {checkpoint} ({type(err).__name__}: {reason}); "
+                          f"delete it to resume from the checkpoint before it, or give another") from None
+    return run.checkpoint_step(checkpoint)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None, info: dict) -> Path:
