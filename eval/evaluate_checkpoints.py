@@ -10,9 +10,14 @@ decoding and every severity back end (M6). Rows are gathered on the main process
 appends them atomically to RUN/eval/per_seed.csv and per_sample.csv (+ parquet), writes
 TensorBoard scalars and generated-vs-training image grids at the checkpoint's global_step (one run per
 duplication factor, RUN/logs/eval/dup_F), and at the end the report's headline as text in RUN/logs/eval,
-summary.json (M7), the figures and report.md (eval/report.py). Done checkpoints are skipped.
+summary.json (M7), the figures and report.md (eval/report.py). A model whose rows were measured on the same
+weights (`checkpoint_id`: mem_analysis.run.checkpoint_identity, new at every save and whenever a weights file
+is replaced) is skipped; one whose weights changed is evaluated again; the rows of a checkpoint whose folder
+is gone are dropped (the weights they measured can no longer be checked); tables of another run are refused.
 
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
+- `checkpoint_step`, `checkpoint`, `checkpoint_id` (the weights measured), `caption_tokens_cut` (tokens of the
+  sample's caption past the text encoder's window, which no model sees);
 - `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
   `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
 - M1/M2 at the run's probe noise (averaged over --probe_noise_draws draws per (sample, t); draw 0 is the
@@ -43,7 +48,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from eval import markdown
-from eval.tables import EvalError, append_rows, check_same_settings, save_arrays
+from eval.tables import EvalError, append_rows, check_same_settings, drop_steps, save_arrays, stored_identities
 from mem_analysis import guidance_key, run
 from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.cli import parse_list, run_command
@@ -51,7 +56,7 @@ from mem_analysis.io import write_text_atomic
 from mem_analysis.measure import (SEVERITY_BACKENDS, MeasureSettings, ProbeSet, Stopwatch, at_own_scale, load_probe_set,
                                   measure_prompts, probe_rows, probe_settings, prompts_per_call)
 from mem_analysis.mitigations import parse_guidance_schedule
-from mem_analysis.sd import compute_dtype, load_components
+from mem_analysis.sd import compute_dtype, cut_prompts_line, load_components, tokens_cut
 from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
 
 
@@ -68,6 +73,7 @@ class EvalSettings(MeasureSettings):
     model: str
     dataset: str
     lora: bool
+    run_fingerprint: str | None = field(default=None, kw_only=True)  # the run's run.json: tables of one run only
 
 
 @dataclass
@@ -227,15 +233,34 @@ def resolve_settings(args, config) -> EvalSettings:
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
         high_noise_timestep=int(high_noise), early_steps=args.early_steps, max_samples=args.max_samples,
         model=str(config["pretrained_model_name_or_path"]), dataset=str(config["train_data_dir"]),
-        lora=bool(config["use_lora"]))
+        lora=bool(config["use_lora"]), run_fingerprint=(run.recorded_identity(args.run_dir) or {}).get("fingerprint"))
 
 
-def done_steps(out_dir: Path, settings: EvalSettings) -> set[int]:
-    """Steps already in per_sample.csv; refuses to mix tables made with other settings."""
-    if not (out_dir / "per_sample.csv").is_file():
-        return set()
-    check_same_settings(out_dir, settings)
-    return set(pd.read_csv(out_dir / "per_sample.csv", usecols=["checkpoint_step"])["checkpoint_step"].tolist())
+def plan_checkpoints(out_dir: Path, run_dir: Path, models, settings: EvalSettings) -> tuple[list, list[str], list]:
+    """(models to evaluate as (step, folder, identity), one line per model skipped or re-evaluated and why, steps
+    whose rows to drop). A model is evaluated unless per_sample.csv holds its rows measured on the same weights
+    (mem_analysis.run.checkpoint_identity; the base model is 'base'). Rows of a checkpoint whose folder is gone
+    are dropped: the weights they measured can no longer be checked. Refuses tables of other settings or runs."""
+    stored = {}
+    if (out_dir / "per_sample.csv").is_file():
+        check_same_settings(out_dir, settings)
+        stored = stored_identities(out_dir / "per_sample.csv")
+    gone = sorted(set(stored) - {step for step, _ in run.find_checkpoints(run_dir)})
+    todo, lines = [], []
+    for step, folder in models:
+        name, identity = (folder.name, run.checkpoint_identity(folder)) if folder else ("base model", "base")
+        if step in stored and stored[step] == identity:
+            lines.append(f"skipping {name} (step {step}): already evaluated in {out_dir}")
+            continue
+        if step in stored:
+            why = "its rows record no weights identity" if stored[step] is None else "its weights changed since"
+            lines.append(f"re-evaluating {name} (step {step}): {why} its rows in {out_dir} were written")
+        todo.append((step, folder, identity))
+    if gone:
+        lines.append(f"dropping the rows of step(s) {', '.join(map(str, gone))} from {out_dir}: their checkpoint "
+                     "folders are gone (deleted, or pruned by --checkpoints_total_limit), so the weights they "
+                     "measured cannot be checked")
+    return todo, lines, gone
 
 
 def log_scalars(writer, factor_writers: FactorWriters, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
@@ -280,10 +305,14 @@ def log_headline(writer, out_dir: Path, step: int) -> None:
 
 
 def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResult, settings: EvalSettings, writer,
-                     factor_writers: FactorWriters | None = None):
-    """Main process: append one model's rows (tables last: they mark the step done)."""
+                     factor_writers: FactorWriters | None = None, identity: str | None = None,
+                     cut: dict | None = None):
+    """Main process: append one model's rows (tables last: they mark the step done), each with the identity of
+    the weights measured and, per sample, the tokens its caption loses to the text encoder's window (`cut`)."""
     for row in result.per_seed + result.per_sample:
-        row.update(checkpoint_step=step, checkpoint=name)
+        row.update(checkpoint_step=step, checkpoint=name, checkpoint_id=identity)
+    for row in result.per_sample:
+        row["caption_tokens_cut"] = (cut or {}).get(row["sample_id"], 0)
     curves, images = result.curves, result.images
     save_arrays(out_dir / "curves" / f"step-{step}.npz",
                 sample_id=np.array([c["sample_id"] for c in curves]),
@@ -303,16 +332,15 @@ def main(args):
     out_dir = Path(args.output_dir) if args.output_dir else run.eval_dir(run_dir, args.guidance_schedule)
     models = run.find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config)
-    done = done_steps(out_dir, settings)
+    todo, lines, gone = plan_checkpoints(out_dir, run_dir, models, settings)
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
-    todo = [(step, folder) for step, folder in models if step not in done]
-    accelerator.wait_for_everyone()  # every process has read the done set before main appends
+    accelerator.wait_for_everyone()  # every process has read the tables before main changes them
     if is_main:
         write_text_atomic(out_dir / "settings.json", json.dumps(settings.as_dict(), indent=1))
-        for step, folder in models:
-            if step in done:
-                print(f"skipping {folder.name if folder else 'base model'} (step {step}): already evaluated in {out_dir}")
+        for line in lines:
+            print(line)
+        drop_steps(out_dir, gone)
 
     device = accelerator.device
     # --mixed_precision fp16/bf16 runs the networks in that dtype; metrics accumulate in float32.
@@ -324,6 +352,10 @@ def main(args):
     components = load_components(config["pretrained_model_name_or_path"]).to(device, dtype)
     base_unet = components.unet.eval()
     probe = read_probe_set(config, args, components, device) if todo else None
+    cut = dict(zip(probe.sample_ids.tolist(), tokens_cut(components.tokenizer, probe.captions))) if todo else {}
+    long_captions = cut_prompts_line(components.tokenizer, probe.captions, "probe captions") if todo else None
+    if is_main and long_captions:
+        print(f"{long_captions} (per_sample.csv column caption_tokens_cut)")
     writer = None
     if is_main and todo:
         save_arrays(out_dir / "images" / "training.npz", sample_id=probe.sample_ids,
@@ -335,7 +367,7 @@ def main(args):
         factor_writers = FactorWriters(writer.log_dir)
     shard = np.arange(len(probe.sample_ids))[accelerator.process_index::accelerator.num_processes] if todo else None
     failed, timings = [], {}
-    for step, folder in tqdm(todo, desc="checkpoints", disable=not is_main):
+    for step, folder, identity in tqdm(todo, desc="checkpoints", disable=not is_main):
         name = folder.name if folder else "base"
         try:
             unet = base_unet if folder is None else run.load_checkpoint_unet(folder, base_unet, settings.weights)
@@ -350,7 +382,7 @@ def main(args):
         gathered = gather_object([result])
         if is_main:
             merged = CheckpointResult.merge(gathered)
-            store_checkpoint(out_dir, step, name, merged, settings, writer, factor_writers)
+            store_checkpoint(out_dir, step, name, merged, settings, writer, factor_writers, identity, cut)
             log_images(factor_writers, probe, merged, step)
         accelerator.wait_for_everyone()
     if is_main:

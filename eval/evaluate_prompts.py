@@ -12,7 +12,9 @@ where `--references` holds an image whose caption is exactly the prompt, M1/M2 a
 its latent and severity against it. Without a reference, severity is reference-free (each seed's
 similarity to the prompt's other seeds) and the decomposition regresses on each seed's own generated
 latent (the authors' exploratory variant). Rows are appended after every batch of prompts, so a rerun
-skips the prompts already done. Outputs under --output_dir: per_seed.csv, per_prompt.csv (+ .parquet),
+skips the prompts already done. A prompt longer than the text encoder's window is cut to it, as every
+SD pipeline does: the log says how many were, and `prompt_tokens_cut` in per_prompt.csv how many tokens each
+lost. Outputs under --output_dir: per_seed.csv, per_prompt.csv (+ .parquet),
 curves.parquet (per-step curves), summary.json (per-set means, correlations with severity, detection
 AUROC / TPR at 1% FPR for every pair of sets), figures/ and report.md (eval/prompt_report.py).
 """
@@ -40,7 +42,7 @@ from mem_analysis.measure import (MeasureSettings, ProbeSet, at_own_scale, measu
                                   prompts_per_call)
 from mem_analysis.prompts import PromptFileError, load_references, parse_prompt_set, read_prompts
 from mem_analysis.schedule import alpha_bar_from_scheduler
-from mem_analysis.sd import compute_dtype, encode_images, encode_prompts, load_components
+from mem_analysis.sd import compute_dtype, cut_prompts_line, encode_images, encode_prompts, load_components, tokens_cut
 from mem_analysis.severity import BACKENDS, DEFAULT_THRESHOLDS, load_sscd, self_similarity
 
 KEY = ["prompt_set", "prompt"]
@@ -271,6 +273,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
     sims = dict(scores, **({"self": own} if own is not None else {}))
     headline = scores.get(settings.severity_backend)
     per_seed, per_prompt, curves = [], [], []
+    cut = tokens_cut(components.tokenizer, [prompt for _, prompt, _ in chunk])
     for p, (name, prompt, row) in enumerate(chunk):
         values, seed_values, curve = measured.values[p], measured.per_seed[p], measured.curves[p]
         if pool is not None and not matched:  # only what needs no reference, so sets compare like with like
@@ -282,6 +285,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
             per_seed.append(dict(key, seed=seed, **seed_values[j],
                                  **{f"sev_{b}": float(r.similarity[p, j]) for b, r in sims.items()}))
         record = dict(key, reference=matched, sample_id=int(probe.sample_ids[p]) if matched else -1,
+                      prompt_tokens_cut=cut[p],
                       severity=float(headline.severity[p]) if headline else float("nan"),
                       memorized_fraction=float(headline.memorized_fraction[p]) if headline else float("nan"),
                       **values, **{f"sev_{b}": float(r.severity[p]) for b, r in sims.items()})
@@ -365,6 +369,10 @@ def main(args):
         write_text_atomic(out_dir / "settings.json", json.dumps(settings.as_dict(), indent=1))
         if done:
             print(f"skipping {len(done)} prompts already evaluated in {out_dir}")
+        for name, prompts in sets.items():
+            line = cut_prompts_line(components.tokenizer, prompts, f"prompts of set {name}")
+            if line:
+                print(f"{line} (per_prompt.csv column prompt_tokens_cut)")
     items = work_items(sets, refs, done)
     order = {(name, p): k for k, (name, p) in enumerate((n, p) for n, ps in sets.items() for p in ps)}
     chunk = prompts_per_call(settings, args.batch_size, components.unet.config.in_channels

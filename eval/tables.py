@@ -32,6 +32,29 @@ def append_rows(path: Path, rows: list[dict], step: int) -> None:
     write_table(new.sort_values(["checkpoint_step", "guidance_scale", "sample_id"], kind="stable"), path)
 
 
+def stored_identities(path: Path) -> dict[int, str | None]:
+    """checkpoint_step -> the checkpoint_id (mem_analysis.run.checkpoint_identity) of the weights its rows in a
+    per_sample table measured; None where the table records none (written before tables recorded them)."""
+    if not path.is_file():
+        return {}
+    columns = ["checkpoint_step"] + (["checkpoint_id"] if "checkpoint_id" in pd.read_csv(path, nrows=0) else [])
+    table = pd.read_csv(path, usecols=columns, dtype={"checkpoint_id": str})
+    return {int(step): (None if "checkpoint_id" not in table or pd.isna(ident) else str(ident))
+            for step, ident in zip(table["checkpoint_step"], table.get("checkpoint_id", table["checkpoint_step"]))}
+
+
+def drop_steps(out_dir: Path, steps) -> None:
+    """Remove the rows of `steps` from per_seed and per_sample (per_sample last: it marks a step done) and
+    their curves and images arrays."""
+    for name in ("per_seed.csv", "per_sample.csv"):
+        if (out_dir / name).is_file():
+            table = pd.read_csv(out_dir / name)
+            write_table(table[~table["checkpoint_step"].isin(list(steps))], out_dir / name)
+    for step in steps:
+        for kind in ("curves", "images"):
+            (out_dir / kind / f"step-{step}.npz").unlink(missing_ok=True)
+
+
 def save_arrays(path: Path, **arrays) -> None:
     """np.savez_compressed, atomically."""
     with atomic_path(path) as tmp:

@@ -363,7 +363,7 @@ def dataset_fingerprint(path: str | Path) -> str:
     if not path.is_dir():
         digest.update(f"name:{path}".encode())
         return digest.hexdigest()
-    for marker in ("manifest.json", "metadata.jsonl"):
+    for marker in (MANIFEST_FILE, "metadata.jsonl"):
         if (path / marker).is_file():
             digest.update(marker.encode() + (path / marker).read_bytes())
             return digest.hexdigest()

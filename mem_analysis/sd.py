@@ -84,6 +84,24 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def tokens_cut(tokenizer: CLIPTokenizer, prompts: list[str]) -> list[int]:
+    """Per prompt, how many of its tokens (start and end tokens counted) fall past the text encoder's window
+    `tokenizer.model_max_length` (77 for CLIP) and are cut by `tokenize` and `encode_prompts`; 0 when it fits."""
+    ids = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+    return [max(0, len(row) - tokenizer.model_max_length) for row in ids]
+
+
+def cut_prompts_line(tokenizer: CLIPTokenizer, prompts: list[str], what: str) -> str | None:
+    """One line saying how many of the distinct `prompts` are longer than the text encoder's window and how
+    many tokens are cut from them (None when every prompt fits)."""
+    distinct = list(dict.fromkeys(prompts))
+    cut = [n for n in tokens_cut(tokenizer, distinct) if n]
+    if not cut:
+        return None
+    return (f"{len(cut)} of {len(distinct)} {what} are longer than the text encoder's {tokenizer.model_max_length}-"
+            f"token window and are cut: {min(cut)} to {max(cut)} tokens each ({sum(cut)} in all) are never seen")
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None,
                   sample: bool = False) -> torch.Tensor:

@@ -50,8 +50,8 @@ from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, preflight, resolve_train_steps
 from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, ImageLatents, TrainExamples,
-                                 bounded_captions, build_probe_inputs, load_splits, probe_scalars, row_sampling_weights,
-                                 warning_scalars)
+                                 bounded_captions, build_probe_inputs, load_splits, long_captions_line, probe_scalars,
+                                 row_sampling_weights, warning_scalars)
 from train.finetune_state import (add_lora, load_resume_state, log_validation, register_hooks, save_checkpoint,
                                   save_final_model, start_run_folder, zero3_init_disabled)
 
@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     # Data: order is a function of (seed, epoch); augmentation of (seed, epoch, row).
     resolution = args.resolution or unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     train_data = TrainExamples(train_split, parts.tokenizer, resolution, args)
+    long_captions = long_captions_line(parts.tokenizer, train_split, args.caption_column)
+    if long_captions:
+        accelerator.print(long_captions)
     sampler = EpochSampler(len(train_data), args.seed, row_sampling_weights(train_split, args))
     train_dataloader = torch.utils.data.DataLoader(train_data, batch_size=args.train_batch_size, sampler=sampler,
                                                    num_workers=args.dataloader_num_workers, drop_last=False)

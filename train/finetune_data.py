@@ -21,7 +21,7 @@ from mem_analysis.early_warning import mean_loss_cond, score_step
 from mem_analysis.mitigations import augment_caption, dedup_sampling_weights
 from mem_analysis.probes import probe_noise
 from mem_analysis.run import append_jsonl
-from mem_analysis.sd import encode_images, encode_prompts, tokenize
+from mem_analysis.sd import cut_prompts_line, encode_images, encode_prompts, tokenize
 
 PROBE_ROW_KEYS = ("step", "sample_id", "dup_factor", "timestep")
 
@@ -97,6 +97,14 @@ def captions_by_sample(split, caption_column: str) -> dict[int, list[str]]:
         raise ValueError("caption_augmentation multiple_captions needs several captions per image; build the "
                          "dataset with --caption_mode varied or give a list caption column")
     return found
+
+
+def long_captions_line(tokenizer, split, caption_column: str) -> str | None:
+    """The line finetune.py prints when training captions are longer than the text encoder's window (how many,
+    how many tokens are cut); None when all fit."""
+    captions = [str(text) for caption in split[caption_column]
+                for text in (caption if isinstance(caption, (list, tuple)) else [caption])]
+    return cut_prompts_line(tokenizer, captions, "distinct training captions")
 
 
 def bounded_captions(args) -> bool:
