@@ -8,11 +8,13 @@ Every stage runs the command a user runs, in its own process:
 2. per mode, `accelerate launch train/finetune.py` (one process, float32 AdamW): a probe pass at step 0,
    two optimizer steps, a probe pass and checkpoint-2, a third step (the uninterrupted run);
 3. a second run folder holding only that checkpoint-2 (hard links), continued with
-   `--resume_from_checkpoint latest` to step 3: its weights must equal the uninterrupted run's, bit for bit;
+   `--resume_from_checkpoint latest` to step 3, compared with the uninterrupted run (`resume_check`): bit for
+   bit at one thread, where every kernel is deterministic; at more threads, where CPU kernels may sum in another
+   order from run to run, against the spread of a second identical uninterrupted run (a twin), and so stated;
 4. `eval/evaluate_checkpoints.py --checkpoints 2` on the resumed run (2 seeds, 4 DDIM steps).
 It prints the seconds of each optimizer step (finetune.py's own `train/samples_per_second`, probes and
 checkpoints left out) and the peak resident memory of each process (getrusage of a wrapper around it),
-and exits 1 if the resumed weights differ. Full fine-tuning needs about 16 GiB of memory: run it alone.
+and exits 1 if the resume check fails. Full fine-tuning needs about 16 GiB of memory: run it alone.
 """
 from __future__ import annotations
 
@@ -74,10 +76,37 @@ def finetune_command(model: Path, data: Path, output_dir: Path, mode: str, *extr
             "--validation_steps", 0, "--learning_rate", 1e-5, *lora, *extra]
 
 
-def weights_equal(a: Path, b: Path) -> bool:
-    """Whether two safetensors files hold the same tensors, bit for bit."""
-    first, second = load_file(str(a)), load_file(str(b))
-    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+# A resumed run passes the spread check when it differs from the uninterrupted run by at most this many times
+# what two identical uninterrupted runs differ by. A wrong resume (another batch, random draw or optimizer state)
+# moves the weights by the size of an optimizer step's update, which `step_update` reports beside it.
+SPREAD_FACTOR = 10.0
+
+
+def difference(a: dict, b: dict) -> tuple[float, int]:
+    """(largest absolute difference, number of values that differ) between two dicts of tensors with the same keys."""
+    if a.keys() != b.keys():
+        raise ValueError(f"the weights hold different tensors: {sorted(a.keys() ^ b.keys())[:3]}")
+    diffs = [(a[k].double() - b[k].double()).abs() for k in a]
+    return max((float(d.max()) for d in diffs if d.numel()), default=0.0), int(sum(int((d > 0).sum()) for d in diffs))
+
+
+def resume_check(uninterrupted: dict, resumed: dict, twin: dict | None = None) -> dict:
+    """Whether resumed weights equal the uninterrupted run's, in the sense the run allows.
+
+    Without `twin` (a deterministic run: one thread) they must be equal bit for bit. With `twin`, a second
+    uninterrupted run made exactly like the first, the check is against the spread of the kernels: the resumed
+    run passes when max|resumed - uninterrupted| <= SPREAD_FACTOR * max|twin - uninterrupted| (bit for bit
+    again when the twins are equal). Returns the figures and `passed`.
+    """
+    max_abs, differing = difference(uninterrupted, resumed)
+    result = {"check": "bitwise" if twin is None else "spread of two identical uninterrupted runs",
+              "max_abs_resumed": max_abs, "values_differing_resumed": differing,
+              "values": int(sum(t.numel() for t in uninterrupted.values()))}
+    if twin is None:
+        return {**result, "passed": differing == 0}
+    spread, spread_differing = difference(uninterrupted, twin)
+    return {**result, "max_abs_twin": spread, "values_differing_twin": spread_differing,
+            "passed": max_abs <= SPREAD_FACTOR * spread if spread > 0 else differing == 0}
 
 
 def bench_mode(mode: str, model: Path, data: Path, work: Path, threads: int) -> dict:
@@ -92,7 +121,16 @@ def bench_mode(mode: str, model: Path, data: Path, work: Path, threads: int) -> 
                            work / f"{mode}-resume.log", threads)
     result["step_seconds"] = {**step_seconds(straight), **{f"{k} (resumed)": v
                                                           for k, v in step_seconds(resumed).items()}}
-    result["resumed_equals_uninterrupted"] = weights_equal(straight / WEIGHTS[mode], resumed / WEIGHTS[mode])
+    twin = None
+    if threads > 1:  # kernels that split sums over threads may round differently from run to run
+        twin_dir = work / f"{mode}-twin"
+        shutil.rmtree(twin_dir, ignore_errors=True)
+        result["twin"] = run(finetune_command(model, data, twin_dir, mode), work / f"{mode}-twin.log", threads)
+        twin = load_file(str(twin_dir / WEIGHTS[mode]))
+    uninterrupted = load_file(str(straight / WEIGHTS[mode]))
+    result["resume_check"] = resume_check(uninterrupted, load_file(str(resumed / WEIGHTS[mode])), twin)
+    result["resume_check"]["step_update"] = difference(uninterrupted, load_file(str(straight / "checkpoint-2" /
+                                                                                   WEIGHTS[mode])))[0]
     result["evaluate"] = run([sys.executable, "eval/evaluate_checkpoints.py", "--run_dir", resumed, "--checkpoints",
                               2, "--num_seeds", 2, "--num_inference_steps", 4, "--bootstrap", 20],
                              work / f"{mode}-eval.log", threads)
@@ -138,9 +176,19 @@ def main() -> int:
         r = results[mode]
         steps = ", ".join(f"{k}: {v}" for k, v in r["step_seconds"].items())
         print(f"  {mode:4s}: s/step {steps}; peak RSS train {r['train']['peak_gib']} GiB, resume "
-              f"{r['resume']['peak_gib']} GiB, evaluate {r['evaluate']['peak_gib']} GiB; resumed weights equal "
-              f"the uninterrupted run's: {r['resumed_equals_uninterrupted']}")
-    return 0 if all(results[m]["resumed_equals_uninterrupted"] for m in args.modes.split(",")) else 1
+              f"{r['resume']['peak_gib']} GiB, evaluate {r['evaluate']['peak_gib']} GiB")
+        print(f"        resume check ({describe(r['resume_check'])}): {'passed' if r['resume_check']['passed'] else 'FAILED'}")
+    return 0 if all(results[m]["resume_check"]["passed"] for m in args.modes.split(",")) else 1
+
+
+def describe(check: dict) -> str:
+    """One line of a resume_check result, with the size of one optimizer step's update for scale."""
+    text = (f"{check['check']}: resumed vs uninterrupted max |diff| {check['max_abs_resumed']:.2g} "
+            f"({check['values_differing_resumed']:,} of {check['values']:,} values differ)")
+    if "max_abs_twin" in check:
+        text += (f"; two uninterrupted runs {check['max_abs_twin']:.2g} ({check['values_differing_twin']:,} values),"
+                 f" allowed {SPREAD_FACTOR:g}x that")
+    return text + f"; one step's update {check['step_update']:.2g}"
 
 
 if __name__ == "__main__":

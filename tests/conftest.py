@@ -20,6 +20,7 @@ Treat the folders as read-only: copy them (shutil.copytree) before changing anyt
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -95,3 +96,9 @@ def trained_run(tmp_path_factory, tiny_model_dir, tiny_dataset_dir) -> Path:
                       "--checkpointing_steps", "2", "--probe_steps", "2", "--learning_rate", "1e-3"])
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
     return out
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` by relative path: compared before and after a refused command."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}

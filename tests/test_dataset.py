@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tree_hashes
+
 from data_scripts import build_duplicated_dataset
 from mem_analysis.data import image_hash, list_source_images, load_study_dataset
 
@@ -254,3 +256,155 @@ def test_command_line_exit_codes(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2  # bad input (mem_analysis.cli)
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--overwrite" in bad.stderr
+
+
+def pixels(image: Image.Image) -> list[tuple]:
+    """The RGB values of a one-row image, left to right."""
+    return [image.getpixel((i, 0)) for i in range(image.size[0])]
+
+
+def one_row(mode: str, values: list, palette: list | None = None, **info) -> Image.Image:
+    """A 1-row image of `mode` holding `values` (palette and info such as transparency set when given)."""
+    image = Image.new(mode, (len(values), 1))
+    if palette:
+        image.putpalette(palette)
+    for i, value in enumerate(values):
+        image.putpixel((i, 0), value)
+    image.info.update(info)
+    return image
+
+
+RED_GREEN = [255, 0, 0, 0, 255, 0]
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+# mode -> (image, expected RGB by hand, tolerance): alpha composited onto white (as Twemoji are shown), 16-bit
+# grey v -> round(v / 257), colour spaces by their standard formulas (JPEG YCbCr, CIE L*a*b* of sRGB, HSV).
+MODE_CASES = {
+    "1": (one_row("1", [0, 1]), [BLACK, WHITE], 0),
+    "L": (one_row("L", [0, 100, 255]), [BLACK, (100,) * 3, WHITE], 0),
+    "LA": (one_row("LA", [(100, 255), (100, 0), (0, 128)]), [(100,) * 3, WHITE, (127,) * 3], 1),
+    "P": (one_row("P", [0, 1], RED_GREEN), [(255, 0, 0), (0, 255, 0)], 0),
+    "P with transparency": (one_row("P", [0, 1], RED_GREEN, transparency=1), [(255, 0, 0), WHITE], 0),
+    "PA": (one_row("PA", [(0, 255), (1, 0)], RED_GREEN), [(255, 0, 0), WHITE], 0),
+    "RGB": (one_row("RGB", [(10, 20, 30)]), [(10, 20, 30)], 0),
+    "RGB with transparency": (one_row("RGB", [BLACK, (10, 20, 30)], transparency=BLACK), [WHITE, (10, 20, 30)], 0),
+    "RGBA": (one_row("RGBA", [(10, 20, 30, 255), (10, 20, 30, 0), (0, 0, 0, 128)]),
+             [(10, 20, 30), WHITE, (127,) * 3], 1),
+    "RGBa": (one_row("RGBa", [(5, 10, 15, 128)]), [(132, 137, 142)], 2),  # premultiplied (10, 20, 30) at half alpha
+    "RGBX": (one_row("RGBX", [(10, 20, 30, 0)]), [(10, 20, 30)], 0),
+    "CMYK": (one_row("CMYK", [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)]), [WHITE, (0, 255, 255), BLACK], 0),
+    "YCbCr": (one_row("YCbCr", [(255, 128, 128), (0, 128, 128), (76, 85, 255)]), [WHITE, BLACK, (255, 0, 0)], 2),
+    "LAB": (one_row("LAB", [(255, 128, 128), (0, 128, 128), (128, 128, 128)]), [WHITE, BLACK, (119,) * 3], 2),
+    "HSV": (one_row("HSV", [(0, 255, 255), (85, 255, 255), (0, 0, 128)]), [(255, 0, 0), (0, 255, 0), (128,) * 3], 1),
+    **{mode: (one_row(mode, [0, 257, 32896, 65535]), [BLACK, (1,) * 3, (128,) * 3, WHITE], 0)
+       for mode in ("I;16", "I;16B", "I;16L", "I;16N")},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODE_CASES))
+def test_every_image_mode_reads_with_its_own_values(case):
+    from mem_analysis.data import to_rgb
+
+    image, expected, tolerance = MODE_CASES[case]
+    got = np.asarray(pixels(to_rgb(image)), dtype=int)
+    assert np.abs(got - np.asarray(expected)).max() <= tolerance, (case, pixels(to_rgb(image)), expected)
+
+
+@pytest.mark.parametrize("mode, message", [("I", "no fixed range"), ("F", "no fixed range"),
+                                           ("La", "cannot be read as RGB")])
+def test_modes_without_a_meaning_in_rgb_are_refused_saying_how_to_convert(mode, message):
+    from mem_analysis.data import to_rgb
+
+    with pytest.raises(ValueError, match=message) as info:
+        to_rgb(Image.new(mode, (2, 2)))
+    message = str(info.value)
+    assert "\n" not in message and ("convert the file" in message or "save the file" in message)
+
+
+def test_image_files_of_other_modes_read_as_their_colours(tmp_path):
+    """Uniform images saved as files PIL opens in other modes (16-bit PNG, LA PNG, CMYK JPEG and TIFF, LAB TIFF)
+    become the colour they show; a float TIFF is refused naming the file."""
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    made = {"grey16.png": (Image.new("I;16", (8, 8), 32896), (128,) * 3),
+            "la.png": (Image.new("LA", (8, 8), (0, 0)), WHITE),
+            "cmyk.jpg": (Image.new("CMYK", (8, 8), (0, 0, 0, 255)), BLACK),
+            "cmyk.tif": (Image.new("CMYK", (8, 8), (255, 0, 0, 0)), (0, 255, 255)),
+            "lab.tif": (Image.new("LAB", (8, 8), (255, 128, 128)), WHITE)}
+    for name, (image, _) in made.items():
+        image.save(folder / name)
+    Image.new("F", (8, 8), 0.5).save(folder / "float.tif")
+    lines = [json.dumps({"file_name": name, "text": name}) for name in [*made, "float.tif"]]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    from mem_analysis.data import imagefolder_images, load_source_image
+
+    items = imagefolder_images(folder)
+    for item, (name, (image, colour)) in zip(items, made.items()):
+        with Image.open(folder / name) as opened:
+            assert opened.mode == image.mode, name  # the file really opens in that mode
+        got = np.asarray(load_source_image(item, 4)).reshape(-1, 3)
+        assert np.abs(got - np.asarray(colour)).max() <= 2, (name, got[0], colour)
+    with pytest.raises(ValueError, match=r"cannot decode image .*float\.tif: image mode F .*no fixed range"):
+        load_source_image(items[-1], 4)
+
+
+@pytest.fixture
+def outside_image(tmp_path) -> Path:
+    """An image outside the image folder that a metadata line must not reach."""
+    Image.new("RGB", (20, 24), (255, 0, 0)).save(tmp_path / "outside.png")
+    return tmp_path / "outside.png"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"file_name": "img0.png", "text": "a"', r"line 2: not JSON \(Expecting ',' delimiter at column 38\)"),
+    ("null", r"line 2: expected a JSON object .*got NoneType"),
+    ('["img0.png", "a"]', r"line 2: expected a JSON object .*got list"),
+    ('{"file_name": 3, "text": "a"}', r"line 2: 'file_name' must be a string, got 3"),
+    ('{"file_name": "img0.png", "text": null}', r"line 2: 'text' must be a string, got null"),
+    ('{"file_name": "OUTSIDE", "text": "a"}', r"line 2: file_name '/.*outside\.png' resolves outside"),
+    ('{"file_name": "../outside.png", "text": "a"}', r"line 2: file_name '\.\./outside\.png' resolves outside"),
+    ('{"file_name": "link.png", "text": "a"}', r"line 2: file_name 'link\.png' resolves outside"),
+    (b'{"file_name": "img0.png", "text": "caf\xe9"}', r"line 2: not UTF-8 text \(byte 0xe9 at column 39\)"),
+])
+def test_bad_metadata_lines_are_one_line_naming_file_and_line(tmp_path, outside_image, line, message):
+    """build_duplicated_dataset --source and evaluate_prompts --references refuse the line, read nothing outside
+    the folder, write nothing and change nothing."""
+    from mem_analysis.prompts import PromptFileError, load_references
+
+    folder = make_imagefolder(tmp_path / "folder", 4)
+    (folder / "link.png").symlink_to(outside_image)
+    lines = (folder / "metadata.jsonl").read_bytes().splitlines()
+    bad = line if isinstance(line, bytes) else line.replace("OUTSIDE", str(outside_image)).encode()
+    (folder / "metadata.jsonl").write_bytes(b"\n".join([lines[0], bad, *lines[1:]]) + b"\n")
+    before = tree_hashes(tmp_path)
+    expect_error(tmp_path, f"metadata\\.jsonl {message}", "--source", str(folder), "--dup_factors", "2",
+                 "--samples_per_factor", "1")
+    with pytest.raises(PromptFileError, match=f"--references .*metadata\\.jsonl {message}"):
+        load_references(folder, 16)
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_dataset_is_not_built_into_its_source_or_a_folder_holding_it(tmp_path):
+    folder = make_imagefolder(tmp_path / "images" / "folder", 6)
+    before = tree_hashes(tmp_path)
+    for output in (folder, folder.parent):
+        expect_error(tmp_path, "is the source folder .* or holds it", "--source", str(folder), "--overwrite",
+                     "--dup_factors", "2", "--samples_per_factor", "1", output=output)
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_dataset_without_probe_rows_is_refused_when_built_and_when_trained_on(tmp_path, tiny_model_dir, capsys):
+    from train import finetune
+
+    folder = make_imagefolder(tmp_path / "folder", 6)
+    expect_error(tmp_path, "the probe split would be empty", "--source", str(folder), "--dup_factors", "1",
+                 "--samples_per_factor", "2")
+    columns = {"image": [Image.new("RGB", (16, 16))], "text": ["a"], "sample_id": [0], "dup_factor": [1]}
+    empty = {k: v[:0] for k, v in columns.items()}
+    datasets.DatasetDict(train=datasets.Dataset.from_dict(columns),
+                         probe=datasets.Dataset.from_dict(empty, features=datasets.Dataset.from_dict(columns).features)
+                         ).save_to_disk(tmp_path / "data")
+    code = finetune.cli(["--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                         str(tmp_path / "data"), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("finetune.py: error: ")
+    assert "split(s) ['probe'] hold no rows" in err and not (tmp_path / "run").exists()

@@ -17,7 +17,6 @@ from mem_analysis import run
 from mem_analysis.run import list_checkpoints
 from train import finetune, finetune_data
 from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
-from train.finetune_state import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +165,7 @@ def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tin
     assert "no checkpoint in" in capsys.readouterr().out  # 'latest' with nothing yet starts fresh and says so
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]
     assert (run / "checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
-    assert resolve_resume("latest", run, True) == run / "checkpoint-2"
+    assert list_checkpoints(run)[-1] == run / "checkpoint-2"
 
     monkeypatch.setattr(Accelerator, "save_state", original)
     fresh_accelerate_state_reset()
