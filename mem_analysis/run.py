@@ -416,25 +416,27 @@ def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, ov
     return entries if resume == "latest" and not list_checkpoints(run_dir) else []
 
 
-def resume_checkpoint(value: str | None, run_dir: str | Path, identity: dict) -> Path | None:
+def locate_checkpoint(value: str | None, run_dir: str | Path) -> Path | None:
     """The checkpoint `--resume_from_checkpoint value` names: None (fresh start; also 'latest' with no checkpoint
-    yet), the newest complete one for 'latest', else the folder (or run_dir/value). One-line ValueError when it is
-    missing, was made by another run, or holds a file cut short (naming the checkpoint to resume from instead)."""
+    yet), the newest complete one for 'latest', else the folder (or run_dir/value); one-line ValueError when that
+    is no complete checkpoint."""
     if value is None:
         return None
-    run_dir = Path(run_dir)
-    complete = list_checkpoints(run_dir)
     if value == "latest":
-        if not complete:
-            return None
-        path = complete[-1]
-    else:
-        path = Path(value)
-        if not path.is_dir() and (run_dir / value).is_dir():
-            path = run_dir / value
-        if not (path / STATE_FILE).is_file():
-            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
-                             f"checkpoint-N folder with training_state.json); give one, or 'latest'")
+        complete = list_checkpoints(run_dir)
+        return complete[-1] if complete else None
+    path = Path(value)
+    if not path.is_dir() and (Path(run_dir) / value).is_dir():
+        path = Path(run_dir) / value
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint there (expected a "
+                         f"checkpoint-N folder with training_state.json); give one, or 'latest'")
+    return path
+
+
+def check_resume_checkpoint(path: Path, value: str, identity: dict) -> None:
+    """One-line ValueError when the checkpoint to resume holds a file cut short (naming the checkpoint to resume
+    from instead) or was made by another run (its run_fingerprint is not `identity`'s)."""
     damage = damaged_file(path)
     if damage:
         step = folder_step(path)
@@ -447,7 +449,6 @@ def resume_checkpoint(value: str | None, run_dir: str | Path, identity: dict) ->
         why = "records no run fingerprint" if fingerprint is None else "was made by other flags or another dataset"
         raise ValueError(f"--resume_from_checkpoint {value}: {path} {why}; resume with the flags and dataset that "
                          "made it, or start afresh without --resume_from_checkpoint")
-    return path
 
 
 def folder_step(path: str | Path) -> int | None:

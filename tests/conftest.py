@@ -62,15 +62,20 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Reset accelerate's process-wide state after a test, so each in-process run starts as a new process would."""
+def reset_accelerate_state() -> None:
+    """Reset accelerate's process-wide singletons, so the next in-process run starts as a new process would."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's process-wide state after a test, so each in-process run starts as a new process would."""
+    yield
+    reset_accelerate_state()
 
 
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",

@@ -67,7 +67,7 @@ def with_references(trained_run, prompt_files, tmp_path_factory) -> dict:
     evaluate(work / "one", "--run_dir", trained_run, "--checkpoint", "4", *sets)
     run([sys.executable, ROOT / "eval" / "evaluate_checkpoints.py", "--run_dir", trained_run, "--output_dir",
          work / "ckpt", "--logging_dir", work / "tb", "--checkpoints", "4", *ARGS])
-    return dict(work=work, sets=sets, out=work / "one")
+    return dict(work=work, sets=sets, out=work / "one", model=trained_run)
 
 
 def read(out: Path, name: str) -> pd.DataFrame:
@@ -106,6 +106,10 @@ def test_tables_hold_every_prompt_and_seed(with_references, prompt_files):
     for column in ("wen_magnitude_first", "wen_magnitude", "D_x_final", "D_x_final_early", "diversity", "sev_self"):
         assert per_prompt[column].notna().all(), column
     pd.testing.assert_frame_equal(pd.read_parquet(out / "per_prompt.parquet"), per_prompt, check_dtype=False)
+    from mem_analysis.sd import load_components, tokens_cut
+
+    tokenizer = load_components(with_references["model"]).tokenizer
+    assert per_prompt.prompt_tokens_cut.tolist() == tokens_cut(tokenizer, per_prompt.prompt.tolist())
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sets"]) == {"probe", "unseen"} and summary["sets"]["unseen"]["n_with_reference"] == 0
     assert summary["detection"]["probe vs unseen"]["wen_magnitude_first"]["direction"] == "higher"  # stated in advance
@@ -192,6 +196,13 @@ def test_bad_input_gives_one_line_errors(prompt_files, tmp_path, capsys):
              (["--model", str(tmp_path)], "at least one prompt set")]
     (tmp_path / "empty.txt").write_text("")
     cases.append((["--model", str(tmp_path), "--prompts", f"a={tmp_path / 'empty.txt'}"], "holds no prompts"))
+    (tmp_path / "latin1.txt").write_bytes("a cat\nun caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"caption": "a"}\n{"caption": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "cut.jsonl").write_text('{"caption": "a"}\n{"caption": "b"\n')
+    for name, message in (("latin1.txt", "latin1.txt line 2: not UTF-8 text (byte 0xe9 at column 7)"),
+                          ("latin1.jsonl", "latin1.jsonl line 2: not UTF-8 text (byte 0xe9 at column 17)"),
+                          ("cut.jsonl", "cut.jsonl line 2: not JSON (Expecting ',' delimiter at column 16)")):
+        cases.append((["--model", str(tmp_path), "--prompts", f"a={tmp_path / name}"], message))
     for argv, message in cases:
         code = ev.cli(argv + ["--output_dir", str(tmp_path / "out")])
         err = capsys.readouterr().err
@@ -199,3 +210,20 @@ def test_bad_input_gives_one_line_errors(prompt_files, tmp_path, capsys):
         if message:
             assert message in err, (argv, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_past_the_text_encoders_window_are_counted(tiny_model_dir):
+    """The tiny tokenizer is character-level: a prompt of n characters is n + 2 tokens (start, end), so a window
+    of 77 cuts n - 75 of them."""
+    from mem_analysis.sd import cut_prompts_line, load_components, tokens_cut
+    from train.finetune_data import long_captions_line
+
+    tokenizer = load_components(tiny_model_dir).tokenizer
+    prompts = ["a cat", "x" * 75, "y" * 76, "z" * 10_000]
+    assert tokenizer.model_max_length == 77 and tokens_cut(tokenizer, prompts) == [0, 0, 1, 10_000 - 75]
+    assert cut_prompts_line(tokenizer, prompts[:2], "prompts") is None
+    assert cut_prompts_line(tokenizer, prompts + prompts, "prompts") == (
+        "2 of 4 prompts are longer than the text encoder's 77-token window and are cut: 1 to 9925 tokens each "
+        "(9926 in all) are never seen")
+    split = {"text": ["a cat", ["y" * 76, "a cat"], "y" * 76]}  # a list cell: several captions of one image
+    assert long_captions_line(tokenizer, split, "text").startswith("1 of 2 distinct training captions are longer")

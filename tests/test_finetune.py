@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import reset_accelerate_state
 
 from mem_analysis import run
 from mem_analysis.run import list_checkpoints
@@ -168,7 +169,7 @@ def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tin
     assert list_checkpoints(run)[-1] == run / "checkpoint-2"
 
     monkeypatch.setattr(Accelerator, "save_state", original)
-    fresh_accelerate_state_reset()
+    reset_accelerate_state()
     assert finetune.cli(command) == 0
     assert "resumed from" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
@@ -200,7 +201,7 @@ def test_loss_read_at_logging_steps_still_names_the_failed_step(tiny_model_dir, 
     and no checkpoint is written after it."""
     failed = []
     for logging_steps, checkpointing_steps in ((1, 0), (7, 7)):
-        fresh_accelerate_state_reset()
+        reset_accelerate_state()
         run = tmp_path / f"log{logging_steps}"
         code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--learning_rate", 1e30, "--max_train_steps",
                                  30, "--logging_steps", logging_steps, "--checkpointing_steps", checkpointing_steps,
@@ -210,15 +211,6 @@ def test_loss_read_at_logging_steps_still_names_the_failed_step(tiny_model_dir, 
         failed.append(int(err[0].split(" at step ")[1].split(";")[0]))
     assert 1 < failed[0] < 7 and failed[1] == failed[0]  # read at step 7, yet named exactly
     assert list_checkpoints(tmp_path / "log7") == [] and not (tmp_path / "log7" / "model_index.json").exists()
-
-
-def fresh_accelerate_state_reset() -> None:
-    """Reset accelerate's process-wide singletons between two runs inside one test."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def test_dataset_name_without_probe_split_probes_first_rows(tiny_model_dir, tmp_path, capsys):
@@ -314,14 +306,10 @@ def test_dedup_sampler_is_keyed_by_seed_and_epoch_and_balances_unique_images(tin
 def test_mitigations_off_or_inactive_change_nothing_and_resume_exactly(tiny_model_dir, tiny_dataset_dir, tmp_path):
     """A Wen threshold nobody exceeds trains the same weights bit for bit as no flag; a run with every
     mitigation on, resumed from its step-2 checkpoint, ends with the same weights as the uninterrupted one."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     def train(name, *extra):
         code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, tmp_path / name, "--probe_steps", 0,
                                  "--checkpointing_steps", 2, *extra))
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate_state()
         assert code == 0
         return tmp_path / name
 

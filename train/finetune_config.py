@@ -224,9 +224,11 @@ def preflight(argv=None) -> tuple[argparse.Namespace, dict, list[Path], Path | N
         if args.dataset_name and (Path(args.dataset_name) / "metadata.jsonl").is_file():
             read_metadata(args.dataset_name, args.caption_column)  # only files inside the folder are read
         identity = run.run_identity(vars(args), dataset_fingerprint(source))
-        resume = run.resume_checkpoint(args.resume_from_checkpoint, args.output_dir, identity)
+        resume = run.locate_checkpoint(args.resume_from_checkpoint, args.output_dir)
         stale = run.claim_run_folder(args.output_dir, identity, args.resume_from_checkpoint,
                                      args.overwrite_output_dir, {args.logging_dir, old_logging_dir(args.output_dir)})
+        if resume is not None:
+            run.check_resume_checkpoint(resume, args.resume_from_checkpoint, identity)
     except ValueError as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     return args, identity, stale, resume
