@@ -51,7 +51,7 @@ from eval import markdown
 from eval.tables import EvalError, append_rows, check_same_settings, drop_steps, save_arrays, stored_identities
 from mem_analysis import guidance_key, run
 from mem_analysis.board import FactorWriters, pair_grid
-from mem_analysis.cli import parse_list, run_command
+from mem_analysis.cli import output_folder, parse_list, run_command
 from mem_analysis.io import write_text_atomic
 from mem_analysis.measure import (SEVERITY_BACKENDS, MeasureSettings, ProbeSet, Stopwatch, at_own_scale, load_probe_set,
                                   measure_prompts, probe_rows, probe_settings, prompts_per_call)
@@ -329,7 +329,7 @@ def store_checkpoint(out_dir: Path, step: int, name: str, result: CheckpointResu
 def main(args):
     config = read_run(args)
     run_dir = Path(args.run_dir)
-    out_dir = Path(args.output_dir) if args.output_dir else run.eval_dir(run_dir, args.guidance_schedule)
+    out_dir = output_folder(args.output_dir or run.eval_dir(run_dir, args.guidance_schedule))
     models = run.find_checkpoints(run_dir, args.checkpoints)
     settings = resolve_settings(args, config)
     todo, lines, gone = plan_checkpoints(out_dir, run_dir, models, settings)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from eval import prompt_report
 from eval.tables import EvalError, check_same_settings, write_table
 from mem_analysis import guidance_key, run
-from mem_analysis.cli import run_command
+from mem_analysis.cli import output_folder, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.measure import (MeasureSettings, ProbeSet, at_own_scale, measure_prompts, probe_rows, probe_settings,
                                   prompts_per_call)
@@ -352,7 +352,7 @@ def main(args):
     sets = read_prompt_sets(args)
     source = model_source(args)
     settings = resolve_settings(args, source)
-    out_dir = Path(args.output_dir)
+    out_dir = output_folder(args.output_dir)
     done = done_prompts(out_dir, settings)
     accelerator = Accelerator(**({"mixed_precision": args.mixed_precision} if args.mixed_precision else {}))
     is_main, device = accelerator.is_main_process, accelerator.device

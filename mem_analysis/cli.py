@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 BAD_INPUT = 2
 FAILED = 1
@@ -18,6 +19,14 @@ FAILED = 1
 
 class BadInput(ValueError):
     """Input a command cannot use (a flag, file, dataset or run folder): one line on stderr, exit status 2."""
+
+
+def output_folder(path, flag: str = "--output_dir") -> Path:
+    """`path` as a folder to write into (it may not exist yet); BadInput when it is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{flag} {path} is a file; choose a folder path")
+    return path
 
 
 def run_command(main: Callable[[list[str] | None], int | None], prog: str, argv: list[str] | None = None,

@@ -33,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mem_analysis.cli import BadInput, parse_list
+from mem_analysis.cli import BadInput, output_folder, parse_list
 from mem_analysis.io import atomic_path, write_text_atomic
 from mem_analysis.probes import HIGH_NOISE_TIMESTEP
 
@@ -390,9 +390,7 @@ def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, ov
     this run may use the folder; reads only. A folder holding a run is used only to resume that same run
     (`resume`, same fingerprint) or to start afresh (`overwrite`); otherwise a one-line ValueError says why.
     Resuming with 'latest' a run that has no checkpoint yet starts it afresh (its entries are removed)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"--output_dir {run_dir} is a file; choose a folder path")
+    run_dir = output_folder(run_dir)
     if overwrite and resume is not None:
         raise ValueError("--overwrite_output_dir starts the run afresh and --resume_from_checkpoint continues it; "
                          "give one of them")

@@ -234,6 +234,10 @@ def test_bad_input_gives_one_line_errors(trained_run, tmp_path, capsys):
         ev.parse_args(["--run_dir", str(trained_run), "--severity_backend", "clip"])
     with pytest.raises(ev.EvalError, match="does not have"):
         ev.main(ev.parse_args(["--run_dir", str(trained_run), "--checkpoints", "3"]))
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(ev.EvalError, match=f"--output_dir {tmp_path / 'a_file'} is a file; choose a folder path"):
+        ev.main(ev.parse_args(["--run_dir", str(trained_run), "--output_dir", str(tmp_path / "a_file")]))
+    assert (tmp_path / "a_file").read_text() == "kept"
     assert not (empty / "eval").exists()
 
 
