@@ -179,6 +179,7 @@ def profile_train(config: Path, work: Path, train_steps: int) -> dict:
     timer.wrap(finetune, "save_final_model", "final model write")
     timer.wrap(finetune, "load_components", "model loading")
     reset_accelerate()
+    shutil.rmtree(work / "run", ignore_errors=True)  # a folder holds one run (a --workdir may hold the last one's)
     with timer.total("loop, logging, other"):
         finetune.main(["--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
                        "--train_data_dir", str(work / "data"), "--output_dir", str(work / "run"),
@@ -269,6 +270,7 @@ def compare_launches(config: Path, work: Path, steps: int, repeats: int = 2) -> 
                        "--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
                        "--train_data_dir", str(work / "data"), "--output_dir", str(work / "launch_run"),
                        "--max_train_steps", str(steps), "--probe_steps", "0", "--checkpointing_steps", "0"]
+            shutil.rmtree(work / "launch_run", ignore_errors=True)  # each repeat trains a new run
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True, env={**os.environ, **env})
             seconds[name].append(time.perf_counter() - start)

@@ -333,9 +333,9 @@ def clear_run(run_dir: str | Path, entries: list[Path]) -> None:
     """Remove a run's `entries` so that a crash leaves the folder with the whole old run or none of it: the folder
     is renamed to a trash folder beside it (one atomic rename), a new folder takes its name, the entries that are
     not the run's move back, and the trash is deleted."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     names = {entry.name for entry in entries}
-    trash = run_dir.parent / f".{run_dir.name}.trash-{os.getpid()}"
+    trash = run_dir.parent / f".{run_dir.name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.rename(run_dir, trash)
     run_dir.mkdir()
     for item in trash.iterdir():
@@ -395,8 +395,21 @@ def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, ov
         raise ValueError("--overwrite_output_dir starts the run afresh and --resume_from_checkpoint continues it; "
                          "give one of them")
     entries = run_entries(run_dir, logging_dirs)
-    if not entries or overwrite:
-        return entries
+    if not entries:
+        return []
+    if not overwrite:
+        check_same_run(run_dir, entries, identity, resume)
+        if resume != "latest" or list_checkpoints(run_dir):
+            return []
+    if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"{run_dir} holds the current folder, which a fresh start would move away; run the command "
+                         "from outside it")
+    return entries
+
+
+def check_same_run(run_dir: Path, entries: list[Path], identity: dict, resume: str | None) -> None:
+    """One-line ValueError unless the run in `run_dir` (its `entries`) is resumed (`resume`) by the run it
+    records (run.json, or its checkpoints), `identity`."""
     shown = ", ".join(entry.name for entry in entries[:4]) + (", ..." if len(entries) > 4 else "")
     if resume is None:
         raise ValueError(f"--output_dir {run_dir} already holds a run ({shown}); continue it with "
@@ -411,7 +424,6 @@ def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, ov
         raise ValueError(f"--output_dir {run_dir} holds another run ({identity_difference(recorded, identity)}); "
                          "resume it with the flags and dataset that made it, start afresh with "
                          "--overwrite_output_dir (deletes it), or choose another --output_dir")
-    return entries if resume == "latest" and not list_checkpoints(run_dir) else []
 
 
 def locate_checkpoint(value: str | None, run_dir: str | Path) -> Path | None:

@@ -133,17 +133,6 @@ def test_bad_dataset_is_one_line_error(tiny_model_dir, tiny_dataset_dir, tmp_pat
     assert len(err) == 1 and ("probe" if damage == "no_probe_split" else "dup_factor") in err[0]
 
 
-def test_missing_resume_path_fails_and_keeps_run(tiny_model_dir, tiny_dataset_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "probes.jsonl").write_text('{"step": 0}\n')
-    code = finetune.cli(argv(tiny_model_dir, tiny_dataset_dir, run, "--resume_from_checkpoint", run / "checkpoint-9"))
-    err = error_lines(capsys.readouterr().err)
-    assert code == 2 and len(err) == 1 and "checkpoint-9" in err[0]
-    assert sorted(p.name for p in run.iterdir()) == ["probes.jsonl"]
-    assert (run / "probes.jsonl").read_text() == '{"step": 0}\n'
-
-
 def test_crash_while_checkpointing_leaves_latest_on_previous(tiny_model_dir, tiny_dataset_dir, tmp_path,
                                                              monkeypatch, capsys):
     """A crash inside save_state of checkpoint-4 leaves checkpoint-2 as latest; the same command then resumes."""

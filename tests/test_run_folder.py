@@ -79,11 +79,17 @@ CASES = {
                                      "start afresh"),
     "another run's checkpoint": ("empty", ("--learning_rate", "5e-4", "--resume_from_checkpoint",
                                            "RUN/../run/checkpoint-2"), "was made by other flags or another dataset"),
+    "a missing checkpoint": (None, ("--resume_from_checkpoint", "RUN/checkpoint-9"),
+                             "--resume_from_checkpoint RUN/checkpoint-9: no complete checkpoint there (expected a "
+                             "checkpoint-N folder with training_state.json); give one, or 'latest'"),
     "resume and fresh start": (None, ("--overwrite_output_dir", "--resume_from_checkpoint", "latest"),
                                "--overwrite_output_dir starts the run afresh and --resume_from_checkpoint continues "
                                "it; give one of them"),
     "a run without fingerprint": ("no fingerprint", ("--resume_from_checkpoint", "latest"),
                                   "holds a run that records no fingerprint (no run.json"),
+    "a fresh start from inside the run": ("cwd", ("--overwrite_output_dir",),
+                                          "RUN holds the current folder, which a fresh start would move away; run "
+                                          "the command from outside it"),
     "output_dir is a file": ("file", (), "--output_dir RUN is a file; choose a folder path"),
     "a mistyped flag": (None, ("--learnin_rate", "1"), "unrecognized arguments: --learnin_rate 1 (see --help)"),
 }
@@ -91,7 +97,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_folder_holding_a_run_is_used_only_by_that_run(case, trained_run, tiny_model_dir, tiny_dataset_dir,
-                                                         tmp_path, capsys):
+                                                         tmp_path, capsys, monkeypatch):
     change, extra, message = CASES[case]
     target = shutil.copytree(trained_run, tmp_path / "run")
     data = tiny_dataset_dir
@@ -107,6 +113,8 @@ def test_a_folder_holding_a_run_is_used_only_by_that_run(case, trained_run, tiny
     elif change == "empty":
         target = tmp_path / "new"
         target.mkdir()
+    elif change == "cwd":
+        monkeypatch.chdir(target / "logs")
     elif change == "file":
         target = tmp_path / "a_file"
         target.write_text("not a folder")
