@@ -37,10 +37,9 @@ def stored_identities(path: Path) -> dict[int, str | None]:
     per_sample table measured; None where the table records none (written before tables recorded them)."""
     if not path.is_file():
         return {}
-    columns = ["checkpoint_step"] + (["checkpoint_id"] if "checkpoint_id" in pd.read_csv(path, nrows=0) else [])
-    table = pd.read_csv(path, usecols=columns, dtype={"checkpoint_id": str})
-    return {int(step): (None if "checkpoint_id" not in table or pd.isna(ident) else str(ident))
-            for step, ident in zip(table["checkpoint_step"], table.get("checkpoint_id", table["checkpoint_step"]))}
+    table = pd.read_csv(path, usecols=lambda c: c in ("checkpoint_step", "checkpoint_id"), dtype={"checkpoint_id": str})
+    ids = table["checkpoint_id"] if "checkpoint_id" in table else [None] * len(table)
+    return {int(step): None if pd.isna(ident) else str(ident) for step, ident in zip(table["checkpoint_step"], ids)}
 
 
 def drop_steps(out_dir: Path, steps) -> None:

@@ -371,9 +371,9 @@ def damaged_file(checkpoint: str | Path) -> str | None:
 
 
 def checkpoint_identity(checkpoint: str | Path) -> str:
-    """A short hash that changes whenever a checkpoint is saved again or a weights file in it is replaced: its
-    checkpoint_id (training_state.json, new at each save) with the size and modification time of every file of
-    unet/, unet_ema/ and the LoRA file. Cheap to read; a copy that keeps modification times keeps it."""
+    """A short hash ('sha256:...') that changes whenever a checkpoint is saved again or a weights file in it is
+    replaced: its checkpoint_id (training_state.json, new at each save) with the size and modification time of
+    every file of unet/, unet_ema/ and the LoRA file. Cheap to read; a copy that keeps modification times keeps it."""
     checkpoint = Path(checkpoint)
     digest = hashlib.sha256(str(read_training_state(checkpoint).get("checkpoint_id")).encode())
     files = [checkpoint / LORA_FILE] + [p for sub in ("unet", "unet_ema") for p in sorted((checkpoint / sub).rglob("*"))]
@@ -381,7 +381,7 @@ def checkpoint_identity(checkpoint: str | Path) -> str:
         if path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(checkpoint).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    return "sha256:" + digest.hexdigest()[:16]  # never read back as a number from a CSV
 
 
 def claim_run_folder(run_dir: str | Path, identity: dict, resume: str | None, overwrite: bool,
