@@ -182,7 +182,7 @@ def read_metadata(folder: str | Path, caption_column: str = "text") -> list[tupl
             raise ValueError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object {{\"file_name\": ..., \"{caption_column}\": ...}}, "
-                             f"got {type(row).__name__}")
+                             f"got {json.dumps(row)[:40]}")
         for column in ("file_name", caption_column):
             if column not in row:
                 raise ValueError(f"{where} has no {column!r} field "
