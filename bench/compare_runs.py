@@ -1,6 +1,7 @@
 """Evaluated runs side by side at their last checkpoint: per duplication factor, the memorized fraction of
-seeds, mean severity, nearest-neighbour identity and Wen's magnitude ||e_c - e_0||; the D_x-severity
-Pearson r; and the caption separation make_base_model.py recorded for the run's base model.
+seeds (the run's label), the share over the similarity threshold, mean severity, nearest-neighbour identity,
+k_0 of the sampler's first step and Wen's magnitude ||e_c - e_0|| (columns a run's tables lack are left out);
+the D_x-severity Pearson r; and the caption separation make_base_model.py recorded for the run's base model.
 
     python bench/compare_runs.py NAME=DEMO_DIR [NAME=DEMO_DIR ...] [--output table.md]
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = dict(memorized_fraction="memorized", severity="severity", sev_nn_identity="NN identity",
+COLUMNS = dict(memorized_fraction="memorized", similarity_fraction="over the similarity threshold",
+               severity="severity", sev_nn_identity="NN identity", k0_first="k_0 first step",
                wen_magnitude="Wen magnitude")
 
 
@@ -46,7 +48,7 @@ def compare(runs: dict[str, Path]) -> str:
         r = np.corrcoef(last["D_x"], last["severity"])[0, 1]
         lines.append(f"**{name}** (`{demo_dir}`, step {int(last['checkpoint_step'].max())}): D_x-severity "
                      f"Pearson r = {r:.3f}; study captions' mean pairwise cosine {separation(demo_dir)}\n")
-        means = last.groupby("dup_factor")[list(COLUMNS)].mean().rename(columns=COLUMNS)
+        means = last.groupby("dup_factor")[[c for c in COLUMNS if c in last]].mean().rename(columns=COLUMNS)
         lines.append("| dup_factor | " + " | ".join(means.columns) + " |")
         lines.append("|---" * (len(means.columns) + 1) + "|")
         lines += [f"| {factor} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for factor, row in means.iterrows()]

@@ -6,8 +6,8 @@ Every `RUN/eval*/` folder holding per_sample.csv, settings.json and summary.json
 evaluate_checkpoints.py; one folder per guidance schedule) gives one row per (run, schedule), at the
 run's last evaluated checkpoint and its headline guidance scale:
 - memorization: per duplication factor the memorized fraction (mean over samples of the share of seeds
-  over the severity threshold) with a 95% bootstrap interval over samples, the number of samples whose
-  severity crossed the threshold and their median onset step (summary.json), and D_x_early;
+  labelled memorized, by the run's label: copies by default) with a 95% bootstrap interval over samples, the
+  number of samples that became memorized and their median onset step (summary.json), and D_x_early;
 - cost: the conditional probe loss `loss_cond` and the seeds' `diversity` of the never-duplicated
   (dup_factor 1) samples, mean with a 95% interval; and `mmd_pixels`, the unbiased MMD^2 (Gaussian
   kernel, bandwidth = median pairwise distance of the training images) between the generated images of
@@ -349,7 +349,8 @@ def report_lines(comparison: pd.DataFrame, by_dup: pd.DataFrame, top: int) -> li
     lines = ["# Mitigations compared", "",
              f"Each row: one run (training-time mitigation) evaluated under one guidance schedule, at its last "
              f"checkpoint, g = {first['guidance_scale']:g}, {first['seeds']} seeds. Memorized fraction: mean over "
-             "samples of the share of seeds over the severity threshold, 95% bootstrap interval over samples; "
+             "samples of the share of seeds labelled memorized (each run's label in its settings.json: copies of "
+             "the paired training image by default, docs/science.md M6), 95% bootstrap interval over samples; "
              "`vs none`: the mean change against the unmitigated run under the same schedule over the same samples, "
              "95% interval resampling the samples (paired). "
              "Costs on the never-duplicated samples: conditional probe loss L_c and seeds' diversity (mean "

@@ -18,8 +18,12 @@ is gone are dropped (the weights they measured can no longer be checked); tables
 per_sample.csv columns (one row per checkpoint, sample, guidance scale):
 - `checkpoint_step`, `checkpoint`, `checkpoint_id` (the weights measured), `caption_tokens_cut` (tokens of the
   sample's caption past the text encoder's window, which no model sees);
-- `severity` / `memorized_fraction`: the headline back end's mean over seeds / share of seeds over
-  `--threshold`; `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
+- `severity`: the headline back end's mean over seeds (the severity scale); `memorized_fraction`: the share of
+  seeds labelled memorized by `--label` (default `copy`: the seed's nearest training image is the paired one by
+  a margin, d(paired) / d(nearest other) < `--copy_ratio`, per seed `copy` and `copy_ratio` in per_seed.csv;
+  `similarity`: over `--threshold` on the headline back end); `similarity_fraction`: the share over `--threshold`
+  whatever the label; a sample is memorized when `memorized_fraction >= 0.5` (mem_analysis.severity.is_memorized);
+  `sev_<backend>`: every back end's mean over seeds (per seed in per_seed.csv);
 - M1/M2 at the run's probe noise (averaged over --probe_noise_draws draws per (sample, t); draw 0 is the
   training probes' noise): `loss_cond`, `loss_uncond`, `loss_cfg_<g>` (epsilon space) and `loss_cond_x0`,
   `loss_uncond_x0`, `loss_cfg_<g>_x0` (x0 space, L / SNR_t), `k_cond`, `k_uncond`, `k_cfg_<g>` (centred on mu)
@@ -31,7 +35,14 @@ per_sample.csv columns (one row per checkpoint, sample, guidance scale):
   `D_x_centred...` on the centred basis [x - mu, mu, x_T], `D_x_mean...` per-step means instead of sums;
   the latents summed over are --deviation_latents (inputs x_T..x_1, or outputs x_{T-1}..x_0);
 - M3/M5: `cos_*_early`, `fit_*_ratio_early` (fitted / theoretical coefficient), `wen_magnitude`
-  (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`.
+  (||e_c - e_0|| over the first K steps), `diversity` (seeds' final images), `collapse_early`;
+- M2 where the paper measures it: `k0_first`, `kc_first`, `kg_first` (the row's g), k of the sampler's first
+  prediction from pure noise against x, centred on mu (per seed in per_seed.csv; the per-sample mean is the
+  pooled least-squares fit over seeds, mem_analysis.losses.first_step_overestimation); `k0_gauss`, `kc_gauss`,
+  `kg_gauss` (+ `_early`): k on Gaussian probes, pure noise as the input at each probe timestep, same noise
+  draws as the M1/M2 probes (mem_analysis.probes.gaussian_probe_metrics).
+Also RUN/eval/premise_reference.json (the analytic k_0 of the optimal Gaussian denoiser fitted on the training
+latents, mem_analysis.gaussian_reference) and premise_latents.safetensors (the latents it was fitted and read on).
 """
 from __future__ import annotations
 
@@ -43,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -52,12 +64,14 @@ from eval.tables import EvalError, append_rows, check_same_settings, drop_steps,
 from mem_analysis import guidance_key, run
 from mem_analysis.board import FactorWriters, pair_grid
 from mem_analysis.cli import output_folder, parse_list, run_command
-from mem_analysis.io import write_text_atomic
-from mem_analysis.measure import (SEVERITY_BACKENDS, MeasureSettings, ProbeSet, Stopwatch, at_own_scale, load_probe_set,
-                                  measure_prompts, probe_rows, probe_settings, prompts_per_call)
+from mem_analysis.gaussian_reference import premise_reference
+from mem_analysis.io import atomic_path, write_text_atomic
+from mem_analysis.measure import (SEVERITY_BACKENDS, MeasureSettings, ProbeSet, Stopwatch, at_own_scale, encode_pixels,
+                                  load_probe_set, measure_prompts, probe_rows, probe_settings, prompts_per_call)
 from mem_analysis.mitigations import parse_guidance_schedule
+from mem_analysis.sampling import ddim_scheduler
 from mem_analysis.sd import compute_dtype, cut_prompts_line, load_components, tokens_cut
-from mem_analysis.severity import DEFAULT_THRESHOLDS, load_sscd
+from mem_analysis.severity import DEFAULT_COPY_RATIO, DEFAULT_THRESHOLDS, LABELS, embed_images, load_sscd
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,11 @@ def parse_args(argv=None):
     p.add_argument("--sscd_path", default=None, help="TorchScript SSCD model; adds the sscd back end")
     p.add_argument("--threshold", type=float, default=None,
                    help="memorization threshold on the headline back end (default: the back end's own)")
+    p.add_argument("--label", choices=LABELS, default="copy",
+                   help="a seed is memorized when it is a copy (d(paired) / d(nearest other training image) < "
+                        "--copy_ratio; default) or when its similarity is over --threshold (similarity)")
+    p.add_argument("--copy_ratio", type=float, default=DEFAULT_COPY_RATIO,
+                   help="the copy label's distance-ratio threshold (docs/science.md M6)")
     p.add_argument("--high_noise_timestep", type=int, default=None,
                    help="t >= this is the high-noise window (default: the run's high_noise_timestep)")
     p.add_argument("--early_steps", type=int, default=None,
@@ -142,6 +161,8 @@ def parse_args(argv=None):
         raise EvalError("--num_seeds must be >= 2 (trajectory collapse compares seeds)")
     if args.probe_noise_draws < 1:
         raise EvalError("--probe_noise_draws must be >= 1")
+    if not 0 < args.copy_ratio <= 1:
+        raise EvalError(f"--copy_ratio {args.copy_ratio} must lie in (0, 1]")
     try:
         args.guidance_schedule = parse_guidance_schedule(args.guidance_schedule)
     except ValueError as err:
@@ -189,12 +210,14 @@ def evaluate_samples(unet, components, probe: ProbeSet, index, settings: EvalSet
             sid = int(probe.sample_ids[i])
             common = dict(sample_id=sid, dup_factor=int(probe.dup_factors[i]), guidance_scale=g,
                           guidance_schedule=settings.guidance_schedule)
+            labels, seed_labels = measured.label_columns(settings, p)
+            labels.pop("label")  # settings.json records the label of every row
             for j, seed in enumerate(settings.seeds):
-                result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j],
+                result.per_seed.append(dict(common, seed=seed, **measured.per_seed[p][j], **seed_labels[j],
                                             **{f"sev_{b}": float(r.similarity[p, j]) for b, r in measured.scores.items()}))
             row = dict(common, **{k: float(v[lo + p]) for k, v in step_m12.items()})
             row.update(at_own_scale(row, g))
-            row.update(severity=float(headline.severity[p]), memorized_fraction=float(headline.memorized_fraction[p]),
+            row.update(severity=float(headline.severity[p]), **labels,
                        **{f"sev_{b}": float(r.severity[p]) for b, r in measured.scores.items()}, **measured.values[p])
             result.per_sample.append(row)
             result.curves.append(dict(sample_id=sid, guidance_scale=g, alpha_bar=measured.traj.alpha_bar.numpy(),
@@ -231,6 +254,7 @@ def resolve_settings(args, config) -> EvalSettings:
         backends=SEVERITY_BACKENDS + (("sscd",) if args.sscd_path else ()),
         severity_backend=args.severity_backend,
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[args.severity_backend],
+        label=args.label, copy_ratio=args.copy_ratio,
         high_noise_timestep=int(high_noise), early_steps=args.early_steps, max_samples=args.max_samples,
         model=str(config["pretrained_model_name_or_path"]), dataset=str(config["train_data_dir"]),
         lora=bool(config["use_lora"]), run_fingerprint=(run.recorded_identity(args.run_dir) or {}).get("fingerprint"))
@@ -263,12 +287,33 @@ def plan_checkpoints(out_dir: Path, run_dir: Path, models, settings: EvalSetting
     return todo, lines, gone
 
 
+def write_premise_reference(out_dir: Path, components, probe: ProbeSet, settings: EvalSettings, device,
+                            batch_size: int) -> None:
+    """premise_reference.json: the analytic k_0 of the optimal Gaussian denoiser fitted on the training latents
+    (mem_analysis.gaussian_reference.premise_reference) at the probe timesteps and the sampler's first step; and
+    premise_latents.safetensors: the pool latents (with their copies in training) and probe latents it used."""
+    from safetensors.torch import save_file
+
+    pool_latents = encode_pixels(components.vae, probe.pool_pixels * 2 - 1, device, batch_size)
+    first = int(ddim_scheduler(components, settings.num_inference_steps).timesteps[0])
+    reference = premise_reference(pool_latents, probe.pool_counts, probe.latents, probe.dup_factors,
+                                  settings.probe_timesteps, probe.alpha_bar, first, settings.high_noise_timestep)
+    write_text_atomic(out_dir / "premise_reference.json", json.dumps(reference, indent=1))
+    tensors = dict(pool_latents=pool_latents, pool_counts=torch.as_tensor(probe.pool_counts, dtype=torch.int64),
+                   pool_sample_ids=torch.as_tensor(probe.pool_ids, dtype=torch.int64), probe_latents=probe.latents,
+                   probe_sample_ids=torch.as_tensor(probe.sample_ids, dtype=torch.int64),
+                   probe_dup_factors=torch.as_tensor(probe.dup_factors, dtype=torch.int64), mu=probe.mu)
+    with atomic_path(out_dir / "premise_latents.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
 def log_scalars(writer, factor_writers: FactorWriters, per_sample: pd.DataFrame, step: int, settings: EvalSettings):
     """TensorBoard means per duplication factor at the headline guidance scale, at the checkpoint's step:
     `eval/NAME` in the run logs/eval/dup_F of each factor; the D_x-severity correlation in logs/eval."""
     rows = per_sample[per_sample["guidance_scale"] == settings.guidance_scale]
-    names = ["severity", "memorized_fraction", "D_x", "D_T", "D_x_exact", "D_T_exact", "loss_cond",
-             "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early", "wen_magnitude", "diversity"]
+    names = ["severity", "memorized_fraction", "similarity_fraction", "D_x", "D_T", "D_x_exact", "D_T_exact",
+             "loss_cond", "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early", "k0_first", "kg_first", "wen_magnitude",
+             "diversity"]
     factor_writers.log({f"eval/{name}/dup_{dup}": float(group[name].mean())
                         for dup, group in rows.groupby("dup_factor") for name in names if name in group}, step)
     if len(rows) > 2 and rows["severity"].std() > 0:
@@ -356,8 +401,11 @@ def main(args):
     long_captions = cut_prompts_line(components.tokenizer, probe.captions, "probe captions") if todo else None
     if is_main and long_captions:
         print(f"{long_captions} (per_sample.csv column caption_tokens_cut)")
+    if probe is not None and sscd is not None:  # the copy label's SSCD back end: the pool's descriptors, once
+        probe = replace(probe, pool_sscd=embed_images(probe.pool_pixels, sscd))
     writer = None
     if is_main and todo:
+        write_premise_reference(out_dir, components, probe, settings, device, args.batch_size)
         save_arrays(out_dir / "images" / "training.npz", sample_id=probe.sample_ids,
                     images=(probe.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         from torch.utils.tensorboard import SummaryWriter

@@ -9,10 +9,13 @@ Each prompt is sampled with DDIM from `--num_seeds` seeds with its trajectory re
 the same code as evaluate_checkpoints: M3-M5 on every seed, Wen et al.'s ||e_c - e_0|| (first step of
 the first seed, `wen_magnitude_first`, and over the early steps and all seeds, `wen_magnitude`), and,
 where `--references` holds an image whose caption is exactly the prompt, M1/M2 at fixed probe noise on
-its latent and severity against it. Without a reference, severity is reference-free (each seed's
-similarity to the prompt's other seeds) and the decomposition regresses on each seed's own generated
-latent (the authors' exploratory variant). Rows are appended after every batch of prompts, so a rerun
-skips the prompts already done. A prompt longer than the text encoder's window is cut to it, as every
+its latent, severity against it, the copy label (`--label copy`, the default: nearest training image = the paired
+one by a margin, d(paired) / d(nearest other reference) < `--copy_ratio`) and k of the sampler's first prediction
+(`k0_first`, `kc_first`, `kg_first`). Without a reference, severity is reference-free (each seed's similarity to
+the prompt's other seeds), the memorized fraction is the share of seeds over `--threshold` on it (the similarity
+label: there is no training pool to test copies against; column `label`) and the decomposition regresses on each
+seed's own generated latent (the authors' exploratory variant). Rows are appended after every batch of prompts, so
+a rerun skips the prompts already done. A prompt longer than the text encoder's window is cut to it, as every
 SD pipeline does: the log says how many were, and `prompt_tokens_cut` in per_prompt.csv how many tokens each
 lost. Outputs under --output_dir: per_seed.csv, per_prompt.csv (+ .parquet),
 curves.parquet (per-step curves), summary.json (per-set means, correlations with severity, detection
@@ -38,12 +41,13 @@ from eval.tables import EvalError, check_same_settings, write_table
 from mem_analysis import guidance_key, run
 from mem_analysis.cli import output_folder, run_command
 from mem_analysis.io import atomic_path, write_text_atomic
-from mem_analysis.measure import (MeasureSettings, ProbeSet, at_own_scale, measure_prompts, probe_rows, probe_settings,
-                                  prompts_per_call)
+from mem_analysis.measure import (MeasureSettings, ProbeSet, at_own_scale, encode_pixels, measure_prompts, probe_rows,
+                                  probe_settings, prompts_per_call)
 from mem_analysis.prompts import PromptFileError, load_references, parse_prompt_set, read_prompts
 from mem_analysis.schedule import alpha_bar_from_scheduler
-from mem_analysis.sd import compute_dtype, cut_prompts_line, encode_images, encode_prompts, load_components, tokens_cut
-from mem_analysis.severity import BACKENDS, DEFAULT_THRESHOLDS, load_sscd, self_similarity
+from mem_analysis.sd import compute_dtype, cut_prompts_line, encode_prompts, load_components, tokens_cut
+from mem_analysis.severity import (BACKENDS, DEFAULT_COPY_RATIO, DEFAULT_THRESHOLDS, LABELS, embed_images, load_sscd,
+                                   self_similarity)
 
 KEY = ["prompt_set", "prompt"]
 # Measures that need no reference image (kept for prompts without one when other prompts have one).
@@ -74,6 +78,11 @@ def parse_args(argv=None):
                    help="sscd with --sscd_path, else pixel_cosine with references, else ssim")
     p.add_argument("--sscd_path", default=None, help="TorchScript SSCD model (sscd_disc_mixup.torchscript.pt)")
     p.add_argument("--threshold", type=float, default=None, help="memorization threshold (default: the back end's)")
+    p.add_argument("--label", choices=LABELS, default="copy",
+                   help="a seed is memorized when it is a copy (prompts with a reference; default) or when its "
+                        "similarity is over --threshold (similarity; always so for prompts without a reference)")
+    p.add_argument("--copy_ratio", type=float, default=DEFAULT_COPY_RATIO,
+                   help="the copy label's distance-ratio threshold (docs/science.md M6)")
     p.add_argument("--probe_timesteps", default=None, help="M1/M2 grid (default: the run's, else the training default)")
     p.add_argument("--high_noise_timestep", type=int, default=None, help="t >= this is early (default: the run's, else 700)")
     p.add_argument("--early_steps", type=int, default=None, help="sampling steps counted as early (default: t >= the window)")
@@ -100,6 +109,8 @@ def parse_args(argv=None):
         raise EvalError(f"unknown --severity_backend {args.severity_backend!r}; choose one of {', '.join(BACKENDS)}")
     if args.severity_backend == "sscd" and not args.sscd_path:
         raise EvalError("--severity_backend sscd needs --sscd_path (a TorchScript SSCD model file)")
+    if not 0 < args.copy_ratio <= 1:
+        raise EvalError(f"--copy_ratio {args.copy_ratio} must lie in (0, 1]")
     return args
 
 
@@ -166,7 +177,8 @@ def resolve_settings(args, source: ModelSource) -> PromptSettings:
         seeds=tuple(seed + j for j in range(args.num_seeds)), num_inference_steps=args.num_inference_steps,
         backends=tuple(b for b in BACKENDS if b != "sscd" or args.sscd_path), severity_backend=backend,
         threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS[backend],
-        high_noise_timestep=int(high), early_steps=args.early_steps, model=source.name, weights=source.weights,
+        label=args.label, copy_ratio=args.copy_ratio, high_noise_timestep=int(high), early_steps=args.early_steps,
+        model=source.name, weights=source.weights,
         references=str(references) if references else None, guidance_scale=args.guidance_scale,
         **probe_settings(config, args.probe_timesteps, [args.guidance_scale], args.probe_noise_draws),
         deviation_latents=args.deviation_latents)
@@ -186,7 +198,7 @@ def load_model(source: ModelSource, device, dtype):
     return components
 
 
-def reference_pool(settings: PromptSettings, source: ModelSource, components, batch_size: int, device):
+def reference_pool(settings: PromptSettings, source: ModelSource, components, batch_size: int, device, sscd=None):
     """(ProbeSet of every reference image, captions) or (None, None): what measure_prompts reads of a prompt's pair."""
     if not settings.references:
         return None, None
@@ -196,8 +208,7 @@ def reference_pool(settings: PromptSettings, source: ModelSource, components, ba
         refs = load_references(settings.references, resolution)
     except PromptFileError as err:
         raise EvalError(str(err)) from err
-    latents = torch.cat([encode_images(vae, (chunk * 2 - 1).to(device)).float().cpu()
-                         for chunk in refs.pixels.split(batch_size)])
+    latents = encode_pixels(vae, refs.pixels * 2 - 1, device, batch_size)
     weights = torch.as_tensor(refs.weights, dtype=torch.float32)[:, None, None, None]
     # mu: the run's saved probe mu (k then equals the training probes), else the training-set mean latent
     mu = source.mu if source.mu is not None else (latents * weights).sum(0)
@@ -206,7 +217,8 @@ def reference_pool(settings: PromptSettings, source: ModelSource, components, ba
                     cond=empty, uncond=empty, latents=latents, pixels=refs.pixels, pool_pixels=refs.pixels,
                     pool_ids=refs.sample_ids, pool_index=np.arange(len(latents)), mu=mu.float().cpu(),
                     mean_image=(refs.pixels * weights).sum(0),
-                    alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler))
+                    alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler), pool_counts=refs.weights,
+                    pool_sscd=embed_images(refs.pixels, sscd) if sscd is not None else None)
     return pool, refs
 
 
@@ -269,6 +281,7 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
     gk = guidance_key(settings.guidance_scale)
     # references exist but not for these prompts: no severity, no measure that needs a reference
     scores = {} if pool is not None and not matched else measured.scores
+    measured = replace(measured, scores=scores)
     own = own_similarity(measured.traj, settings, probe, sscd)
     sims = dict(scores, **({"self": own} if own is not None else {}))
     headline = scores.get(settings.severity_backend)
@@ -281,13 +294,13 @@ def measure_chunk(components, pool: ProbeSet | None, chunk: list, settings: Prom
             seed_values = [{k: v for k, v in sv.items() if k in REFERENCE_FREE} for sv in seed_values]
             curve = {k: v for k, v in curve.items() if k not in ("w_x", "w_T")}  # regressed on their own latents
         key = dict(prompt_set=name, prompt=prompt)
+        labels, seed_labels = measured.label_columns(settings, p)
         for j, seed in enumerate(settings.seeds):
-            per_seed.append(dict(key, seed=seed, **seed_values[j],
+            per_seed.append(dict(key, seed=seed, **seed_values[j], **seed_labels[j],
                                  **{f"sev_{b}": float(r.similarity[p, j]) for b, r in sims.items()}))
         record = dict(key, reference=matched, sample_id=int(probe.sample_ids[p]) if matched else -1,
                       prompt_tokens_cut=cut[p],
-                      severity=float(headline.severity[p]) if headline else float("nan"),
-                      memorized_fraction=float(headline.memorized_fraction[p]) if headline else float("nan"),
+                      severity=float(headline.severity[p]) if headline else float("nan"), **labels,
                       **values, **{f"sev_{b}": float(r.severity[p]) for b, r in sims.items()})
         if matched:
             record.update({k: float(v[p]) for k, v in probe_means.items()})
@@ -363,7 +376,7 @@ def main(args):
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
     components = load_model(source, device, dtype)
-    pool, refs = reference_pool(settings, source, components, args.batch_size, device)
+    pool, refs = reference_pool(settings, source, components, args.batch_size, device, sscd)
     accelerator.wait_for_everyone()  # every process has read the done set before main appends
     if is_main:
         write_text_atomic(out_dir / "settings.json", json.dumps(settings.as_dict(), indent=1))

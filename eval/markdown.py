@@ -214,10 +214,40 @@ def group_lines(at_last: pd.DataFrame, settings: dict, n_boot: int) -> list[str]
     return lines
 
 
+def label_agreement_lines(agreement: dict | None, settings: dict, last: int) -> list[str]:
+    """report.md: the labels' counts and agreement per duplication factor, and where similarity and copy disagree."""
+    if not agreement:
+        return ["The tables hold no per-seed copy label (written before it existed): the labels are not compared.", ""]
+    lines = [f"Labels compared at step {last}, g = {settings['guidance_scale']:g}: samples memorized (at least half of "
+             f"their seeds) by the copy label (d(paired) / d(nearest other training image) < "
+             f"{settings.get('copy_ratio', float('nan')):g}, pixel L2 over the training pool), by the similarity label "
+             f"(`{settings['severity_backend']}` > {settings['threshold']:g}) and by nearest-neighbour identity (the "
+             f"nearest training image is the paired one); agreement = share of samples on which two labels agree. "
+             f"Held-out samples (dup 0) have no training image to copy.", "",
+             "| dup_factor | samples | copy | similarity | NN identity | agree copy/similarity | agree copy/NN | "
+             "seeds similar, not copies | seeds copies, not similar | median d(paired) / d(other) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for dup, a in agreement.items():
+        lines.append(f"| {dup} | {a['samples']} | {a['copy']} | {a['similarity']} | {a['nn_identity']} | "
+                     f"{fmt(a['agree_copy_similarity'], 2)} | {fmt(a['agree_copy_nn'], 2)} | "
+                     f"{a['seeds_similar_not_copy']} of {a['seeds']} | {a['seeds_copy_not_similar']} of {a['seeds']} | "
+                     f"{fmt(a['median_copy_ratio'], 2)} |")
+    differ = {dup: a["similar_not_copy"] + a["copy_not_similar"] for dup, a in agreement.items()}
+    total, n = sum(differ.values()), sum(a["samples"] for a in agreement.values())
+    if total == 0:
+        lines += ["", f"The similarity label and the copy label agree on all {n} samples."]
+    else:
+        lines += ["", f"**The similarity label and the copy label disagree on {total} of {n} samples**: "
+                  + ", ".join(f"{dup}x {count} of {agreement[dup]['samples']} ({agreement[dup]['similar_not_copy']} "
+                              f"similar but not copies, {agreement[dup]['copy_not_similar']} copies not similar)"
+                              for dup, count in differ.items() if count) + "."]
+    return lines + [""]
+
+
 def onset_summary(summary: dict) -> list[str]:
-    """Per duplication factor: how many samples crossed the severity threshold, when, and whether D_x rose first."""
-    lines = ["| dup_factor | samples | crossed | median onset step | D_x rose | rose before crossing | "
-             "rose at the crossing checkpoint | rose after |", "|---|---|---|---|---|---|---|---|"]
+    """Per duplication factor: how many samples became memorized (`label_rule`), when, and whether D_x rose first."""
+    lines = ["| dup_factor | samples | memorized | median onset step | D_x rose | rose before the onset | "
+             "rose at the onset checkpoint | rose after |", "|---|---|---|---|---|---|---|---|"]
     frame = pd.DataFrame(summary["onset"].values())
     for dup, rows in sorted(frame.groupby("dup_factor"), key=lambda kv: -kv[0]):
         onset, rise = rows["onset_step"].astype(float), rows["deviation_rise_step"].astype(float)
@@ -304,8 +334,11 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
         lines += [f"Skipped (could not be loaded): {', '.join(failed)}.", ""]
     lines += ["## Severity over training", "", "Mean severity per duplication factor (rows: training step):", ""]
     lines += markdown_table(severity)
-    lines += ["", "Memorized fraction of seeds:", ""] + markdown_table(fraction)
-    lines += ["", f"![severity]({'figures/' + names['severity']})", "", "## The paper's three findings, on this run", ""]
+    lines += ["", f"Memorized fraction of seeds ({settings.get('label', 'similarity')} label; a sample is memorized "
+              f"when it is at least {MEMORIZED_SHARE:g}, {summary['label_rule']}):", ""] + markdown_table(fraction)
+    lines += ["", f"![severity]({'figures/' + names['severity']})", "", "## Labels compared", ""]
+    lines += label_agreement_lines(summary.get("label_agreement"), settings, last)
+    lines += ["## The paper's three findings, on this run", ""]
     lines += findings(summary, settings, last, at_last)
     lines += [""] + premise_lines(summary["premise"])
     curve_figure = loss_curve_figure(eval_dir, at_last, settings, last)
@@ -319,7 +352,7 @@ def write_report(eval_dir, settings: dict | None = None, failed=(), n_boot: int 
               f"![schedule](figures/{names['schedule']})", "", f"![losses](figures/{names['losses']})", "",
               "## Onset of memorization", ""]
     lines += onset_summary(summary)
-    lines += ["", f"Per sample: first step at which its severity crosses the threshold, and at which its D_x rose "
+    lines += ["", f"Per sample: first step at which it is memorized ({summary['label_rule']}), and at which its D_x rose "
               f"above the mean + 3 sd of {summary['deviation_rise_reference']}:", "",
               "| sample_id | dup_factor | onset step | D_x rise step |", "|---|---|---|---|"]
     for sid, o in sorted(summary["onset"].items(), key=lambda kv: (-kv[1]["dup_factor"], int(kv[0]))):

@@ -19,11 +19,13 @@ from eval.tables import fmt, fmt_corr
 from mem_analysis import stats, verdicts
 from mem_analysis.decomposition import reference_schedule
 from mem_analysis.io import write_text_atomic
+from mem_analysis.severity import is_memorized
 
 NOT_SCORES = {"reference", "order", "seed"}
 # The scores the report tables show (summary.json holds every numeric column).
 HEADLINE = ["wen_magnitude_first", "wen_magnitude", "D_x_early", "D_x", "D_T_early", "D_T", "D_x_final_early",
-            "diversity", "collapse_early", "loss_cfg_early", "loss_cfg", "k_cfg_early", "k_cfg", "severity"]
+            "diversity", "collapse_early", "loss_cfg_early", "loss_cfg", "k_cfg_early", "k_cfg", "k0_first",
+            "kg_first", "severity"]
 WEN = "Wen et al. (ICLR 2024), SD v1.4, 500 memorized vs 500 normal prompts, DDIM 50, g = 7.5, 4 images a prompt: " \
       "AUC 0.994, TPR 0.982 at 1% FPR"
 
@@ -57,13 +59,15 @@ def pair_detection(a: pd.DataFrame, b: pd.DataFrame, col: str, n_boot: int) -> d
 def summarize(per_prompt: pd.DataFrame, settings: dict, n_boot: int = 1000) -> dict:
     """Per-set means with CIs, every score's Pearson / Spearman with severity, detection for every pair of sets."""
     scores = score_columns(per_prompt)
-    shown = ["severity", "memorized_fraction"] + [c for c in per_prompt if c.startswith("sev_")] + scores
+    shown = ["severity", "memorized_fraction", "similarity_fraction"] + [c for c in per_prompt if c.startswith("sev_")] + scores
     names = list(dict.fromkeys(per_prompt["prompt_set"]))
     sets = {}
     for name in names:
         rows = per_prompt[per_prompt["prompt_set"] == name]
+        labels = rows["label"] if "label" in rows else pd.Series(["similarity"] * len(rows), index=rows.index)
         sets[name] = dict(n_prompts=int(len(rows)), n_with_reference=int(rows["reference"].sum()),
-                          n_memorized=int((rows["severity"] > settings["threshold"]).sum()),
+                          n_memorized=int(is_memorized(rows["memorized_fraction"]).sum()),
+                          labels={k: int(v) for k, v in labels[rows["memorized_fraction"].notna()].value_counts().items()},
                           means=set_means(rows, shown, n_boot))
     sev = per_prompt["severity"].to_numpy(float)
     correlations = {col: {m: correlation(per_prompt[col].to_numpy(float), sev, m, n_boot, seed=0)
@@ -164,13 +168,19 @@ def report_lines(summary: dict, files: dict) -> list[str]:
     if s.get("references"):
         unmatched = ", ".join(f"{k}: {v}" for k, v in s.get("unmatched", {}).items())
         lines += [f"References `{s['references']}`, matched by exact caption; prompts without a reference: {unmatched}.", ""]
-    cols = ["severity", "memorized_fraction", "wen_magnitude_first", "wen_magnitude", "D_x_early", "diversity"]
+    cols = ["severity", "memorized_fraction", "similarity_fraction", "wen_magnitude_first", "wen_magnitude",
+            "D_x_early", "diversity"]
     lines += ["## Prompt sets (mean per prompt)", "",
-              "| set | prompts | with reference | memorized (severity > threshold) | " + " | ".join(cols) + " |",
+              f"A prompt is memorized when at least half of its seeds are: copies (label `copy`: the nearest reference "
+              f"image is its own by a margin, d(paired) / d(nearest other) < {s.get('copy_ratio', float('nan')):g}) "
+              f"where it has a reference, else over the similarity threshold (label `similarity`: reference-free, "
+              f"there is no training pool to test a copy against). Column `label` of per_prompt.csv says which.", "",
+              "| set | prompts | with reference | memorized (label: prompts) | " + " | ".join(cols) + " |",
               "|---|---|---|---|" + "---|" * len(cols)]
     for name, entry in summary["sets"].items():
-        lines.append(f"| {name} | {entry['n_prompts']} | {entry['n_with_reference']} | {entry['n_memorized']} | "
-                     + " | ".join(mean_cell(entry["means"].get(c)) for c in cols) + " |")
+        used = ", ".join(f"{k}: {v}" for k, v in entry.get("labels", {}).items()) or "none"
+        lines.append(f"| {name} | {entry['n_prompts']} | {entry['n_with_reference']} | {entry['n_memorized']} "
+                     f"({used}) | " + " | ".join(mean_cell(entry["means"].get(c)) for c in cols) + " |")
     lines += ["", "## Detection: each score separating the sets (Wen et al.'s figure)", "",
               "AUROC with its 95% bootstrap interval, in the direction each score is predicted to move for the first "
               "set, stated in advance (mem_analysis.verdicts.direction: lower for diversity and collapse), never "

@@ -17,10 +17,13 @@ import pandas as pd
 from eval.tables import last_checkpoint_rows
 from mem_analysis import stats, verdicts, warning_evaluation
 from mem_analysis.io import write_text_atomic
+from mem_analysis.losses import pooled_overestimation
 from mem_analysis.premise import premise as decide_premise, reference_from_file
+from mem_analysis.severity import is_memorized
 
 # Columns that are identifiers or severity itself, not scores to correlate with severity.
-NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction"}
+NOT_SCORES = {"checkpoint_step", "checkpoint", "sample_id", "guidance_scale", "severity", "memorized_fraction",
+              "similarity_fraction"}
 
 
 def score_columns(table: pd.DataFrame) -> list[str]:
@@ -50,10 +53,19 @@ def detection(scores: np.ndarray, labels: np.ndarray, direction: str = "higher")
     return stats.detection(scores, labels, direction)
 
 
+def label_rule(settings: dict) -> str:
+    """The sample-level memorized label as the report states it (mem_analysis.severity.is_memorized on the
+    memorized fraction of `settings['label']`; tables written before the copy label used the similarity one)."""
+    if settings.get("label", "similarity") == "copy":
+        return (f"copy label: at least half of the seeds are copies, d(paired) / d(nearest other training image) < "
+                f"{settings['copy_ratio']:g}")
+    return f"similarity label: at least half of the seeds have `{settings['severity_backend']}` > {settings['threshold']:g}"
+
+
 def summarize(per_sample: pd.DataFrame, settings: dict, n_boot: int = 1000) -> dict:
-    """M7 per checkpoint and guidance scale, and the onset of memorization per sample."""
-    threshold = settings["threshold"]  # onset: a sample's severity crossing it
-    out = dict(settings=settings, checkpoints={}, onset={})
+    """M7 per checkpoint and guidance scale, and the onset of memorization per sample (the first checkpoint at
+    which the sample is memorized, mem_analysis.severity.is_memorized)."""
+    out = dict(settings=settings, checkpoints={}, onset={}, label_rule=label_rule(settings))
     for (step, g), rows in per_sample.groupby(["checkpoint_step", "guidance_scale"]):
         sev = rows["severity"].to_numpy(float)
         labels = verdicts.memorized_labels(rows).astype(int)  # at least half the seeds (severity.is_memorized)
@@ -68,7 +80,7 @@ def summarize(per_sample: pd.DataFrame, settings: dict, n_boot: int = 1000) -> d
     rise_threshold, reference = deviation_rise_thresholds(headline)
     for sid, rows in headline.groupby("sample_id"):
         steps = rows["checkpoint_step"].to_numpy()
-        onset = stats.onset_step(steps, rows["severity"].to_numpy(float), threshold)[0]
+        onset = stats.onset_step(steps, verdicts.memorized_labels(rows).astype(float), 0.5)[0]
         excess = rows["D_x"].to_numpy(float) - rise_threshold.loc[steps].to_numpy(float)
         rise = stats.onset_step(steps, excess, 0.0)[0]
         out["onset"][str(int(sid))] = dict(dup_factor=int(rows["dup_factor"].iloc[0]),
@@ -138,7 +150,67 @@ def build_summary(eval_dir: Path, per_sample: pd.DataFrame, settings: dict, fail
     summary.update(read_findings(summary, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
                                  settings, n_boot,
                                  json.loads(reference_path.read_text()) if reference_path.is_file() else None))
+    summary.update(label_summaries(eval_dir, per_sample, pd.read_csv(per_seed_path) if per_seed_path.is_file() else None,
+                                   settings))
     summary["headline"] = headline_block(summary, per_sample, settings)
     summary["headline"].setdefault("figures", {}).update((summary["early_warning"] or {}).get("figures", {}))
     write_text_atomic(eval_dir / "summary.json", json.dumps(summary, indent=1))
     return summary, warnings
+
+
+# ---------------------------------------------------------------------------
+# The memorization labels side by side, and k of the sampler's first step pooled per factor.
+
+def label_agreement(seeds: pd.DataFrame, settings: dict) -> dict:
+    """Per duplication factor, from one checkpoint's per-seed rows at one g: samples memorized (at least half of their
+    seeds, is_memorized) by the copy label (`copy`), the similarity label (`sev_<headline>` > threshold) and
+    nearest-neighbour identity (`sev_nn_identity`); the share of samples on which each pair agrees; the samples and
+    seeds on which the similarity and copy labels disagree; the median distance ratio of the seeds."""
+    seed_labels = pd.DataFrame(dict(
+        sample_id=seeds["sample_id"], dup_factor=seeds["dup_factor"], copy=seeds["copy"] > 0.5,
+        similarity=seeds[f"sev_{settings['severity_backend']}"] > settings["threshold"],
+        nn_identity=seeds["sev_nn_identity"] > 0.5, ratio=seeds["copy_ratio"]))
+    samples = seed_labels.groupby("sample_id")[["copy", "similarity", "nn_identity"]].mean().apply(is_memorized)
+    samples["dup_factor"] = seed_labels.groupby("sample_id")["dup_factor"].first()
+    out = {}
+    for dup, rows in samples.groupby("dup_factor"):
+        own = seed_labels[seed_labels["dup_factor"] == dup]
+        copy, similar, nn = rows["copy"], rows["similarity"], rows["nn_identity"]
+        out[str(int(dup))] = dict(
+            samples=len(rows), copy=int(copy.sum()), similarity=int(similar.sum()), nn_identity=int(nn.sum()),
+            agree_copy_similarity=float((copy == similar).mean()), agree_copy_nn=float((copy == nn).mean()),
+            agree_similarity_nn=float((similar == nn).mean()),
+            similar_not_copy=int((similar & ~copy).sum()), copy_not_similar=int((copy & ~similar).sum()),
+            seeds=len(own), seeds_similar_not_copy=int((own["similarity"] & ~own["copy"]).sum()),
+            seeds_copy_not_similar=int((own["copy"] & ~own["similarity"]).sum()),
+            median_copy_ratio=None if own["ratio"].isna().all() else float(own["ratio"].median()))
+    return out
+
+
+def first_step_pooled(at_last: pd.DataFrame, eval_dir: Path) -> dict | None:
+    """Per duplication factor, k of the sampler's first prediction pooled over samples and seeds (the least-squares
+    fit `(x0hat_T - mu) ~ a (x - mu)`, mem_analysis.losses.pooled_overestimation), from the per-sample means and the
+    probe latents of premise_latents.safetensors; None without them."""
+    from safetensors.torch import load_file
+
+    path = eval_dir / "premise_latents.safetensors"
+    if not path.is_file() or "k0_first" not in at_last:
+        return None
+    saved = load_file(str(path))
+    row_of = {int(s): i for i, s in enumerate(saved["probe_sample_ids"].tolist())}
+    out = {}
+    for dup, rows in at_last.groupby("dup_factor"):
+        x = saved["probe_latents"][[row_of[int(s)] for s in rows["sample_id"]]]
+        out[str(int(dup))] = dict(n_samples=len(rows), **{
+            col: pooled_overestimation(rows[col].to_numpy(float), x, saved["mu"])
+            for col in ("k0_first", "kc_first", "kg_first")})
+    return out
+
+
+def label_summaries(eval_dir: Path, per_sample: pd.DataFrame, per_seed: pd.DataFrame | None, settings: dict) -> dict:
+    """summary.json's `label_agreement` (None without per-seed copy labels) and `first_step_pooled`, at the last
+    checkpoint and headline g."""
+    g = settings["guidance_scale"]
+    seeds = last_checkpoint_rows(per_seed, g)[1] if per_seed is not None and "copy" in per_seed else None
+    return dict(label_agreement=label_agreement(seeds, settings) if seeds is not None and len(seeds) else None,
+                first_step_pooled=first_step_pooled(last_checkpoint_rows(per_sample, g)[1], eval_dir))

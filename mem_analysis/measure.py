@@ -22,12 +22,16 @@ from mem_analysis.cli import parse_list
 from mem_analysis.data import image_to_tensor, load_study_dataset
 from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
                                        trajectory_latents)
-from mem_analysis.probes import guidance_key, probe_metrics_over_draws, summarize_probe_metrics
+from mem_analysis.losses import first_step_overestimation, guided
+from mem_analysis.probes import (gaussian_probe_metrics, guidance_key, probe_metrics_over_draws,
+                                 summarize_probe_metrics)
 from mem_analysis.run import RUN_DEFAULTS
 from mem_analysis.sampling import Trajectories, sample_trajectories
 from mem_analysis.schedule import alpha_bar_from_scheduler, prediction_type_of
 from mem_analysis.sd import decode_latents, encode_images, encode_prompts
-from mem_analysis.severity import BACKENDS, Severity, self_similarity, severity
+from mem_analysis.severity import (BACKENDS, DEFAULT_COPY_RATIO, CopyTest, Severity, copy_test, embed_images,
+                                   embedding_similarity, nearest_pool_images, self_similarity, severity,
+                                   summarize_similarity)
 
 # The weight-free back ends of M6; `sscd` joins when an SSCD model is given.
 SEVERITY_BACKENDS = tuple(backend for backend in BACKENDS if backend != "sscd")
@@ -42,7 +46,9 @@ class ProbeSet:
     `latents` VAE posterior means (P, *latent), `pixels` in [0, 1] (P, 3, H, W), `pool_index` (row of
     its image in the pool, -1 if absent). The training pool (one row per unique image): `pool_pixels`
     in [0, 1], `pool_ids`. `uncond` (1, L, D): the empty caption; `mu` and `mean_image`: the training
-    set's mean latent and mean image as trained on (duplicates counted); `alpha_bar` of the scheduler.
+    set's mean latent and mean image as trained on (duplicates counted); `alpha_bar` of the scheduler;
+    `pool_counts` the copies of each pool image in training; `pool_sscd` (M, D) the pool's SSCD descriptors
+    when an SSCD model is given (the copy label's SSCD back end).
     """
 
     sample_ids: np.ndarray
@@ -58,6 +64,8 @@ class ProbeSet:
     mu: torch.Tensor
     mean_image: torch.Tensor
     alpha_bar: torch.Tensor
+    pool_counts: np.ndarray | None = None
+    pool_sscd: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,10 @@ class MeasureSettings:
     """What shapes the per-prompt measurement: the seeds, DDIM steps, severity back ends (`severity_backend`
     is the headline one, judged at `threshold`) and the early window (`early_steps`, else the sampling
     steps with t >= `high_noise_timestep`), the latents D sums over (`deviation_latents`: 'inputs'
-    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md), and the M1/M2 probes both evaluations share
-    (`probe_seed` of the fixed noise, `probe_timesteps`, `probe_guidance_scales`, `probe_noise_draws` averaged)."""
+    x_T..x_1 or 'outputs' x_{T-1}..x_0, docs/findings.md), the M1/M2 probes both evaluations share
+    (`probe_seed` of the fixed noise, `probe_timesteps`, `probe_guidance_scales`, `probe_noise_draws` averaged),
+    and `label`: what counts a seed as memorized, `copy` (the copy test at `copy_ratio`, where a training pool
+    exists) or `similarity` (the headline back end over `threshold`); docs/science.md M6."""
 
     seeds: tuple[int, ...]
     num_inference_steps: int
@@ -81,6 +91,8 @@ class MeasureSettings:
     probe_timesteps: tuple[int, ...] = field(default=tuple(RUN_DEFAULTS["probe_timesteps"]), kw_only=True)
     probe_guidance_scales: tuple[float, ...] = field(default=tuple(RUN_DEFAULTS["probe_guidance_scales"]), kw_only=True)
     probe_noise_draws: int = field(default=1, kw_only=True)
+    label: str = field(default="copy", kw_only=True)
+    copy_ratio: float = field(default=DEFAULT_COPY_RATIO, kw_only=True)
 
     def as_dict(self) -> dict:
         """The settings as settings.json holds them (lists, not tuples)."""
@@ -100,7 +112,8 @@ def probe_settings(config: dict, probe_timesteps, guidance_scales, probe_noise_d
 @dataclass
 class PromptBatch:
     """`measure_prompts` output for P prompts: the trajectories (with decoded `images`), every back end's
-    Severity (P, N), the early window K used, and per prompt its values, per-seed values and curves."""
+    Severity (P, N), the copy test per back end (`copies`: 'pixel', and 'sscd' with an SSCD model; empty
+    without a training pool), the early window K used, and per prompt its values, per-seed values and curves."""
 
     traj: Trajectories
     scores: dict[str, Severity]
@@ -108,6 +121,32 @@ class PromptBatch:
     values: list[dict]
     per_seed: list[list[dict]]
     curves: list[dict]
+    copies: dict[str, CopyTest] = field(default_factory=dict)
+
+    def label_columns(self, settings: MeasureSettings, p: int) -> tuple[dict, list[dict]]:
+        """Prompt p's labels: per sample `memorized_fraction` (share of seeds labelled memorized by
+        `settings.label`; the similarity label where there is no copy test) and `similarity_fraction` (share over
+        the headline back end's threshold), `label` (the one used); per seed `copy` and `copy_ratio` (the copy
+        test's back end: sscd when it is the headline back end, else pixel) and `copy_sscd`, `copy_ratio_sscd`
+        beside a pixel label when SSCD is given."""
+        headline = self.scores.get(settings.severity_backend)
+        similarity = float(headline.memorized_fraction[p]) if headline is not None else float("nan")
+        backend = "sscd" if settings.severity_backend == "sscd" and "sscd" in self.copies else "pixel"
+        test = self.copies.get(backend)
+        label = "copy" if settings.label == "copy" and test is not None else "similarity"
+        sample = dict(memorized_fraction=float(test.fraction[p]) if label == "copy" else similarity,
+                      similarity_fraction=similarity, label=label)
+        seeds = [{} for _ in range(self.traj.x_T.shape[1])]
+        for name, copy in self.copies.items():
+            suffix = "" if name == backend else f"_{name}"
+            for j, row in enumerate(seeds):
+                row.update({f"copy{suffix}": float(copy.copy[p, j]), f"copy_ratio{suffix}": float(copy.ratio[p, j])})
+        return sample, seeds
+
+
+def encode_pixels(vae, pixels: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
+    """Scaled VAE latents (posterior means, float32 on CPU) of (B, 3, H, W) images in [-1, 1], `batch_size` at a time."""
+    return torch.cat([encode_images(vae, chunk.to(device)).float().cpu() for chunk in pixels.split(batch_size)])
 
 
 def load_probe_set(dataset_dir: str | Path, components, device, batch_size: int = 64, max_samples: int | None = None,
@@ -129,8 +168,7 @@ def load_probe_set(dataset_dir: str | Path, components, device, batch_size: int 
         return torch.stack([image_to_tensor(image) for image in images])  # [-1, 1]
 
     def latents_of(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.cat([encode_images(components.vae, chunk.to(device)).float().cpu()
-                          for chunk in pixels.split(batch_size)])
+        return encode_pixels(components.vae, pixels, device, batch_size)
 
     pool_pixels, probe_pixels = pixels_of(pool["image"]), pixels_of(probe["image"])
     weights = torch.as_tensor(counts, dtype=torch.float32)
@@ -147,27 +185,44 @@ def load_probe_set(dataset_dir: str | Path, components, device, batch_size: int 
         pool_pixels=(pool_pixels + 1) / 2, pool_ids=pool_ids,
         pool_index=np.asarray([pool_row.get(int(s), -1) for s in probe_ids]),
         mu=mu.float().cpu(), mean_image=((pool_pixels + 1) / 2 * weights).sum(0),
-        alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler),
+        alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler), pool_counts=counts,
     )
 
 
 def severity_scores(traj: Trajectories, probe: ProbeSet, batch, settings: MeasureSettings,
-                    sscd=None) -> dict[str, Severity]:
-    """Every M6 back end for prompts `batch` x seeds, against each prompt's paired training image."""
-    scores = {}
+                    sscd=None) -> tuple[dict[str, Severity], dict[str, CopyTest]]:
+    """Every M6 back end for prompts `batch` x seeds, against each prompt's paired training image, and the copy
+    test (pixel L2 over the whole training pool; SSCD descriptors too when `probe.pool_sscd` is given). One
+    nearest-neighbour search per feature space serves `nn_identity` and the copy test."""
+    scores, copies = {}, {}
+    paired = probe.pool_index[batch]
+    neighbours = nearest_pool_images(traj.images, probe.pool_pixels, paired)
+    copies["pixel"] = copy_test(neighbours, settings.copy_ratio)
+    generated_sscd = None
+    if sscd is not None:
+        P, N = traj.images.shape[:2]
+        generated_sscd = embed_images(traj.images.reshape((P * N,) + tuple(traj.images.shape[2:])), sscd).reshape(P, N, -1)
+        if probe.pool_sscd is not None:
+            copies["sscd"] = copy_test(nearest_pool_images(generated_sscd, probe.pool_sscd, paired), settings.copy_ratio)
     for backend in settings.backends:
+        threshold = settings.threshold if backend == settings.severity_backend else None
         generated, reference, kwargs = traj.images, probe.pixels[batch], {}
+        if backend == "nn_identity":
+            identity = (neighbours.nearest == torch.as_tensor(paired).reshape(-1, 1)).double()
+            scores[backend] = summarize_similarity(identity, backend, threshold)
+            continue
+        if backend == "sscd" and generated_sscd is not None:
+            reference_sscd = embed_images(probe.pixels[batch], sscd)
+            scores[backend] = summarize_similarity(embedding_similarity(generated_sscd, reference_sscd), backend, threshold)
+            continue
         if backend == "pixel_cosine":
             kwargs = dict(mean_image=probe.mean_image)
-        elif backend == "nn_identity":
-            kwargs = dict(pool=probe.pool_pixels, paired_index=probe.pool_index[batch])
         elif backend == "latent_cosine":  # centred on mu, the training set's mean latent
             generated, reference, kwargs = traj.final, probe.latents[batch], dict(mean_image=probe.mu)
         elif backend == "sscd":
             kwargs = dict(sscd_model=sscd)
-        threshold = settings.threshold if backend == settings.severity_backend else None
         scores[backend] = severity(generated, reference, backend=backend, threshold=threshold, **kwargs)
-    return scores
+    return scores, copies
 
 
 def reference_free_scores(traj: Trajectories, probe: ProbeSet, settings: MeasureSettings, sscd=None) -> dict[str, Severity]:
@@ -254,18 +309,25 @@ def measure_prompts(components, probe: ProbeSet, batch, guidance_scale: float, s
     pixels = torch.cat([decode_latents(components.vae, chunk.to(device)).cpu() for chunk in latents.split(batch_size)])
     traj = replace(traj, images=pixels.reshape(traj.final.shape[:2] + pixels.shape[1:]))
     clock("decoding")
-    scores = (reference_free_scores(traj, probe, settings, sscd) if reference_free
-              else severity_scores(traj, probe, batch, settings, sscd))
+    scores, copies = ((reference_free_scores(traj, probe, settings, sscd), {}) if reference_free
+                      else severity_scores(traj, probe, batch, settings, sscd))
     early = settings.early_steps or max(1, int((traj.timesteps >= settings.high_noise_timestep).sum()))
     values, per_seed, curves = [], [], []
     for p, i in enumerate(batch):
         x = traj.final[p] if reference_free else probe.latents[i]
         value, seed_values, curve = prompt_measurements(traj, p, x, probe.mu, early, settings.deviation_latents)
+        if not reference_free:  # k of the first prediction, from pure noise, against the training latent
+            first = first_step_overestimation(traj.x_t[p][:, 0], traj.e_c[p][:, 0], traj.e_0[p][:, 0],
+                                              float(traj.alpha_bar[0]), x, probe.mu, traj.guidance_scale)
+            value.update({name: float(k.mean()) for name, k in first.items()})
+            seed_values = [dict(row, **{name: float(k[j]) for name, k in first.items()})
+                           for j, row in enumerate(seed_values)]
         values.append(value)
         per_seed.append(seed_values)
         curves.append(curve)
     clock("metrics")
-    return PromptBatch(traj=traj, scores=scores, early_steps=early, values=values, per_seed=per_seed, curves=curves)
+    return PromptBatch(traj=traj, scores=scores, early_steps=early, values=values, per_seed=per_seed, curves=curves,
+                       copies=copies)
 
 
 class Stopwatch:
@@ -291,23 +353,33 @@ def prompts_per_call(settings: MeasureSettings, batch_size: int, latent_numel: i
 def probe_rows(unet, components, probe: ProbeSet, index, settings: MeasureSettings, batch_size: int
                ) -> tuple[dict, dict]:
     """M1/M2 at the run's probe noise (averaged over `probe_noise_draws` draws) for probe samples `index`:
-    per-sample means over the grid and `_early` ones (t >= high_noise_timestep), and the per-timestep values (S, T)."""
+    per-sample means over the grid and `_early` ones (t >= high_noise_timestep), and the per-timestep values (S, T);
+    with them the Gaussian probes' `k0_gauss`, `kc_gauss` (+ `_early`): the same draws as the input itself,
+    holding no x (mem_analysis.probes.gaussian_probe_metrics)."""
     device = unet.device
     timesteps = list(settings.probe_timesteps)
-    per_t = probe_metrics_over_draws(
-        unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
-        probe.sample_ids[index], settings.probe_seed, probe.alpha_bar, draws=settings.probe_noise_draws,
-        guidance_scales=list(settings.probe_guidance_scales), mu=probe.mu.to(device),
-        prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
-    m12 = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
-    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in m12.items()}, per_t
+    common = dict(draws=settings.probe_noise_draws, mu=probe.mu.to(device),
+                  prediction_type=prediction_type_of(components.noise_scheduler), chunk_size=batch_size)
+    inputs = (unet, probe.latents[index].to(device), probe.cond[index].to(device), probe.uncond.to(device), timesteps,
+              probe.sample_ids[index], settings.probe_seed, probe.alpha_bar)
+    per_t = probe_metrics_over_draws(*inputs, guidance_scales=list(settings.probe_guidance_scales), **common)
+    gauss = probe_metrics_over_draws(*inputs, metrics=gaussian_probe_metrics, **common)
+    means = summarize_probe_metrics(per_t, timesteps, settings.high_noise_timestep)
+    means.update({f"{short}_gauss{k[len(name):]}": v
+                  for k, v in summarize_probe_metrics(gauss, timesteps, settings.high_noise_timestep).items()
+                  for name, short in (("k_uncond", "k0"), ("k_cond", "kc")) if k.startswith(name + "_")})
+    return {(k[:-5] if k.endswith("_mean") else k[:-5] + "_early"): v for k, v in means.items()}, per_t
 
 
 def at_own_scale(row: dict, guidance_scale: float) -> dict:
     """`loss_cfg`, `k_cfg`, `loss_cfg_x0`, `k_cfg_uncentred` and their `_early` values of a probe row at its own g
-    (copied from the `_<g>` columns the probes write for every probed scale)."""
+    (copied from the `_<g>` columns the probes write for every probed scale), and the Gaussian probes' `kg_gauss`
+    (+ `_early`): k is linear in the prediction, so `k_g = k_0 + g (k_c - k_0)` (losses.guided on the k values)."""
     gk = guidance_key(guidance_scale)
     aliases = {"loss_cfg": f"loss_cfg_{gk}", "k_cfg": f"k_cfg_{gk}", "loss_cfg_x0": f"loss_cfg_{gk}_x0",
                "k_cfg_uncentred": f"k_cfg_{gk}_uncentred"}
-    return {out: row[column + suffix] for name, column in aliases.items() for out, suffix
-            in ((name, ""), (f"{name}_early", "_early")) if column + suffix in row}
+    out = {out: row[column + suffix] for name, column in aliases.items() for out, suffix
+           in ((name, ""), (f"{name}_early", "_early")) if column + suffix in row}
+    out.update({f"kg_gauss{w}": guided(row[f"kc_gauss{w}"], row[f"k0_gauss{w}"], guidance_scale)
+                for w in ("", "_early") if f"kc_gauss{w}" in row})
+    return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mem_analysis.losses import denoising_losses, overestimation
+from mem_analysis.losses import checked_inputs, denoising_losses, guided, overestimation, predict_noise
+from mem_analysis.schedule import clean_estimate
 
 # Timesteps t >= this form the high-noise window where the CFG excess shows (docs/science.md M1).
 HIGH_NOISE_TIMESTEP = 700
@@ -77,21 +78,51 @@ def probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     return {name: value.float().cpu() for name, value in rows.items()}
 
 
+@torch.no_grad()
+def gaussian_probe_metrics(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, timesteps,
+                           noise: torch.Tensor, alpha_bar: torch.Tensor, guidance_scales=(),
+                           mu: torch.Tensor | None = None, prediction_type: str = "epsilon",
+                           chunk_size: int = 32) -> dict[str, torch.Tensor]:
+    """M2 on Gaussian probes: k of the clean estimate when the input at timestep t is pure noise, holding none of x.
+
+    The input is `x_t = eps` itself (not `sqrt(abar_t) x + sqrt(1 - abar_t) eps`), so
+    `x0hat(e_b) = (eps - sqrt(1 - abar_t) e_b) / sqrt(abar_t)` and `k_b = <x0hat(e_b) - mu, x - mu> / ||x - mu||^2`
+    for b = 0 (`k_uncond`), c (`k_cond`) and each g (`k_cfg_<g>`, `e_g = e_0 + g (e_c - e_0)`), (S, T) float32 on
+    CPU; `x` = `latents`. The sampler's first step is this probe at its first timestep. An estimate that carries
+    no x has k = 0 in expectation over eps (the optimal linear-Gaussian denoiser: `-sqrt(abar_t) <G mu, x - mu> /
+    ||x - mu||^2`, about 0; mem_analysis.gaussian_reference), where forward-noised probes give the shrinkage
+    toward mu instead. Arguments as `probe_metrics`, `noise` being the input.
+    """
+    timesteps, abar, x, noise, cond, uncond = checked_inputs(unet, latents, cond, uncond, timesteps, noise, alpha_bar,
+                                                             chunk_size)
+    e_c, e_0 = predict_noise(unet, noise, cond, uncond, timesteps, abar, prediction_type, chunk_size)
+    S, T = noise.shape[:2]
+    mu = None if mu is None else mu.to(noise.device)
+
+    def k(g: float) -> torch.Tensor:
+        return overestimation(clean_estimate(noise, guided(e_c, e_0, g), abar.expand(S, T)), x, mu, x.ndim - 1)
+
+    rows = {"k_uncond": k(0.0), "k_cond": k(1.0), **{f"k_cfg_{guidance_key(g)}": k(float(g)) for g in guidance_scales}}
+    return {name: value.float().cpu() for name, value in rows.items()}
+
+
 def probe_metrics_over_draws(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, timesteps,
-                             sample_ids, seed: int, alpha_bar: torch.Tensor, draws: int = 1, **kwargs
+                             sample_ids, seed: int, alpha_bar: torch.Tensor, draws: int = 1, metrics=None, **kwargs
                              ) -> dict[str, torch.Tensor]:
-    """`probe_metrics` averaged over `draws` noise draws per (sample, timestep): `mean_d metric(eps_d)`.
+    """`probe_metrics` (or `metrics`, e.g. `gaussian_probe_metrics`) averaged over `draws` noise draws per
+    (sample, timestep): `mean_d metric(eps_d)`.
 
     Draw d is `probe_noise(sample_ids, timesteps, latents.shape[1:], seed, draw=d)`, so draw 0 is the
     training probes' noise and `draws=1` gives exactly the training probes' values. `kwargs` go to
     `probe_metrics` (guidance_scales, mu, prediction_type, chunk_size).
     """
+    metrics = metrics or probe_metrics
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     total = {}
     for d in range(draws):
         noise = probe_noise(sample_ids, timesteps, latents.shape[1:], seed, draw=d)
-        rows = probe_metrics(unet, latents, cond, uncond, timesteps, noise, alpha_bar, **kwargs)
+        rows = metrics(unet, latents, cond, uncond, timesteps, noise, alpha_bar, **kwargs)
         total = {k: total.get(k, 0) + v for k, v in rows.items()}
     return {k: v / draws for k, v in total.items()}
 

@@ -90,6 +90,13 @@ def broadcast_per_prompt(tensor: torch.Tensor, P: int, N: int, latent_shape, nam
                      f"{latent_shape}, {N} seeds, {P} prompts; got {tuple(tensor.shape)}")
 
 
+def ddim_scheduler(components, num_inference_steps: int, device="cpu") -> DDIMScheduler:
+    """The DDIM scheduler sampling uses: the model's sampler config, `num_inference_steps` timesteps set."""
+    scheduler = DDIMScheduler.from_config(components.sampler.config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler
+
+
 @torch.no_grad()
 def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                         batch_size: int = 16, initial_noise: torch.Tensor | None = None,
@@ -118,8 +125,7 @@ def sample_trajectories(components, prompts, seeds, num_inference_steps: int = 5
         raise ValueError("batch_size and num_inference_steps must be >= 1")
     unet = components.unet
     device, dtype = module_device_dtype(unet)
-    scheduler = DDIMScheduler.from_config(components.sampler.config)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler = ddim_scheduler(components, num_inference_steps, device)
     timesteps = scheduler.timesteps
     alpha_bar = alpha_bar_from_scheduler(scheduler)[timesteps.cpu()]
     P, N, K = len(prompts), len(seeds), len(timesteps)

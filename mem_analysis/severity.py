@@ -19,6 +19,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLDS = {"pixel_cosine": 0.75, "ssim": 0.75, "l2": 0.9, "nn_identity": 0.5,
                       "latent_cosine": 0.75, "sscd": 0.75}
 BACKENDS = tuple(DEFAULT_THRESHOLDS)
+LABELS = ("copy", "similarity")  # what a seed's memorized label is (docs/science.md M6)
+# Copy label: d(paired) / d(nearest other training image) below this. Bonnaire et al. (2025) use 1/3 on sharp
+# generations; the basis of this default on the 32-px demo (VAE reconstructions, noisy copies and look-alikes
+# measured side by side by bench/copy_ratio.py) is given in docs/science.md M6.
+DEFAULT_COPY_RATIO = 0.5
 MEMORIZED_SHARE = 0.5  # a sample is memorized when at least this share of its seeds are (is_memorized)
 
 
@@ -51,12 +56,19 @@ def ssim_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.T
     return out
 
 
-def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> torch.Tensor:
-    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0.
+Neighbours = namedtuple("Neighbours", ["nearest", "d_paired", "d_other"])
 
-    `paired_index[p] = -1`: the paired image is not in the pool (held out of training), so always 0.0.
+
+def nearest_pool_images(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> Neighbours:
+    """The one nearest-neighbour search of M6: L2 distances from every generated item to every pool item.
+
+    `generated` (P, N, ...) and `pool` (M, ...) are pixels (or any features, e.g. SSCD descriptors (P, N, D) and
+    (M, D)), compared flattened. Returns per (prompt, seed): `nearest`, the index of the nearest pool item;
+    `d_paired = ||g - pool[paired_index[p]]||` (NaN when `paired_index[p] = -1`: the paired image is not in the
+    pool, e.g. held out of training); `d_other = min_{j != paired_index[p]} ||g - pool[j]||`, the nearest
+    *other* training image (the nearest of all when there is no paired one; NaN with a one-image pool).
     """
-    paired_index = torch.as_tensor(paired_index).reshape(-1)
+    paired_index = torch.as_tensor(paired_index).reshape(-1).long()
     if paired_index.numel() != generated.shape[0]:
         raise ValueError(f"paired_index needs one pool index per prompt ({generated.shape[0]}), got {paired_index.numel()}")
     if pool.shape[1:] != generated.shape[2:]:
@@ -64,8 +76,63 @@ def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> to
     if paired_index.min() < -1 or paired_index.max() >= len(pool):
         raise ValueError(f"paired_index must lie in [0, {len(pool) - 1}] (the training pool), or be -1 (held out)")
     P, N = generated.shape[:2]
-    nearest = torch.cdist(generated.double().reshape(P * N, -1), pool.double().reshape(len(pool), -1)).argmin(1)
-    return (nearest.reshape(P, N) == paired_index[:, None].to(nearest.device)).double()
+    distances = torch.cdist(generated.double().reshape(P * N, -1), pool.double().reshape(len(pool), -1).to(
+        generated.device)).reshape(P, N, len(pool))
+    paired = paired_index.to(distances.device)
+    has_pair = (paired >= 0)[:, None].expand(P, N)
+    d_paired = distances.gather(2, paired.clamp(min=0)[:, None, None].expand(P, N, 1))[..., 0]
+    d_paired = torch.where(has_pair, d_paired, torch.full_like(d_paired, float("nan")))
+    others = distances.scatter(2, paired.clamp(min=0)[:, None, None].expand(P, N, 1), float("inf"))
+    others = torch.where(has_pair[..., None], others, distances)
+    d_other = others.min(2).values
+    d_other = torch.where(torch.isinf(d_other), torch.full_like(d_other, float("nan")), d_other)  # a one-image pool
+    return Neighbours(distances.argmin(2), d_paired, d_other)
+
+
+def nn_identity(generated: torch.Tensor, pool: torch.Tensor, paired_index) -> torch.Tensor:
+    """1.0 where the nearest image of the whole training `pool` (pixel L2) is the paired one `paired_index[p]`, else 0.0.
+
+    `paired_index[p] = -1`: the paired image is not in the pool (held out of training), so always 0.0.
+    """
+    neighbours = nearest_pool_images(generated, pool, paired_index)
+    paired = torch.as_tensor(paired_index).reshape(-1, 1).to(neighbours.nearest.device)
+    return (neighbours.nearest == paired).double()
+
+
+def copy_distance_ratio(neighbours: Neighbours) -> torch.Tensor:
+    """`rho = d(paired) / d(nearest other training image)` per (prompt, seed) (NaN without a paired image).
+
+    rho < 1 exactly when the paired image is the nearest training image; a copy has rho near 0, an image
+    that merely resembles the set (many training images about as near) has rho near 1.
+    """
+    return neighbours.d_paired / neighbours.d_other
+
+
+def copy_label(neighbours: Neighbours, copy_ratio: float | None = None) -> torch.Tensor:
+    """M6 copy label per (prompt, seed): 1.0 when `d(paired) / d(nearest other) < copy_ratio`, else 0.0.
+
+    The test of Bonnaire et al. 2025 (nearest / second-nearest training distance below 1/3) and, for any
+    `copy_ratio` <= 1, Carlini et al.'s condition that the paired image be the nearest: a generated image is
+    a copy of its training image only if it is nearer to it *by a margin* than to every other training image,
+    so a look-alike of a set of similar images is not counted. No paired image in the pool (held out): 0.
+    Default `DEFAULT_COPY_RATIO` (its basis: that constant's comment and docs/science.md M6).
+    """
+    copy_ratio = DEFAULT_COPY_RATIO if copy_ratio is None else float(copy_ratio)
+    if not 0 < copy_ratio <= 1:
+        raise ValueError(f"copy_ratio must lie in (0, 1], got {copy_ratio}")
+    ratio = copy_distance_ratio(neighbours)
+    return (torch.nan_to_num(ratio, nan=float("inf")) < copy_ratio).double()
+
+
+CopyTest = namedtuple("CopyTest", ["copy", "ratio", "fraction", "copy_ratio"])
+
+
+def copy_test(neighbours: Neighbours, copy_ratio: float | None = None) -> CopyTest:
+    """The copy label per (prompt, seed) (`copy_label`), the distance ratio it thresholds (`copy_distance_ratio`),
+    the share of copied seeds per prompt (`fraction`, the memorized fraction under `label: copy`) and the ratio."""
+    copy_ratio = DEFAULT_COPY_RATIO if copy_ratio is None else float(copy_ratio)
+    copy = copy_label(neighbours, copy_ratio)
+    return CopyTest(copy, copy_distance_ratio(neighbours), copy.mean(1), copy_ratio)
 
 
 def is_memorized(memorized_fraction):
@@ -73,6 +140,7 @@ def is_memorized(memorized_fraction):
     half of its seeds are copies (the copy label) or over the similarity threshold (`--label similarity`).
     Takes a float, array or Series; NaN (no label) is not memorized."""
     return np.asarray(memorized_fraction, dtype=np.float64) >= MEMORIZED_SHARE
+
 
 def load_sscd(path: str | Path) -> torch.jit.ScriptModule:
     """Load an SSCD TorchScript file (e.g. sscd_disc_mixup.torchscript.pt) on CPU, in eval mode."""
@@ -103,6 +171,11 @@ def embed_images(images: torch.Tensor, model, input_size: int = 288, batch_size:
     return torch.cat(chunks)
 
 
+def embedding_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`<g, r>` of L2-normalized descriptors: generated (P, N, D), reference (P, D) -> (P, N) float64."""
+    return (generated * reference[:, None]).sum(-1).double()
+
+
 @torch.no_grad()
 def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, input_size: int = 288,
                     batch_size: int = 64) -> torch.Tensor:
@@ -111,8 +184,7 @@ def sscd_similarity(generated: torch.Tensor, reference: torch.Tensor, model, inp
     P, N = generated.shape[:2]
     g = embed_images(generated.reshape((P * N,) + tuple(generated.shape[2:])), model, input_size,
                      batch_size).reshape(P, N, -1)
-    r = embed_images(reference, model, input_size, batch_size)
-    return (g * r[:, None]).sum(-1).double()
+    return embedding_similarity(g, embed_images(reference, model, input_size, batch_size))
 
 
 def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, backend: str = "pixel_cosine",
@@ -154,6 +226,12 @@ def severity(generated: torch.Tensor, reference: torch.Tensor | None = None, bac
         if sscd_model is None:
             raise ValueError("the sscd backend needs sscd_model=PATH to the SSCD TorchScript file")
         similarity = sscd_similarity(generated, reference, sscd_model, sscd_input_size)
+    return summarize_similarity(similarity, backend, threshold)
+
+
+def summarize_similarity(similarity: torch.Tensor, backend: str, threshold: float | None = None) -> Severity:
+    """Severity from per-(prompt, seed) similarities (P, N): mean over seeds, and the share of seeds over the
+    threshold (the back end's default when None)."""
     threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
     return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)
 
@@ -185,5 +263,4 @@ def self_similarity(generated: torch.Tensor, backend: str = "ssim", threshold: f
             pairwise[:, i + 1:, i], pairwise[:, i, i + 1:] = sim, sim
     off_diagonal = ~torch.eye(N, dtype=torch.bool)
     similarity = pairwise[:, off_diagonal].reshape(P, N, N - 1).mean(-1)
-    threshold = DEFAULT_THRESHOLDS[backend] if threshold is None else float(threshold)
-    return Severity(similarity, similarity.mean(1), (similarity > threshold).double().mean(1), threshold)
+    return summarize_similarity(similarity, backend, threshold)

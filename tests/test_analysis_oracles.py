@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from analysis_oracles import OracleUNet, embeddings, oracle_eps
+from analysis_oracles import GaussianOracleUNet, OracleUNet, embeddings, gaussian_posterior_mean, oracle_eps
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from mem_analysis import (
-    alpha_bar_from_scheduler, clean_estimate, decompose_latents, denoising_losses, forward_noise, noise_alignment,
-    overestimation, probe_metrics, reference_schedule, sample_trajectories, schedule_deviation, snr, to_epsilon,
+    alpha_bar_from_scheduler, clean_estimate, decompose_latents, denoising_losses, first_step_overestimation,
+    forward_noise, gaussian_probe_metrics, noise_alignment, overestimation, probe_metrics, probe_metrics_over_draws,
+    reference_schedule, sample_trajectories, schedule_deviation, snr, to_epsilon,
 )
+from mem_analysis.gaussian_reference import GaussianModel, expected_k0_first_step, expected_k0_forward
 from mem_analysis.presets import SD_SCHEDULER
 from mem_analysis.sd import SDComponents
 
@@ -157,3 +159,106 @@ def test_v_prediction_converts_to_eps(alpha_bar):
     v = a.sqrt() * eps - (1 - a).sqrt() * x
     torch.testing.assert_close(to_epsilon(v, forward_noise(x, eps, abar), abar, "v_prediction"), eps,
                                rtol=1e-5, atol=1e-5)
+
+
+def gaussian_data_model(seed: int = 7):
+    """A Gaussian data model over LATENT (256 dims): mu of norm comparable to the spread, a rotated spectrum from 0.1
+    to 30 (a few strong directions, as image latents have), and its covariance."""
+    g = torch.Generator().manual_seed(seed)
+    D = int(torch.tensor(LATENT).prod())
+    mu = 0.5 * torch.randn(D, generator=g, dtype=torch.float64)
+    eigenvalues = torch.logspace(-1, 1.5, D, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    cov = basis @ torch.diag(eigenvalues) @ basis.T
+    return mu, eigenvalues, basis, cov
+
+
+def draw_latents(n: int, mu, eigenvalues, basis, seed: int) -> torch.Tensor:
+    """n latents from N(mu, basis diag(eigenvalues) basis^T), (n, *LATENT) float32."""
+    z = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (mu + (z * eigenvalues.sqrt()) @ basis.T).float().reshape((n,) + LATENT)
+
+
+def analytic_k0(x, mu, cov, a: float):
+    """By a linear solve (not the code's eigenbasis): E k_0 of the optimal Gaussian denoiser on forward-noised x,
+    `a (x - mu)^T cov (a cov + (1 - a) I)^{-1} (x - mu) / ||x - mu||^2`, and from a pure-noise input at abar a,
+    mean `-sqrt(a) <M mu, x - mu> / ||x - mu||^2` and sd `||M (x - mu)|| / ||x - mu||^2`, M = sqrt(a) cov (...)^{-1}."""
+    c = x.double().reshape(len(x), -1) - mu
+    gain = a ** 0.5 * cov @ torch.linalg.inv(a * cov + (1 - a) * torch.eye(len(mu), dtype=torch.float64))
+    norm2 = c.pow(2).sum(1)
+    forward = a ** 0.5 * ((c @ gain.T) * c).sum(1) / norm2
+    first_mean = -(a ** 0.5) * (c @ (gain @ mu)) / norm2
+    first_sd = (c @ gain.T).norm(dim=1) / norm2
+    return forward, first_mean, first_sd
+
+
+def test_gaussian_denoiser_gives_k0_near_zero_at_the_first_step_and_the_shrinkage_on_forward_noised_latents(alpha_bar):
+    """The optimal denoiser of a Gaussian data model memorizes nothing. Through the project's sampler (20 DDIM steps
+    from pure noise, 64 seeds) its first prediction has k_0 ~ 0 (per sample the analytic mean, about 0); fed
+    forward-noised training latents it gives the linear-Gaussian shrinkage, far from 0 at high noise. The
+    conditional branch here returns x exactly: k_c = 1 and k_g = k_0 + g (1 - k_0) at the first step."""
+    mu, eigenvalues, basis, cov = gaussian_data_model()
+    x = draw_latents(16, mu, eigenvalues, basis, seed=8)
+    g, seeds = 7.5, list(range(64))
+
+    def noise_fn(latents, t, prompt_index, seed_index):
+        abar = alpha_bar[t].float()
+        return (oracle_eps(latents, x[prompt_index], abar),
+                oracle_eps(latents, gaussian_posterior_mean(latents, abar, mu, cov), abar))
+
+    components = oracle_components(x, alpha_bar)
+    traj = sample_trajectories(components, [str(i) for i in range(16)], seeds, num_inference_steps=20,
+                               guidance_scale=g, batch_size=256, noise_fn=noise_fn, decode=False)
+    a0 = float(traj.alpha_bar[0])
+    assert int(traj.timesteps[0]) > 900 and a0 < 0.01  # the sampler's first step: pure noise at high t
+    mu_latent = mu.float().reshape(LATENT)
+    first = [first_step_overestimation(traj.x_t[p][:, 0], traj.e_c[p][:, 0], traj.e_0[p][:, 0], a0, x[p], mu_latent, g)
+             for p in range(16)]
+    k0 = torch.stack([f["k0_first"] for f in first])  # (prompts, seeds)
+    assert abs(float(k0.mean())) < 0.02
+    _, mean, sd = analytic_k0(x, mu, cov, a0)
+    assert (k0.mean(1).double() - mean).abs().max() < 4 * sd.max() / 8 + 1e-3  # 4 standard errors over 64 seeds
+    for f in first:
+        torch.testing.assert_close(f["kc_first"], torch.ones(64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(f["kg_first"], f["k0_first"] + g * (1 - f["k0_first"]), atol=1e-3, rtol=0)
+
+    timesteps = torch.tensor([250, 750, 850, 950])
+    unet = GaussianOracleUNet(x, alpha_bar, mu, cov)
+    cond, uncond = embeddings(16)
+    ids = list(range(16))
+    forward = probe_metrics_over_draws(unet, x, cond, uncond, timesteps, ids, 0, alpha_bar, draws=16,
+                                       guidance_scales=(), mu=mu_latent, chunk_size=256)
+    gauss = probe_metrics_over_draws(unet, x, cond, uncond, timesteps, ids, 0, alpha_bar, draws=16,
+                                     metrics=gaussian_probe_metrics, mu=mu_latent, chunk_size=256)
+    for j, t in enumerate(timesteps.tolist()):
+        a = float(alpha_bar[t])
+        shrinkage, gauss_mean, _ = analytic_k0(x, mu, cov, a)
+        assert abs(float(forward["k_uncond"][:, j].mean()) - float(shrinkage.mean())) < 0.02, t
+        assert abs(float(gauss["k_uncond"][:, j].mean()) - float(gauss_mean.mean())) < 0.02, t
+        torch.testing.assert_close(gauss["k_cond"][:, j], torch.ones(16), atol=1e-3, rtol=0)
+        model = GaussianModel(mu, eigenvalues, basis, "full", 0)  # the code's eigenbasis formula, same answer
+        torch.testing.assert_close(expected_k0_forward(model, x, [a])[:, 0], shrinkage, atol=1e-6, rtol=0)
+        torch.testing.assert_close(expected_k0_first_step(model, x, a)[0], gauss_mean, atol=1e-6, rtol=0)
+    high = float(forward["k_uncond"][:, 1:].mean())
+    assert high > 0.1  # forward-noised latents still hold x at t >= 750: the probe's k_0 is not the premise's
+
+
+def test_first_step_k_of_a_memorizing_conditional_branch_and_uninformative_cfg(alpha_bar):
+    """e_c whose clean estimate is x, e_0 whose clean estimate is mu (no x): at the first step from pure noise
+    k_c = 1, k_0 = 0 and k_g = g (the revised Corollary 3, x0hat_T(c; g) = mu + g (x - mu)), per seed."""
+    torch.manual_seed(9)
+    x, mu = torch.randn((3,) + LATENT), 0.4 * torch.randn(LATENT)
+    g = 5.0
+
+    def noise_fn(latents, t, prompt_index, seed_index):
+        abar = alpha_bar[t].float()
+        return oracle_eps(latents, x[prompt_index], abar), oracle_eps(latents, mu.expand_as(latents), abar)
+
+    traj = sample_trajectories(oracle_components(x, alpha_bar), ["a", "b", "c"], [0, 1, 2, 3], num_inference_steps=10,
+                               guidance_scale=g, noise_fn=noise_fn, decode=False)
+    for p in range(3):
+        k = first_step_overestimation(traj.x_t[p][:, 0], traj.e_c[p][:, 0], traj.e_0[p][:, 0],
+                                      float(traj.alpha_bar[0]), x[p], mu, g)
+        torch.testing.assert_close(k["kc_first"], torch.ones(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close(k["k0_first"], torch.zeros(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close(k["kg_first"], torch.full((4,), g), atol=1e-3, rtol=0)

@@ -196,3 +196,88 @@ def test_set_detection_stated_direction_interval_and_tpr():
     separated = set_detection([5.0, 6.0, 7.0], [0.0, 1.0, np.nan], n_bootstrap=50)
     assert (separated.auroc, separated.tpr, separated.n_neg) == (1.0, 1.0, 2)
     assert separated.tpr_label == "TPR at 0 FP (2 negatives)"
+
+
+def test_copy_label_counts_copies_not_look_alikes():
+    """A pool of look-alikes (one shape, small differences) plus distinct images. A look-alike that is not the
+    paired image passes the similarity threshold but is no copy; an exact copy plus small noise is; a copy of
+    another training image is not a copy of the paired one; a held-out prompt (no paired image) never is."""
+    from mem_analysis.severity import copy_test, is_memorized, nearest_pool_images
+
+    g = torch.Generator().manual_seed(0)
+    shape = torch.zeros(3, 16, 16)
+    shape[:, 4:12, 4:12] = 1.0  # every look-alike: the same square, with its own small marks
+    alike = torch.stack([shape + 0.15 * (torch.rand(3, 16, 16, generator=g) < 0.1) for _ in range(8)]).clamp(0, 1)
+    pool = torch.cat([alike, torch.rand(4, 3, 16, 16, generator=g)])
+    new_alike = (shape + 0.15 * (torch.rand(3, 16, 16, generator=g) < 0.1)).clamp(0, 1)
+    copy = (pool[2] + 0.01 * torch.randn(3, 16, 16, generator=g)).clamp(0, 1)
+    generated = torch.stack([torch.stack([copy, new_alike, pool[5], alike[2]]),   # prompt paired with pool[2]
+                             torch.stack([copy, new_alike, pool[5], alike[2]])])  # prompt held out (-1)
+    paired = [2, -1]
+    test = copy_test(nearest_pool_images(generated, pool, paired), copy_ratio=0.5)
+    assert test.copy[0].tolist() == [1.0, 0.0, 0.0, 1.0] and test.copy[1].tolist() == [0.0] * 4
+    assert test.fraction.tolist() == [0.5, 0.0] and is_memorized(test.fraction).tolist() == [True, False]
+    assert test.ratio[0, 0] < 0.2 and 0.6 < test.ratio[0, 1] < 1.5 and test.ratio[0, 2] > 1  # pool[5] is nearer itself
+    assert torch.isnan(test.ratio[1]).all()
+    similarity = severity(generated[:1], pool[2:3], "pixel_cosine", mean_image=pool.mean(0))
+    assert similarity.similarity[0, 1] > 0.75  # the look-alike would count under a similarity threshold
+    nn = severity(generated, None, "nn_identity", pool=pool, paired_index=paired)
+    assert nn.similarity[0, 0] == 1.0 and nn.similarity[0, 2] == 0.0 and nn.similarity[1].sum() == 0
+
+
+def test_copy_ratio_boundary_and_distance_features():
+    """d(paired) / d(nearest other) exactly at the ratio is not a copy; just below it is; features of any shape
+    (e.g. SSCD descriptors, (P, N, D)) are compared flattened; is_memorized is a majority of seeds."""
+    from mem_analysis.severity import Neighbours, copy_label, is_memorized, nearest_pool_images
+
+    pool = torch.tensor([[0.0], [3.0], [10.0]])
+    generated = torch.tensor([[[1.0], [0.99], [2.0]]])  # d(paired 0) 1, 0.99, 2; nearest other (3.0): 2, 2.01, 1
+    neighbours = nearest_pool_images(generated, pool, [0])
+    torch.testing.assert_close(neighbours.d_paired, torch.tensor([[1.0, 0.99, 2.0]], dtype=torch.float64))
+    torch.testing.assert_close(neighbours.d_other, torch.tensor([[2.0, 2.01, 1.0]], dtype=torch.float64))
+    assert neighbours.nearest.tolist() == [[0, 0, 1]]
+    assert copy_label(neighbours, 0.5).tolist() == [[0.0, 1.0, 0.0]]  # 1 / 2 = 0.5 is not below 0.5
+    assert copy_label(neighbours, 1.0).tolist() == [[1.0, 1.0, 0.0]]  # ratio 1: Carlini's nearest-is-paired
+    exact = Neighbours(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0.5, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert copy_label(exact, 0.5).tolist() == [[0.0, 0.0]]  # 0 / 0 (the pool holds the paired image twice): no copy
+    with pytest.raises(ValueError, match="copy_ratio"):
+        copy_label(neighbours, 1.5)
+    assert is_memorized([0.5, 0.49, float("nan"), 1.0]).tolist() == [True, False, False, True]
+
+
+def test_copy_label_on_descriptors_and_the_label_columns():
+    """With an SSCD model (here a stand-in TorchScript embedder) the copy test also runs on descriptors of the pool;
+    when SSCD is the headline back end it decides `copy`, the pixel test is kept as `copy_pixel`; the memorized
+    fraction is the share of copies, the similarity fraction the share over the threshold."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mem_analysis.measure import MeasureSettings, ProbeSet, PromptBatch, severity_scores
+    from mem_analysis.severity import embed_images
+
+    g = torch.Generator().manual_seed(3)
+    embedder = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten()))
+    pool = torch.rand(6, 3, 16, 16, generator=g)
+    images = torch.stack([torch.stack([pool[1], torch.rand(3, 16, 16, generator=g)]),  # a copy, a new image
+                          torch.stack([pool[1], pool[4]])])  # prompt 1 is held out: nothing to copy
+    probe = ProbeSet(np.array([10, 11]), np.array([8, 0]), ["a", "b"], torch.empty(0), torch.empty(0),
+                     torch.zeros(2, 4, 2, 2), torch.stack([pool[1], torch.rand(3, 16, 16, generator=g)]), pool,
+                     np.arange(6), np.array([1, -1]), torch.zeros(4, 2, 2), pool.mean(0), torch.empty(0),
+                     pool_counts=np.ones(6), pool_sscd=embed_images(pool, embedder))
+    traj = SimpleNamespace(images=images, final=torch.rand(2, 2, 4, 2, 2, generator=g), x_T=torch.zeros(2, 2, 4, 2, 2))
+    settings = MeasureSettings((0, 1), 1, ("pixel_cosine", "nn_identity", "sscd"), "sscd", 0.75, 700, None,
+                               copy_ratio=0.5)
+    scores, copies = severity_scores(traj, probe, [0, 1], settings, embedder)
+    assert set(copies) == {"pixel", "sscd"} and set(scores) == {"pixel_cosine", "nn_identity", "sscd"}
+    assert copies["sscd"].copy.tolist() == [[1.0, 0.0], [0.0, 0.0]] == copies["pixel"].copy.tolist()
+    assert scores["sscd"].similarity[0, 0] == pytest.approx(1.0)  # the descriptor of the paired image itself
+    batch = PromptBatch(traj=traj, scores=scores, early_steps=1, values=[], per_seed=[], curves=[], copies=copies)
+    sample, seeds = batch.label_columns(settings, 0)
+    assert sample["label"] == "copy" and sample["memorized_fraction"] == 0.5
+    assert sample["similarity_fraction"] == float(scores["sscd"].memorized_fraction[0])
+    assert set(seeds[0]) == {"copy", "copy_ratio", "copy_pixel", "copy_ratio_pixel"} and seeds[0]["copy"] == 1.0
+    similarity = batch.label_columns(replace(settings, label="similarity"), 0)[0]
+    assert similarity["label"] == "similarity" and similarity["memorized_fraction"] == sample["similarity_fraction"]
+

@@ -380,3 +380,78 @@ def test_compare_runs_change_against_the_unmitigated_run_is_paired_over_the_same
     assert -0.5 <= wen["memorized_64x_vs_none_low"] <= -0.25 <= wen["memorized_64x_vs_none_high"] <= 0.0
     assert compare_runs.vs_none(wen, 64).startswith("-0.250 [")
     assert out[out.run == "none"].iloc[0]["memorized_64x_vs_none"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def heldout(tiny_model_dir, tmp_path_factory):
+    """The tiny dataset with 2 images held out of training (dup_factor 0, probe split only), a 2-step run on it and
+    its evaluation at the last checkpoint (copy label, the default)."""
+    from conftest import TINY_DATASET_ARGS
+
+    from data_scripts import build_duplicated_dataset
+
+    folder = tmp_path_factory.mktemp("heldout")
+    build_duplicated_dataset.main(["--output_dir", str(folder / "data"), *TINY_DATASET_ARGS, "--probe_heldout", "2"])
+    run(ACCELERATE + ["--num_processes", "1", ROOT / "train" / "finetune.py", "--config",
+                      ROOT / "configs" / "finetune_tiny.yaml", "--pretrained_model_name_or_path", tiny_model_dir,
+                      "--train_data_dir", folder / "data", "--output_dir", folder / "run", "--max_train_steps", "2",
+                      "--checkpointing_steps", "2", "--probe_steps", "2", "--learning_rate", "1e-3"])
+    evaluate(folder / "run", folder / "run" / "eval", "--checkpoints", "last")
+    return folder / "run" / "eval"
+
+
+def test_first_step_gaussian_probe_and_copy_columns_with_heldout_rows(heldout):
+    """The new columns, their algebra (k is linear in g; the per-sample values are the means over seeds; the
+    memorized fraction is the share of copies, the similarity fraction the share over the threshold), held-out rows
+    (no training image: never a copy, no ratio), premise_reference.json and the labels' section of report.md."""
+    from safetensors.torch import load_file
+
+    per_seed, per_sample = pd.read_csv(heldout / "per_seed.csv"), pd.read_csv(heldout / "per_sample.csv")
+    settings = json.loads((heldout / "settings.json").read_text())
+    assert settings["label"] == "copy" and 0 < settings["copy_ratio"] <= 1
+    assert sorted(per_sample["dup_factor"].unique()) == [0, 1, 4, 8] and (per_sample["dup_factor"] == 0).sum() == 2 * 2
+    first = ["k0_first", "kc_first", "kg_first"]
+    gauss = [f"{k}_gauss{w}" for k in ("k0", "kc", "kg") for w in ("", "_early")]
+    assert not per_seed[first + ["copy"]].isna().any().any()
+    assert not per_sample[first + gauss + ["memorized_fraction", "similarity_fraction"]].isna().any().any()
+    for frame, (k0, kc, kg) in ((per_seed, first), (per_sample, first), (per_sample, gauss[0::2]),
+                                (per_sample, gauss[1::2])):
+        np.testing.assert_allclose(frame[kg], frame[k0] + frame["guidance_scale"] * (frame[kc] - frame[k0]),
+                                   rtol=1e-4, atol=1e-4)
+    key = ["checkpoint_step", "guidance_scale", "sample_id"]
+    means = per_seed.groupby(key)[first + ["copy"]].mean()
+    rows = per_sample.set_index(key)
+    np.testing.assert_allclose(rows[first], means.loc[rows.index, first], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["memorized_fraction"], means.loc[rows.index, "copy"], atol=1e-12)
+    over = (per_seed["sev_pixel_cosine"] > settings["threshold"]).groupby([per_seed[k] for k in key]).mean()
+    np.testing.assert_allclose(rows["similarity_fraction"], over.loc[rows.index], atol=1e-12)
+    # the copy label is the ratio test; a copy's nearest training image is the paired one; held-out: never a copy
+    np.testing.assert_array_equal(per_seed["copy"], (per_seed["copy_ratio"] < settings["copy_ratio"]).astype(float))
+    assert (per_seed.loc[per_seed["copy"] == 1, "sev_nn_identity"] == 1).all()
+    held = per_seed[per_seed["dup_factor"] == 0]
+    assert len(held) and (held["copy"] == 0).all() and held["copy_ratio"].isna().all() and (held["sev_nn_identity"] == 0).all()
+    assert per_seed.loc[per_seed["dup_factor"] > 0, "copy_ratio"].notna().all()
+
+    reference = json.loads((heldout / "premise_reference.json").read_text())
+    assert set(reference["k0_forward"]) == {"training", "0", "1", "4", "8"}
+    assert reference["first_step"]["timestep"] == 1000 // 4 * 3 + 1  # DDIM 4 steps (steps_offset 1): 751, 501, 251, 1
+    assert abs(reference["first_step"]["k0_mean"]["training"]) < 0.1 < reference["k0_forward"]["training"][0]
+    saved = load_file(str(heldout / "premise_latents.safetensors"))
+    assert sorted(saved["probe_dup_factors"].tolist()) == sorted(per_sample.drop_duplicates("sample_id")["dup_factor"])
+    assert int(saved["pool_counts"].sum()) == 68 - 2  # the two held-out images left train
+
+    summary = json.loads((heldout / "summary.json").read_text())
+    agreement = summary["label_agreement"]
+    last = per_sample[(per_sample.guidance_scale == 7.5)]
+    assert set(agreement) == {"0", "1", "4", "8"} and agreement["0"]["copy"] == 0 and agreement["0"]["samples"] == 2
+    for dup, rows_ in last.groupby("dup_factor"):
+        assert agreement[str(dup)]["copy"] == int((rows_["memorized_fraction"] >= 0.5).sum())
+        assert agreement[str(dup)]["similarity"] == int((rows_["similarity_fraction"] >= 0.5).sum())
+    assert set(summary["first_step_pooled"]) == {"0", "1", "4", "8"}
+    onset = summary["onset"]
+    for sid, o in onset.items():  # the first checkpoint at which the sample is memorized by the copy label
+        memorized = last[(last.sample_id == int(sid)) & (last.memorized_fraction >= 0.5)]
+        assert o["onset_step"] == (int(memorized["checkpoint_step"].min()) if len(memorized) else None)
+    text = (heldout / "report.md").read_text()
+    assert "| dup_factor | samples | copy | similarity | NN identity |" in text
+    assert "The similarity label and the copy label" in text

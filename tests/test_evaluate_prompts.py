@@ -22,7 +22,8 @@ SCRIPT = ROOT / "eval" / "evaluate_prompts.py"
 ARGS = ["--num_seeds", "2", "--num_inference_steps", "4", "--bootstrap", "50", "--batch_size", "16"]
 M1_TO_M7 = ("severity", "memorized_fraction", "loss_cond", "loss_cfg", "loss_cfg_early", "k_cfg", "k_cfg_early",
             "D_x", "D_x_early", "D_T", "D_x_exact", "D_x_final", "wen_magnitude", "diversity", "collapse_early",
-            "cos_diff_x_early", "sev_pixel_cosine", "sev_ssim", "sev_nn_identity", "sev_latent_cosine")
+            "cos_diff_x_early", "sev_pixel_cosine", "sev_ssim", "sev_nn_identity", "sev_latent_cosine",
+            "similarity_fraction", "k0_first", "kc_first", "kg_first", "k0_gauss", "kc_gauss_early")
 
 
 def write_formats(folder: Path, stem: str, prompts: list[str]) -> dict[str, Path]:
@@ -128,8 +129,11 @@ def test_references_give_severity_against_the_paired_image(with_references):
     means = per_seed.groupby(["prompt_set", "prompt"]).sev_pixel_cosine.mean()
     np.testing.assert_allclose(probe.severity, means.loc[list(zip(probe.prompt_set, probe.prompt))], rtol=1e-9)
     assert not np.allclose(probe.severity, probe.sev_self)  # against the reference, not among the seeds
-    for column in ("severity", "D_x", "loss_cfg", "k_cfg_early", "cos_c_x_early"):
+    for column in ("severity", "D_x", "loss_cfg", "k_cfg_early", "cos_c_x_early", "k0_first", "memorized_fraction"):
         assert probe[column].notna().all() and unseen[column].isna().all(), column
+    assert (probe.label == "copy").all()  # matched prompts: the copy label against the reference pool
+    copies = per_seed.groupby(["prompt_set", "prompt"])["copy"].mean()
+    np.testing.assert_allclose(probe.memorized_fraction, copies.loc[list(zip(probe.prompt_set, probe.prompt))])
 
 
 def test_checkpoint_gives_the_same_values_as_evaluate_checkpoints(with_references, tiny_dataset_dir):
@@ -180,6 +184,10 @@ def test_reference_free_severity_and_rerun_skips_done_prompts(trained_run, promp
     np.testing.assert_allclose(table.severity, table.sev_self)
     np.testing.assert_allclose(table.D_x_early, table.D_x_final_early)
     assert "loss_cfg" not in table and "k_cfg_early" not in table  # M1/M2 need a reference latent
+    assert "k0_first" not in table and "copy" not in read(out, "per_seed.csv")
+    assert (table.label == "similarity").all()  # no training pool: the similarity label, said so
+    np.testing.assert_allclose(table.memorized_fraction, table.similarity_fraction)
+    assert "label `similarity`: reference-free" in (out / "report.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["severity_kind"].startswith("reference-free")
 

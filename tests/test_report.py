@@ -147,3 +147,33 @@ def test_readme_figures_equal_the_committed_headline():
         assert block.strip("\n") == committed.read_text().strip("\n")
     else:
         assert not re.findall(r"\d", block), "figures in the README without docs/demo_headline.md to back them"
+
+
+def test_memorized_is_the_label_majority_not_severity_over_the_threshold():
+    """A sample whose mean similarity is over the threshold but whose seeds are mostly not copies is not memorized;
+    one under it whose seeds are mostly copies is (mem_analysis.severity.is_memorized); onset follows the label."""
+    table = pd.concat([hand_table().assign(checkpoint_step=step) for step in (100, 500)], ignore_index=True)
+    table["memorized_fraction"] = [0, 0, 0, 0, 0, 0.5] + [0, 0, 0, 0.5, 0.25, 0.75]  # sample 4: severity 0.8, few copies
+    out = summary_module.summarize(table, dict(SETTINGS, label="copy", copy_ratio=0.5), n_boot=50)
+    assert out["checkpoints"]["500"]["7.5"]["n_memorized"] == 2  # samples 3 (severity 0.4) and 5
+    assert out["onset"]["3"]["onset_step"] == 500 and out["onset"]["4"]["onset_step"] is None
+    assert out["onset"]["5"]["onset_step"] == 100
+    assert out["label_rule"].startswith("copy label: at least half of the seeds are copies")
+
+
+def test_label_agreement_by_hand():
+    """Per factor: the copy, similarity and NN-identity labels of hand-made seeds, their agreement, and the seeds
+    where similarity and copy disagree (a look-alike: similar, not a copy)."""
+    seeds = pd.DataFrame(dict(
+        sample_id=np.repeat([0, 1, 2, 3], 2), dup_factor=np.repeat([64, 64, 1, 0], 2),
+        copy=[1, 1, 1, 0, 0, 0, 0, 0], copy_ratio=[0.1, 0.2, 0.3, 0.9, 0.95, 0.9, np.nan, np.nan],
+        sev_pixel_cosine=[0.9, 0.9, 0.7, 0.6, 0.8, 0.9, 0.2, 0.1], sev_nn_identity=[1, 1, 1, 1, 1, 0, 0, 0]))
+    out = summary_module.label_agreement(seeds, SETTINGS)
+    assert out["64"] == dict(samples=2, copy=2, similarity=1, nn_identity=2, agree_copy_similarity=0.5,
+                             agree_copy_nn=1.0, agree_similarity_nn=0.5, similar_not_copy=0, copy_not_similar=1,
+                             seeds=4, seeds_similar_not_copy=0, seeds_copy_not_similar=1, median_copy_ratio=0.25)
+    assert out["1"]["similarity"] == 1 and out["1"]["copy"] == 0 and out["1"]["similar_not_copy"] == 1
+    assert out["1"]["seeds_similar_not_copy"] == 2 and out["0"]["median_copy_ratio"] is None
+    lines = markdown.label_agreement_lines(out, dict(SETTINGS, copy_ratio=0.5), 500)
+    assert "| 64 | 2 | 2 | 1 | 2 | 0.50 | 1.00 | 0 of 4 | 1 of 4 | 0.25 |" in lines
+    assert any(line.startswith("**The similarity label and the copy label disagree on 2 of 4 samples**") for line in lines)
