@@ -20,9 +20,10 @@ DEFAULT_THRESHOLDS = {"pixel_cosine": 0.75, "ssim": 0.75, "l2": 0.9, "nn_identit
                       "latent_cosine": 0.75, "sscd": 0.75}
 BACKENDS = tuple(DEFAULT_THRESHOLDS)
 LABELS = ("copy", "similarity")  # what a seed's memorized label is (docs/science.md M6)
-# Copy label: d(paired) / d(nearest other training image) below this. Bonnaire et al. (2025) use 1/3 on sharp
-# generations; the basis of this default on the 32-px demo (VAE reconstructions, noisy copies and look-alikes
-# measured side by side by bench/copy_ratio.py) is given in docs/science.md M6.
+# Copy label: d(paired) / d(nearest other training image) below this. Bonnaire et al. (2025) use 1/3; through the
+# demo's 32-px VAE that counts only 13 % (Twemoji) / 58 % (digits) of exact reconstructions. 0.5 is the largest of
+# 1/3, 0.5, 0.6, 0.7 that lets at most 5 % of look-alikes pass on both (3.0 % / 0 %), counting 43 % / 85 % of exact
+# copies (bench/copy_ratio.py, bench/results/copy_ratio-2026-12-05.md; docs/science.md M6, "The copy ratio").
 DEFAULT_COPY_RATIO = 0.5
 MEMORIZED_SHARE = 0.5  # a sample is memorized when at least this share of its seeds are (is_memorized)
 
@@ -115,7 +116,7 @@ def copy_label(neighbours: Neighbours, copy_ratio: float | None = None) -> torch
     `copy_ratio` <= 1, Carlini et al.'s condition that the paired image be the nearest: a generated image is
     a copy of its training image only if it is nearer to it *by a margin* than to every other training image,
     so a look-alike of a set of similar images is not counted. No paired image in the pool (held out): 0.
-    Default `DEFAULT_COPY_RATIO` (its basis: that constant's comment and docs/science.md M6).
+    Default `DEFAULT_COPY_RATIO` = 0.5 (its basis: that constant's comment and docs/science.md M6).
     """
     copy_ratio = DEFAULT_COPY_RATIO if copy_ratio is None else float(copy_ratio)
     if not 0 < copy_ratio <= 1:
