@@ -34,8 +34,9 @@ NOISE = (0.25, 0.5, 1.0)
 
 def row(name: str, ratio: np.ndarray, cosine: np.ndarray | None) -> str:
     """One table line: quantiles of rho, the share under each candidate, the cosine's median and share over 0.75."""
-    ratio = ratio[np.isfinite(ratio)]
-    cells = [f"{q:.2f}" for q in np.quantile(ratio, QUANTILES)] + [f"{(ratio < c).mean():.3f}" for c in CANDIDATES]
+    ratio = ratio[np.isfinite(ratio)]  # held-out samples have no paired training image: no ratio
+    cells = ([f"{q:.2f}" for q in np.quantile(ratio, QUANTILES)] + [f"{(ratio < c).mean():.3f}" for c in CANDIDATES]
+             if len(ratio) else ["n/a"] * (len(QUANTILES) + len(CANDIDATES)))
     cosine_cells = ["n/a", "n/a"] if cosine is None else [f"{np.median(cosine):.2f}", f"{(cosine > 0.75).mean():.3f}"]
     return f"| {name} | {len(ratio)} | " + " | ".join(cells + cosine_cells) + " |"
 
