@@ -8,6 +8,9 @@
       dataset.max_images: [450, 900]             # an argument of data_scripts/build_duplicated_dataset.py
       base_model.pretrain_unet_steps: [0, 600]   # ... of data_scripts/make_base_model.py
       evaluate.num_seeds: [4, 8]                 # ... of eval/evaluate_checkpoints.py
+      duplicated_share:                          # any other name: a list of mappings, each setting several
+        - {label: "36 %", dataset.samples_per_factor: 6, dataset.max_images: 900}   # keys at once; its label
+        - {label: "5 %", dataset.samples_per_factor: 1, dataset.max_images: 1600}   # names it in the tables
     fixed: {checkpointing_steps: 100}    # the same keys, one value each, for every cell
     figures: {columns: [memorized_fraction, k_uncond_early], onset_level: 0.25}   # mem_analysis.studies
     executor: {kind: local, threads: 2}  # or kind: slurm with its parameters (train/study_runs.py EXECUTOR_KEYS)
@@ -94,6 +97,18 @@ class Study:
     def swept(self) -> list[str]:
         """The grid keys that take more than one value."""
         return [key for key, values in self.grid.items() if len(values) > 1]
+
+    @property
+    def levels(self) -> dict[str, list]:
+        """Each grid key's values as the tables show them (a mapping by its label)."""
+        return {key: [level(value) for value in values] for key, values in self.grid.items()}
+
+
+def level(value):
+    """A grid value as the tables show it: a mapping by its `label` (else as JSON), anything else as it is."""
+    if isinstance(value, dict):
+        return str(value.get("label", json.dumps(value, sort_keys=True)))
+    return value
 
 
 def script_flags(script: Path) -> set[str]:
@@ -200,6 +215,8 @@ def check_shape(spec: dict, path: Path) -> tuple[list[int], dict, dict]:
             raise StudyError(f"{path}: grid key {key!r} needs a non-empty list of values, got {values!r}")
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
             raise StudyError(f"{path}: grid key {key!r} repeats a value")
+        if any(isinstance(v, dict) for v in values) and not all(isinstance(v, dict) and v for v in values):
+            raise StudyError(f"{path}: grid key {key!r} mixes mappings (several keys at once) with single values")
     both = sorted(set(grid) & set(fixed))
     if both:
         raise StudyError(f"{path}: {', '.join(both)} in both grid and fixed")
@@ -253,8 +270,11 @@ def expand(study: Study, headers: dict, fixed: dict, flags: dict, study_dir: Pat
         chosen = dict(zip(keys, values))
         overrides = {stage: {} for stage in ("train", *SCRIPTS)}
         for key, value in {**fixed, **chosen}.items():
-            stage, flag = split_key(key, "grid" if key in chosen else "fixed", flags)
-            overrides[stage][flag] = value
+            where = "grid" if key in chosen else "fixed"
+            for name, setting in (value.items() if isinstance(value, dict) and key in chosen else [(key, value)]):
+                if name != "label":
+                    stage, flag = split_key(name, where, flags)
+                    overrides[stage][flag] = setting
         dataset, base, eval_args = cell_builds(overrides, headers, study_dir)
         for name in ("pretrained_model_name_or_path", "train_data_dir"):
             built = base if name.startswith("pretrained") else dataset
@@ -270,7 +290,7 @@ def expand(study: Study, headers: dict, fixed: dict, flags: dict, study_dir: Pat
                 args += ["--pretrained_model_name_or_path", str(base.folder(study_dir))]
             for name, value in overrides["train"].items():
                 args += flag_tokens(name, value)
-            run = Run(run_name, cell, seed, chosen, dataset, base, args, eval_args)
+            run = Run(run_name, cell, seed, {k: level(v) for k, v in chosen.items()}, dataset, base, args, eval_args)
             check_run(run, f"{study.path}: cell {cell} ({json.dumps(chosen)}), seed {seed}")
             runs.append(run)
     return runs
@@ -286,7 +306,9 @@ def load_study(path: str | Path, study_dir: str | Path | None = None) -> Study:
         raise StudyError(f"{path}: base_config {spec['base_config']} not found")
     text = base_config.read_text()
     headers = {name: header_args(text, name) for name in SCRIPTS}
-    used = {key.rpartition(".")[0] for key in {**grid, **fixed} if "." in key} | {"train"}
+    named = [*fixed, *(k for key, values in grid.items() for value in values
+                       for k in (value if isinstance(value, dict) else [key]))]
+    used = {key.rpartition(".")[0] for key in named if "." in key} | {"train"}
     figures = spec.get("figures") or {}
     if not isinstance(figures, dict) or set(figures) - {"columns", "onset_level"}:
         raise StudyError(f"{path}: figures takes columns (per_sample.csv columns) and onset_level")

@@ -94,7 +94,7 @@ def tables(study: Study, study_dir: Path) -> dict:
     cells = studies.aggregate_cells(runs, list(study.grid), figures, verdicts, CONFIDENCE)
     onsets = [f for f in figures if f.startswith("onset_step_dup")]
     fits = [studies.fit_lines(runs, v, onsets, CONFIDENCE) for v in study.swept
-            if numeric(study.grid[v]) and len(study.grid[v]) >= 3]
+            if numeric(study.levels[v]) and len(study.levels[v]) >= 3]
     found = [samples for *_, samples in read if samples is not None and len(samples)]
     return dict(runs=runs, samples=pd.concat(found, ignore_index=True) if found else pd.DataFrame(),
                 cells=cells, fits=pd.concat(fits, ignore_index=True) if fits else pd.DataFrame(),
@@ -109,6 +109,7 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def hparam_value(value):
     """A value TensorBoard's HParams accepts (bool, int, float, str)."""
+    value = value.item() if isinstance(value, np.generic) else value
     return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
 
@@ -117,7 +118,7 @@ def write_board(folder: Path, study: Study, runs: pd.DataFrame, figures: list[st
     from torch.utils.tensorboard import SummaryWriter
 
     keys = [*study.grid, "seed", "status"]
-    domains = {k: sorted({hparam_value(v) for v in runs[k]}, key=str) for k in keys if k in study.grid}
+    domains = {k: sorted({hparam_value(v) for v in study.levels[k]}, key=str) for k in study.grid}
     with SummaryWriter(str(folder)) as writer:
         for _, run in runs.iterrows():
             hparams = {k: hparam_value(run[k]) for k in keys}
@@ -151,7 +152,7 @@ def plot_against(variable: str, study: Study, cells: pd.DataFrame, path: Path) -
     other swept variables, one line per duplication factor, 95% t-intervals across seeds."""
     others = [v for v in study.swept if v != variable]
     groups = list(cells.groupby(others, sort=True)) if others else [((), cells)]
-    values = study.grid[variable]
+    values = study.levels[variable]
     fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 6), squeeze=False)
     for col, (key, group) in enumerate(groups):
         group = group.set_index(variable).loc[[v for v in values if v in set(group[variable])]].reset_index()
