@@ -232,3 +232,21 @@ def test_two_cells_two_seeds_run_end_to_end_and_resume_after_the_folder_is_cut(t
     assert list(runs["status"]) == ["done"] * 4
     evaluated = pd.read_csv(killed / "eval" / "per_sample.csv")
     assert sorted(evaluated["checkpoint_step"].unique()) == [0, 2, 4]
+
+
+def test_a_failed_run_is_recorded_with_its_stage_and_log_and_the_next_run_goes_on(tmp_path):
+    from train.study_runs import RunTask, run_local
+
+    python = sys.executable
+    makes_a_run = ("import sys; from mem_analysis import run; d = sys.argv[1]; run.write_config(d, {'max_train_steps': 2});"
+                   " run.checkpoint_dir(d, 2).mkdir(parents=True); run.write_training_state(run.checkpoint_dir(d, 2), 2)")
+    broken = RunTask("cell00-seed0", tmp_path, [python, "-c", "print('boom'); raise SystemExit(1)"], [python, "-V"], [], {})
+    trained = RunTask("cell00-seed1", tmp_path, [python, "-c", makes_a_run, str(tmp_path / "runs" / "cell00-seed1")],
+                      [python, "-c", "raise SystemExit(3)"], [], {})
+    run_local([broken, trained])
+    first = json.loads(broken.record_path.read_text())
+    assert (first["status"], first["stage"], first["exit_status"]) == ("failed", "train", 1)
+    assert "boom" in Path(first["log"]).read_text()
+    second = json.loads(trained.record_path.read_text())
+    assert (second["status"], second["stage"], second["exit_status"]) == ("failed", "evaluate", 3)
+    assert run_state(trained.run_dir, []) == "trained"  # a third call would evaluate it again, not retrain

@@ -25,7 +25,9 @@ run's finetune.py arguments through train/finetune_config.py's own resolution (S
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
+import io
 import itertools
 import json
 import shlex
@@ -249,11 +251,13 @@ def cell_builds(overrides: dict, headers: dict, study_dir: Path) -> tuple[Build 
 def check_run(run: Run, where: str) -> None:
     """finetune.py's own resolution of the run's flags, and what a study needs of a run (StudyError)."""
     try:
-        config = vars(resolve_config(run.train_args))
+        with contextlib.redirect_stderr(io.StringIO()) as said:  # argparse's usage lines: our message is one line
+            config = vars(resolve_config(run.train_args))
     except ConfigError as error:
         raise StudyError(f"{where}: {error}") from None
-    except SystemExit:  # argparse has printed why
-        raise StudyError(f"{where}: train/finetune.py cannot parse {' '.join(run.train_args)}") from None
+    except SystemExit:
+        reason = (said.getvalue().strip().splitlines() or ["cannot parse its flags"])[-1]
+        raise StudyError(f"{where}: train/finetune.py {reason}") from None
     interval, steps = config["checkpointing_steps"], config["max_train_steps"]
     if interval <= 0:
         raise StudyError(f"{where}: checkpointing_steps must be > 0 (evaluation reads the checkpoints)")
