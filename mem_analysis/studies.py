@@ -2,11 +2,11 @@
 over the runs of a grid cell (several training seeds).
 
 Per run, at the evaluation's last checkpoint and headline guidance scale (per_sample.csv of eval/evaluate_checkpoints.py):
-- `memorized_fraction_dupF` (and `COLUMN_dupF` for any other per_sample column asked for): the mean over the
+- `memorized_fraction_dup_F` (and `COLUMN_dup_F` for any other per_sample column asked for): the mean over the
   probe samples of duplication factor F;
-- `onset_step_dupF`: the training step at which the memorized fraction of factor F first reaches `onset_level`
+- `onset_step_dup_F`: the training step at which the memorized fraction of factor F first reaches `onset_level`
   (`crossing_step`, interpolated between the evaluated checkpoints; NaN when it never does);
-- `COLUMN_dupF_minus_heldout`: the factor's mean minus that of the held-out probe images (dup_factor 0, which
+- `COLUMN_dup_F_minus_heldout`: the factor's mean minus that of the held-out probe images (dup_factor 0, which
   training never sees), when the dataset has them;
 - the evaluation's own `summary["headline"]` figures and verdicts, when it writes them (a name there wins).
 Per cell, every figure's mean over runs with Student's t-interval (runs are few: stats.mean_t_interval) and for
@@ -66,12 +66,12 @@ def run_figures(per_sample: pd.DataFrame, guidance_scale: float, columns=("memor
         means = factor_means(per_sample, column, guidance_scale)
         last = means.iloc[-1]
         for factor, value in last.items():
-            figures[f"{column}_dup{int(factor)}"] = float(value)
+            figures[f"{column}_dup_{int(factor)}"] = float(value)
             if 0 in last.index and factor != 0:
-                figures[f"{column}_dup{int(factor)}_minus_heldout"] = float(value - last[0])
+                figures[f"{column}_dup_{int(factor)}_minus_heldout"] = float(value - last[0])
         if column == "memorized_fraction":
             for factor in means.columns:
-                figures[f"onset_step_dup{int(factor)}"] = crossing_step(means.index, means[factor], onset_level)
+                figures[f"onset_step_dup_{int(factor)}"] = crossing_step(means.index, means[factor], onset_level)
     return figures
 
 

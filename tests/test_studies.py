@@ -80,14 +80,14 @@ def per_sample_table() -> pd.DataFrame:
 def test_run_figures_per_factor_at_the_last_checkpoint_and_the_onset():
     figures = studies.run_figures(per_sample_table(), 7.5, columns=("memorized_fraction", "k_uncond_early"),
                                   onset_level=0.25)
-    assert figures["memorized_fraction_dup4"] == pytest.approx(0.7)
-    assert figures["memorized_fraction_dup1"] == pytest.approx(0.05)
-    assert figures["memorized_fraction_dup4_minus_heldout"] == pytest.approx(0.65)
+    assert figures["memorized_fraction_dup_4"] == pytest.approx(0.7)
+    assert figures["memorized_fraction_dup_1"] == pytest.approx(0.05)
+    assert figures["memorized_fraction_dup_4_minus_heldout"] == pytest.approx(0.65)
     # factor-4 mean over steps 0, 100, 200: 0, 0.3, 0.7 -> reaches 0.25 at 100 * 0.25 / 0.3
-    assert figures["onset_step_dup4"] == pytest.approx(100 * 0.25 / 0.3)
-    assert math.isnan(figures["onset_step_dup1"])
-    assert figures["k_uncond_early_dup4"] == pytest.approx(0.4 + 0.105)
-    assert figures["k_uncond_early_dup4_minus_heldout"] == pytest.approx(0.505 - 0.30)
+    assert figures["onset_step_dup_4"] == pytest.approx(100 * 0.25 / 0.3)
+    assert math.isnan(figures["onset_step_dup_1"])
+    assert figures["k_uncond_early_dup_4"] == pytest.approx(0.4 + 0.105)
+    assert figures["k_uncond_early_dup_4_minus_heldout"] == pytest.approx(0.505 - 0.30)
     with pytest.raises(ValueError):
         studies.run_figures(per_sample_table(), 3.0)
 

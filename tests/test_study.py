@@ -112,16 +112,16 @@ def test_aggregation_of_hand_made_runs_gives_the_known_values(tmp_path):
 
     runs = pd.read_csv(study_dir / "runs.csv").set_index("run")
     assert runs.loc["cell01-seed0", "status"] == "failed" and runs.loc["cell01-seed0", "log"] == "logs/x.log"
-    assert runs.loc["cell00-seed1", "memorized_fraction_dup4"] == pytest.approx(0.6)
-    assert runs.loc["cell00-seed1", "onset_step_dup4"] == pytest.approx(100 * 0.25 / 0.3)
-    assert runs.loc["cell01-seed2", "onset_step_dup4"] == pytest.approx(100 + 100 * 0.05 / 0.2)
-    assert math.isnan(runs.loc["cell01-seed1", "onset_step_dup4"]) and math.isnan(runs.loc["cell01-seed1", "r_dx"])
+    assert runs.loc["cell00-seed1", "memorized_fraction_dup_4"] == pytest.approx(0.6)
+    assert runs.loc["cell00-seed1", "onset_step_dup_4"] == pytest.approx(100 * 0.25 / 0.3)
+    assert runs.loc["cell01-seed2", "onset_step_dup_4"] == pytest.approx(100 + 100 * 0.05 / 0.2)
+    assert math.isnan(runs.loc["cell01-seed1", "onset_step_dup_4"]) and math.isnan(runs.loc["cell01-seed1", "r_dx"])
     cells = pd.read_csv(study_dir / "cells.csv").set_index("cell")
-    assert cells.loc[0, "memorized_fraction_dup4_mean"] == pytest.approx(0.6)
-    assert cells.loc[0, "memorized_fraction_dup4_low"] == pytest.approx(0.6 - T_DF2 * 0.1 / math.sqrt(3))
-    assert cells.loc[1, "memorized_fraction_dup4_high"] == pytest.approx(0.3 + T_DF1 * math.sqrt(0.02) / math.sqrt(2))
+    assert cells.loc[0, "memorized_fraction_dup_4_mean"] == pytest.approx(0.6)
+    assert cells.loc[0, "memorized_fraction_dup_4_low"] == pytest.approx(0.6 - T_DF2 * 0.1 / math.sqrt(3))
+    assert cells.loc[1, "memorized_fraction_dup_4_high"] == pytest.approx(0.3 + T_DF1 * math.sqrt(0.02) / math.sqrt(2))
     assert cells.loc[0, "r_dx_mean"] == pytest.approx(0.9) and cells.loc[1, "r_dx_n"] == 1
-    assert cells.loc[1, "onset_step_dup4_n"] == 1 and math.isnan(cells.loc[1, "onset_step_dup4_low"])
+    assert cells.loc[1, "onset_step_dup_4_n"] == 1 and math.isnan(cells.loc[1, "onset_step_dup_4_low"])
     assert cells.loc[0, "verdict_finding_1"] == "holds in 2 of 3" and cells.loc[1, "verdict_finding_1"] == "holds in 1 of 1"
     assert (cells.loc[1, "runs"], cells.loc[1, "failed"], cells.loc[1, "learning_rate"]) == (2, 1, 0.002)
     samples = pd.read_csv(study_dir / "samples.csv")
@@ -208,7 +208,7 @@ def test_two_cells_two_seeds_run_end_to_end_and_resume_after_the_folder_is_cut(t
     assert len(list((study_dir / "base").glob("*/model_index.json"))) == 1  # shared by the four runs
     assert len(pd.read_csv(study_dir / "samples.csv")) == 4 * 8
     cells = pd.read_csv(study_dir / "cells.csv")
-    assert list(cells["runs"]) == [2, 2] and "memorized_fraction_dup8_mean" in cells
+    assert list(cells["runs"]) == [2, 2] and "memorized_fraction_dup_8_mean" in cells
 
     shutil.rmtree(study_dir / "runs" / "cell00-seed0")
     shutil.rmtree(study_dir / "runs" / "cell00-seed1" / "eval")

@@ -92,7 +92,7 @@ def tables(study: Study, study_dir: Path) -> dict:
     runs = pd.DataFrame([{**row, **{f: found.get(f, math.nan) for f in figures},
                           **{f"verdict_{v}": said.get(v) for v in verdicts}} for row, found, said, _ in read])
     cells = studies.aggregate_cells(runs, list(study.grid), figures, verdicts, CONFIDENCE)
-    onsets = [f for f in figures if f.startswith("onset_step_dup")]
+    onsets = [f for f in figures if f.startswith("onset_step_dup_")]
     fits = [studies.fit_lines(runs, v, onsets, CONFIDENCE) for v in study.swept
             if numeric(study.levels[v]) and len(study.levels[v]) >= 3]
     found = [samples for *_, samples in read if samples is not None and len(samples)]
@@ -127,12 +127,12 @@ def write_board(folder: Path, study: Study, runs: pd.DataFrame, figures: list[st
 
 
 def factor_of(figure: str, prefix: str) -> int | None:
-    """F of `PREFIXdupF` (None for other names, e.g. the _minus_heldout contrasts)."""
+    """F of `PREFIXdup_F` (None for other names, e.g. the _minus_heldout contrasts)."""
     rest = figure[len(prefix):] if figure.startswith(prefix) else ""
     return int(rest) if rest.isdigit() else None
 
 
-PANELS = (("memorized_fraction_dup", "memorized fraction"), ("onset_step_dup", "onset step"))
+PANELS = (("memorized_fraction_dup_", "memorized fraction"), ("onset_step_dup_", "onset step"))
 
 
 def draw_lines(ax, x, cells: pd.DataFrame, prefix: str, label: str) -> None:

@@ -26,13 +26,13 @@ def with_interval(mean, low, high, n) -> str:
 
 
 def primary(figures: list[str], study: Study) -> list[str]:
-    """The figures the summary reads out: memorized fraction and onset of each duplicated factor, and the
-    held-out contrast of every other column the study asked for, highest factor first."""
+    """The figures the summary reads out, per duplicated factor (highest first): memorized fraction, onset step,
+    the premise's delta_k0 (evaluation's headline) and the held-out contrast of every other column asked for."""
     columns = [c for c in study.figures.get("columns", []) if c != "memorized_fraction"]
     wanted = []
     for name in figures:
-        for prefix, suffix in [("memorized_fraction_dup", ""), ("onset_step_dup", "")] + \
-                              [(f"{c}_dup", "_minus_heldout") for c in columns]:
+        for prefix, suffix in [("memorized_fraction_dup_", ""), ("onset_step_dup_", ""), ("delta_k0_dup_", "")] + \
+                              [(f"{c}_dup_", "_minus_heldout") for c in columns]:
             factor = name[len(prefix):len(name) - len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else ""
             if factor.isdigit() and int(factor) > 1:
                 wanted.append((-int(factor), prefix, name))
@@ -107,8 +107,8 @@ def report_lines(study: Study, frames: dict, plots: list[str], study_dir: Path) 
              f"done {counts.get('done', 0)}, failed {counts.get('failed', 0)}, pending {counts.get('pending', 0)}.",
              "- Grid: " + ("; ".join(f"{k}: {v}" for k, v in study.grid.items()) or "none (seeds only)") + ".",
              *cost_lines(frames, study_dir),
-             f"- Figures at each run's last checkpoint and its evaluation's headline guidance scale. memorized_fraction_dupF: "
-             f"mean over the probe samples of factor F of the share of seeds over the threshold; onset_step_dupF: the "
+             f"- Figures at each run's last checkpoint and its evaluation's headline guidance scale. memorized_fraction_dup_F: "
+             f"mean over the probe samples of factor F of the share of seeds over the threshold; onset_step_dup_F: the "
              f"step at which it first reaches {level} (interpolated between checkpoints; n/a when it never does); "
              f"_minus_heldout: minus the held-out images (factor 0). Intervals: 95% Student t across runs "
              f"(none with one run).", "", "## What it shows", "", *shows(study, frames), "",
