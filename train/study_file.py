@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from mem_analysis.cli import BadInput
 from train.finetune_config import FLAGS, LIST_FLAGS, ConfigError, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ RESERVED = {"dataset": {"output_dir", "overwrite"}, "base_model": {"output_dir",
 TOP_KEYS = {"base_config", "seeds", "grid", "fixed", "figures", "executor", "title"}
 
 
-class StudyError(ValueError):
+class StudyError(BadInput):
     """A study file, or the folder it would write to, that cannot be used: one line, exit status 2."""
 
 
