@@ -211,17 +211,21 @@ class RunTask:
 
     @property
     def run_dir(self) -> Path:
+        """STUDY/runs/NAME, the run's output_dir."""
         return self.study_dir / "runs" / self.name
 
     @property
     def log(self) -> Path:
+        """STUDY/logs/NAME.log, every command of the run and its output."""
         return self.study_dir / "logs" / f"{self.name}.log"
 
     @property
     def record_path(self) -> Path:
+        """STUDY/records/NAME.json, what happened to the run."""
         return self.study_dir / "records" / f"{self.name}.json"
 
     def __call__(self) -> dict:
+        """Run it (what a submitit task calls)."""
         return execute(self)
 
 
