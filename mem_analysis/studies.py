@@ -15,6 +15,7 @@ each verdict how many runs it holds in.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -102,11 +103,14 @@ def sample_rows(per_sample: pd.DataFrame, guidance_scale: float, threshold: floa
 
 
 def verdict_tally(values) -> tuple[int, int, str]:
-    """(runs where it holds, runs that gave the verdict, 'holds in H of N'); a verdict holds when it reads
-    exactly 'holds' (case and surrounding spaces aside); missing values (None, NaN, '') are not counted."""
+    """(runs where it holds, runs that gave the verdict, 'holds in H of N' followed by the other verdicts' counts,
+    e.g. 'holds in 1 of 3 (does not hold 2)'); a verdict holds when it reads exactly 'holds' (case and surrounding
+    spaces aside); missing values (None, NaN, '') are not counted."""
     given = [str(v).strip().lower() for v in values if isinstance(v, str) and v.strip()]
     held = sum(v == HOLDS for v in given)
-    return held, len(given), f"holds in {held} of {len(given)}"
+    others = Counter(v for v in given if v != HOLDS)
+    rest = f" ({', '.join(f'{v} {n}' for v, n in sorted(others.items()))})" if others else ""
+    return held, len(given), f"holds in {held} of {len(given)}{rest}"
 
 
 def aggregate_cells(runs: pd.DataFrame, hparams: list[str], figures: list[str], verdicts: list[str],

@@ -114,7 +114,7 @@ def test_aggregate_cells_means_intervals_and_verdict_tallies():
     assert cells.loc[1, "m_mean"] == pytest.approx(0.3) and cells.loc[1, "m_n"] == 2
     assert cells.loc[1, "m_high"] - 0.3 == pytest.approx(T_DF1 * math.sqrt(0.02) / math.sqrt(2))
     assert (cells.loc[0, "runs"], cells.loc[1, "runs"], cells.loc[1, "failed"]) == (3, 2, 1)
-    assert cells.loc[0, "verdict_f1"] == "holds in 2 of 3" and cells.loc[1, "verdict_f1"] == "holds in 1 of 1"
+    assert cells.loc[0, "verdict_f1"] == "holds in 2 of 3 (does not hold 1)" and cells.loc[1, "verdict_f1"] == "holds in 1 of 1"
 
 
 def test_marginal_and_fit_lines_pool_runs():

@@ -122,7 +122,7 @@ def test_aggregation_of_hand_made_runs_gives_the_known_values(tmp_path):
     assert cells.loc[1, "memorized_fraction_dup_4_high"] == pytest.approx(0.3 + T_DF1 * math.sqrt(0.02) / math.sqrt(2))
     assert cells.loc[0, "r_dx_mean"] == pytest.approx(0.9) and cells.loc[1, "r_dx_n"] == 1
     assert cells.loc[1, "onset_step_dup_4_n"] == 1 and math.isnan(cells.loc[1, "onset_step_dup_4_low"])
-    assert cells.loc[0, "verdict_finding_1"] == "holds in 2 of 3" and cells.loc[1, "verdict_finding_1"] == "holds in 1 of 1"
+    assert cells.loc[0, "verdict_finding_1"] == "holds in 2 of 3 (does not hold 1)" and cells.loc[1, "verdict_finding_1"] == "holds in 1 of 1"
     assert (cells.loc[1, "runs"], cells.loc[1, "failed"], cells.loc[1, "learning_rate"]) == (2, 1, 0.002)
     samples = pd.read_csv(study_dir / "samples.csv")
     assert len(samples) == 5 * 4 and set(samples["learning_rate"]) == {0.001, 0.002}
