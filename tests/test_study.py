@@ -172,7 +172,7 @@ def test_slurm_executor_submits_one_array_job_and_an_aggregation_after_it(tmp_pa
         task = pickle.loads(submitit.SlurmJob(folder, f"4242_{i}").paths.submitted_pickle.read_bytes()).function
         seed, cell = int(name[-1]), int(name[4:6])
         train = " ".join(task.train_command)
-        assert "accelerate.commands.launch" in train and "--num_processes 8" in train
+        assert "train/launch.py" in train and "--num_processes 8" in train
         assert f"--config_file {ROOT}/configs/accelerate/multi_gpu.yaml" in train
         assert f"train/finetune.py --config {tmp_path}/base.yaml --output_dir {study_dir}/runs/{name} --seed {seed}" in train
         assert f"--learning_rate {[1e-5, 2e-5][cell]}" in train

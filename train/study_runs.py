@@ -3,9 +3,10 @@ commands, one after another here or as one SLURM array job through submitit.
 
 A run's state is read from its folder (mem_analysis.run's layout), never from a note of ours, so a second call
 picks up whatever happened in between:
-- new:     no complete checkpoint (or no folder): trained from scratch;
+- new:     no complete checkpoint (or no folder): trained from scratch (--overwrite_output_dir);
 - partial: complete checkpoints, but not the one at max_train_steps (a killed run): resumed from the last one
-           (`--resume_from_checkpoint latest`) after its stale evaluation, if any, is removed;
+           (`--resume_from_checkpoint latest`, which finetune.py accepts only for the run the folder records), then
+           evaluated (evaluation re-evaluates a checkpoint whose weights changed and drops rows of vanished ones);
 - trained: the last checkpoint is there, the evaluation is not complete: evaluated (evaluation skips the
            checkpoints it already has);
 - done:    RUN/eval/summary.json and per_sample.csv rows for every checkpoint evaluation was asked for: skipped.
@@ -18,7 +19,6 @@ import json
 import os
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +29,6 @@ import pandas as pd
 
 from mem_analysis import run as run_folder
 from mem_analysis.io import write_text_atomic
-from train.finetune_config import FLAGS
 from train.study_file import ROOT, SCRIPTS, Build, Run, StudyError, find_file
 
 MARKERS = {"data": "manifest.json", "base": "model_index.json"}  # the file a complete build folder holds
@@ -71,10 +70,11 @@ def run_env(executor: dict) -> dict:
 
 
 def launcher(executor: dict, script: Path) -> list[str]:
-    """The command that starts `script`: `accelerate launch` (CPU, one GPU, or --multi_gpu / the executor's
-    accelerate_config over `gpus` processes) for training; evaluation under accelerate only with several GPUs."""
+    """The command that starts `script`: `accelerate launch` through train/launch.py (accelerate's own launcher
+    with the project's exit statuses: 2 bad input, 1 a failed run) on the CPU, one GPU, or --multi_gpu / the
+    executor's accelerate_config over `gpus` processes, for training; evaluation under it only with several GPUs."""
     gpus = executor["gpus"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+    accelerate = [sys.executable, str(ROOT / "train" / "launch.py"), "--num_machines", "1", "--dynamo_backend", "no"]
     if script == ROOT / "train" / "finetune.py":
         if gpus == 0:
             return accelerate + ["--cpu", "--num_processes", "1", "--mixed_precision", "no", str(script)]
@@ -183,21 +183,6 @@ def run_state(run_dir: Path, eval_args: list[str]) -> str:
     return "done" if asked_steps(eval_args, steps, last) <= evaluated else "trained"
 
 
-def fresh_start(run_dir: Path) -> list[str]:
-    """How finetune.py starts a run folder afresh: with --overwrite_output_dir where it has that flag (issue 26:
-    it then refuses a folder holding another run without it); before that, the folder is removed here."""
-    if "overwrite_output_dir" in FLAGS:
-        return ["--overwrite_output_dir"]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return []
-
-
-def remove_evaluation(run_dir: Path) -> None:
-    """Drop a run's evaluation before it trains again: its rows may belong to checkpoints being rewritten."""
-    for path in [run_dir / "eval", *run_dir.glob("logs/eval*")]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class RunTask:
     """Everything one run needs, picklable: a submitit array task, or one step of the local loop."""
@@ -247,9 +232,8 @@ def execute(task: RunTask) -> dict:
         return write_record(task, status="done", stage=None)
     spent = {}
     if state in ("new", "partial"):
-        if state == "partial":
-            remove_evaluation(task.run_dir)
-        extra = ["--resume_from_checkpoint", "latest"] if state == "partial" else fresh_start(task.run_dir)
+        # finetune.py refuses a folder holding a run unless it resumes that run or is told to start afresh
+        extra = ["--resume_from_checkpoint", "latest"] if state == "partial" else ["--overwrite_output_dir"]
         what = "train, resumed from the last checkpoint" if state == "partial" else "train"
         print(f"[study] {task.name}: {what} (log {task.log})")
         status, spent["train_seconds"], spent["train_cpu_seconds"] = call(task.train_command + extra, task.log,
