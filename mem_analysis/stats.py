@@ -1,9 +1,11 @@
 """M7 relations (docs/science.md M7): correlations with bootstrap intervals, detection AUROC / TPR at low FPR,
 onset step, split-half reliability across seeds and the correlation corrected for it, distances between image
-distributions (MMD, Frechet) for comparing runs. Ranks come from SciPy (AUROC is their Mann-Whitney form) and the ROC curve from scikit-learn;
+distributions (MMD, Frechet) for comparing runs, and for studies of many runs the t-interval of a mean over runs
+and the least-squares line with its intervals. Ranks come from SciPy (AUROC is their Mann-Whitney form) and the ROC curve from scikit-learn;
 the bootstrap, onset and reliability are ours."""
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 
 import numpy as np
@@ -349,6 +351,57 @@ def mean_interval(values, n_bootstrap: int = 1000, confidence: float = 0.95, see
     boots = values[np.random.default_rng(seed).integers(0, values.size, (n_bootstrap, values.size))].mean(1)
     low, high = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(values.mean()), float(low), float(high)
+
+
+def mean_t_interval(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the finite values: `mean -+ t_{(1+confidence)/2, n-1} s / sqrt(n)`, s the sample
+    standard deviation (ddof 1); Student's interval, for few values (runs of a study) where a bootstrap over
+    3 values has only 10 distinct resamples. low and high are NaN with fewer than 2 values."""
+    from scipy.stats import t as student
+
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = values[np.isfinite(values)]
+    n = int(values.size)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(values.mean())
+    if n < 2:
+        return mean, float("nan"), float("nan"), n
+    half = float(student.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    return mean, mean - half, mean + half, n
+
+
+LinearFit = namedtuple("LinearFit", ["a", "a_low", "a_high", "b", "b_low", "b_high", "r2", "p_a_zero", "n"])
+
+
+def linear_fit(x, y, confidence: float = 0.95) -> LinearFit:
+    """Least squares `y = a + b x` over the pairs without a NaN, with Student intervals and the test of
+    proportionality (H0: a = 0).
+
+    `b = S_xy / S_xx`, `a = mean(y) - b mean(x)`, residual variance `s^2 = SSE / (n - 2)`,
+    `se(b) = s / sqrt(S_xx)`, `se(a) = s sqrt(1/n + mean(x)^2 / S_xx)`, intervals `-+ t_{(1+confidence)/2, n-2} se`,
+    `p_a_zero = 2 P(T_{n-2} > |a| / se(a))`, `r2 = 1 - SSE / S_yy`. Needs two distinct x (ValueError otherwise);
+    with n = 2 the line is exact and the intervals and p are NaN.
+    """
+    from scipy.stats import t as student
+
+    x, y = as_pairs(x, y)
+    n = int(x.size)
+    if n < 2 or is_constant(x):
+        raise ValueError(f"a line needs at least two distinct x values, got {n} pair(s)")
+    sxx = float(((x - x.mean()) ** 2).sum())
+    b = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    a = float(y.mean() - b * x.mean())
+    sse = float(((y - a - b * x) ** 2).sum())
+    syy = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - sse / syy if syy > 0 else float("nan")
+    if n < 3:
+        return LinearFit(a, math.nan, math.nan, b, math.nan, math.nan, r2, math.nan, n)
+    s = math.sqrt(sse / (n - 2))
+    se_b, se_a = s / math.sqrt(sxx), s * math.sqrt(1 / n + x.mean() ** 2 / sxx)
+    q = float(student.ppf((1 + confidence) / 2, n - 2))
+    p = float(2 * student.sf(abs(a) / se_a, n - 2)) if se_a > 0 else (0.0 if a != 0 else 1.0)
+    return LinearFit(a, a - q * se_a, a + q * se_a, b, b - q * se_b, b + q * se_b, r2, p, n)
 
 
 def squared_distances(a, b) -> np.ndarray:
