@@ -10,7 +10,6 @@ Also: denoising_losses on a probe set against one training step. Times are the b
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch

@@ -184,7 +184,6 @@ def monitor_severity(per_seed_rows: list[dict], n_seeds: int, column: str) -> di
 def step_scores(rows: list[dict], baseline: dict[int, float], warnings: dict[int, dict], monitor: dict[int, float],
                 high_noise_from: int, fpr: float) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
     """(sample_ids, dup_factors, {signal: scores}, warning alarms) of one probe step's rows."""
-    step = int(rows[0]["step"])
     ids, dups, feats = early_warning.sample_features(rows, baseline, high_noise_from)
     null = early_warning.null_mask(dups)
     nan = math.nan

@@ -34,12 +34,13 @@ def memorized_flags(rows: pd.DataFrame, settings: dict) -> np.ndarray:
 
 def label_flags(rows: pd.DataFrame, settings: dict) -> dict[str, np.ndarray]:
     """Per definition of "memorized", a flag per row: the report's own (MAIN_LABEL), severity over each of
-    SIMILARITY_THRESHOLDS, and `copy`: the nearest training image of the generation is the paired one
-    (`sev_nn_identity`, Carlini et al.'s test) for at least COPY_SHARE of the seeds."""
+    SIMILARITY_THRESHOLDS, and `nearest is paired`: the nearest training image of the generation is the paired one
+    (`sev_nn_identity`, Carlini et al.'s test without the copy label's distance-ratio margin) for at least
+    COPY_SHARE of the seeds."""
     flags = {MAIN_LABEL: memorized_flags(rows, settings)}
     flags.update({f"similarity > {t:g}": rows["severity"].to_numpy(float) > t for t in SIMILARITY_THRESHOLDS})
     if "sev_nn_identity" in rows:
-        flags["copy"] = rows["sev_nn_identity"].to_numpy(float) >= COPY_SHARE
+        flags["nearest is paired"] = rows["sev_nn_identity"].to_numpy(float) >= COPY_SHARE
     return flags
 
 
