@@ -324,7 +324,8 @@ def test_warning_eval_reads_any_evaluated_run_and_marks_it_out_of_sample(single,
     assert b["designed_on"] is False and b["seed"] == 0 and b["monitor_seeds"] == 2
     assert {s: e["sampling_checkpoint"] for s, e in b["steps"].items()} == {"0": 0, "2": 2, "4": 4}
     assert b["cost"] == dict(probe=8, sampling=16, vae_decodes=2, ratio=2.0)  # 4 probe t; 2 seeds x 4 DDIM x CFG
-    assert set(b["lead"]) == {"memorized", "similarity > 0.5", "similarity > 0.6", "similarity > 0.75", "copy"}
+    assert set(b["lead"]) == {"memorized", "similarity > 0.5", "similarity > 0.6", "similarity > 0.75",
+                              "nearest is paired"}
     summary = json.loads((single["out"] / "summary.json").read_text())["early_warning"]
     assert summary["baselines"]["steps"].keys() == b["steps"].keys()
     assert summary["baselines"]["decision_step"] == b["decision_step"]

@@ -206,7 +206,7 @@ def test_two_cells_two_seeds_run_end_to_end_and_resume_after_the_folder_is_cut(t
     assert list(runs["status"]) == ["done"] * 4 and list(runs["last_step"]) == [4] * 4
     assert len(list((study_dir / "data").glob("*/manifest.json"))) == 1  # one dataset and one base model,
     assert len(list((study_dir / "base").glob("*/model_index.json"))) == 1  # shared by the four runs
-    assert len(pd.read_csv(study_dir / "samples.csv")) == 4 * 8
+    assert len(pd.read_csv(study_dir / "samples.csv")) == 4 * (8 + 4)  # per run: 8 tracked samples, 4 held-out images
     cells = pd.read_csv(study_dir / "cells.csv")
     assert list(cells["runs"]) == [2, 2] and "memorized_fraction_dup_8_mean" in cells
 
