@@ -190,7 +190,8 @@ def probe_costs(model: Path, data: Path, config: Path, resolution: int) -> dict:
         passes.append(time.perf_counter() - start)
     rows = [{"step": 1, "sample_id": int(sid), "dup_factor": int(dup), "timestep": int(t),
              **{name: float(value[i, j]) for name, value in metrics.items()}}
-            for i, (sid, dup) in enumerate(zip(probe["sample_id"], probe["dup_factor"])) for j, t in enumerate(timesteps)]
+            for i, (sid, dup) in enumerate(zip(probe["sample_id"], probe["dup_factor"]))
+            for j, t in enumerate(timesteps)]
     baseline, scoring = early_warning.mean_loss_cond(rows), []
     for _ in range(3):
         start = time.perf_counter()

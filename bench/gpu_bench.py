@@ -115,7 +115,8 @@ def run_section(section, ctx: Context, started: float) -> None:
         results["status"][name] = f"skipped: needs {', '.join(missing)}"
         return
     if name not in CORE and elapsed + section.seconds > args.budget_s and not args.smoke:
-        results["status"][name] = f"skipped: {elapsed:.0f} s + estimated {section.seconds} s > budget {args.budget_s:.0f} s"
+        results["status"][name] = (f"skipped: {elapsed:.0f} s + estimated {section.seconds} s > budget "
+                                   f"{args.budget_s:.0f} s")
         return
     print(f"[gpu_bench] {name} (at {elapsed:.0f} s)", flush=True)
     section_start = time.perf_counter()

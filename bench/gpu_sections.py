@@ -34,7 +34,8 @@ from mem_analysis.sd import encode_images
 SIZES = {  # per-run settings: the GPU run, and the CPU smoke run (the dry run) that exercises the same code paths
     "gpu": dict(batch_sizes=(32, 24, 16, 8), steps=20, warmup=3, small_batch=8, images=256, finetune_steps=24,
                 finetune_warmup=4, finetune_timeout_s=200, workers=6, numerics_samples=4, eval_prompts=4,
-                eval_seeds=4, eval_steps=50, eval_batch=16, matmul=8192, compile_backend="inductor", probe_samples=None),
+                eval_seeds=4, eval_steps=50, eval_batch=16, matmul=8192, compile_backend="inductor",
+                probe_samples=None),
     "smoke": dict(batch_sizes=(4,), steps=1, warmup=1, small_batch=2, images=24, finetune_steps=2,
                   finetune_warmup=1, finetune_timeout_s=300, workers=0, numerics_samples=2, eval_prompts=3,
                   eval_seeds=2, eval_steps=4, eval_batch=4, matmul=128, compile_backend="eager", probe_samples=2),

@@ -17,7 +17,8 @@ import torch
 
 # Command-line words of the processes that start training workers and write OMP_NUM_THREADS for them.
 LAUNCHER_WORDS = ("accelerate", "torch.distributed.run", "torchrun", "deepspeed")
-LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                        "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 def available_cores() -> int:
