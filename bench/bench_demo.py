@@ -141,7 +141,7 @@ TRAIN_PARTS = {"data loading": [("train/", "TrainExamples.__getitem__")],
                "model loading": [("mem_analysis/", "load_components")]}
 PER_STEP = ("data loading", "VAE latents (per step)", "text encoding (per step)", "UNet forward + loss", "backward",
             "optimizer", "other")
-EVALUATE_PARTS = {"probes (M1/M2)": [("eval/", "probe_rows")],
+EVALUATE_PARTS = {"probes (M1/M2)": [("mem_analysis/", "probe_rows")],
                   "sampling (DDIM + CFG)": [("mem_analysis/", "sample_trajectories")],
                   "decoding": [("mem_analysis/", "decode_latents")],
                   "severity (M6)": [("mem_analysis/", "severity_scores")],
@@ -149,7 +149,7 @@ EVALUATE_PARTS = {"probes (M1/M2)": [("eval/", "probe_rows")],
                   "checkpoint loading": [("mem_analysis/", "load_checkpoint_unet")],
                   "table + TensorBoard writes": [("eval/", "store_checkpoint")],
                   "probe set (once)": [("eval/", "read_probe_set")],
-                  "report + figures": [("eval/", "write_report")],
+                  "report + figures": [("eval/markdown.py", "write_report")],
                   "model loading": [("mem_analysis/", "load_components")]}
 
 

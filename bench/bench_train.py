@@ -15,7 +15,9 @@ load hits all alike, each on --threads threads (finetune.py reads OMP_NUM_THREAD
   (train/finetune_cache.py), sampled each step;
 - finetune.py uncached: the same with --no-cache_latents --no-cache_caption_embeddings (encodes every batch).
 Step seconds are medians after --warmup steps (finetune.py's own `train/samples_per_second`); the goal is
-cached / bare <= 0.5. Also: the cache's build seconds, size and the process's peak memory (RUN/cache/'s
+cached / bare <= 0.5. CPU-seconds per step beside them (the bare loop's process time; a finetune.py process's
+CPU-seconds less those of the same run with 0 steps, over its steps) hold on a machine shared with other jobs,
+where wall time does not; at --threads 1 they are the work itself (more threads add OpenMP spin-waits). Also: the cache's build seconds, size and the process's peak memory (RUN/cache/'s
 metadata), peak resident memory of each finetune.py process, one probe pass (mem_analysis.probes.probe_metrics
 on the probe split as finetune.py builds it) as a share of training at the config's --probe_steps, and the
 early warning's scoring of that pass (mem_analysis.early_warning.score_step).
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bench.finetune_runs import ROOT, finetune_record
+from bench.finetune_runs import ROOT, finetune_record, launch
 from mem_analysis.cli import run_command
 from mem_analysis.io import write_text_atomic
 
@@ -116,8 +118,9 @@ def encode_batch(parts, rows, resolution: int, generator):
     return latents, parts.text_encoder(tokenize(parts.tokenizer, [row["text"] for row in rows]))[0]
 
 
-def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> list[float]:
-    """Seconds per step of the bare diffusers-style loop over the train rows in order (see the docstring)."""
+def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> tuple[list[float], float]:
+    """Wall seconds per step of the bare diffusers-style loop over the train rows in order (see the docstring),
+    and its CPU-seconds per step over all `steps`."""
     import torch.nn.functional as F
 
     from mem_analysis.data import load_study_dataset
@@ -133,7 +136,7 @@ def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> li
         add_lora(unet, 4, torch.float32, seed=0)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    generator, times = torch.Generator().manual_seed(0), []
+    generator, times, cpu = torch.Generator().manual_seed(0), [], time.process_time()
     for step in range(steps):
         start = time.perf_counter()
         latents, hidden = encode_batch(parts, [train[(step * batch + i) % len(train)] for i in range(batch)],
@@ -146,7 +149,7 @@ def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> li
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return times
+    return times, (time.process_time() - cpu) / steps
 
 
 def finetune_flags(args, model: Path, data: Path, output_dir: Path, batch: int, extra=()) -> list[str]:
@@ -201,30 +204,47 @@ def probe_costs(model: Path, data: Path, config: Path, resolution: int) -> dict:
                 warning_first_s=scoring[0], warning_s=min(scoring[1:]))
 
 
+def startup_cpu(args, model: Path, data: Path, work: Path, batch: int, extra, env: dict) -> float:
+    """CPU-seconds of a finetune.py run of 0 steps with these flags: start-up, input cache, final save."""
+    flags = replaced(finetune_flags(args, model, data, work / "startup", batch, extra), "max_train_steps", 0)
+    return launch(flags, work / "startup.log", env=env)["process_cpu_s"]
+
+
 def measure(args, work: Path) -> dict:
-    """The three loops in alternating rounds, then the probe costs; every figure of the report."""
+    """The three loops in alternating rounds, then the probe costs; every figure of the report. CPU-seconds
+    per step (robust to other jobs' load, at one thread) are the bare loop's process time over its steps, and a
+    finetune.py process's CPU-seconds less those of the same run with 0 steps, over its steps."""
     from mem_analysis.data import load_study_dataset
 
     model, data = build_inputs(args, work)
     batch, env = batch_size(args), {"OMP_NUM_THREADS": str(args.threads)}
-    times = {"bare": [], "cached": [], "uncached": []}
-    records = {"cached": [], "uncached": []}
+    times, cpu = {"bare": [], "cached": [], "uncached": []}, {"bare": [], "cached": [], "uncached": []}
+    records, startup = {"cached": [], "uncached": []}, {}
     for round_index in range(args.rounds):
-        times["bare"] += bare_loop(model, data, args.steps, batch, args.lora)[args.warmup:]
+        bare_times, bare_cpu = bare_loop(model, data, args.steps, batch, args.lora)
+        times["bare"] += bare_times[args.warmup:]
+        cpu["bare"].append(bare_cpu)
         for name, extra in (("cached", []), ("uncached", UNCACHED)):
-            run = work / f"{name}{round_index}"
-            flags = finetune_flags(args, model, data, run, batch, extra)
+            if name not in startup:
+                startup[name] = startup_cpu(args, model, data, work / f"{name}-startup", batch, extra, env)
+            flags = finetune_flags(args, model, data, work / f"{name}{round_index}", batch, extra)
             record = finetune_record(flags, work / f"{name}{round_index}.log", args.warmup, env=env)
             times[name] += [batch / rate for rate in record["rates"][args.warmup:]]
+            cpu[name].append((record["process_cpu_s"] - startup[name]) / args.steps)
             records[name].append(record)
     resolution = load_study_dataset(data)["train"][0]["image"].size[0]
     medians = {name: statistics.median(values) for name, values in times.items()}
+    cpu_s = {name: statistics.median(values) for name, values in cpu.items()}
     return dict(preset=args.preset, config=str(args.config), lora=args.lora, batch=batch, resolution=resolution,
                 threads=args.threads, steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                 load_average_at_end=[round(x, 1) for x in os.getloadavg()], step_s=medians, step_s_all=times,
                 ratios=dict(cached_over_bare=medians["cached"] / medians["bare"],
                             uncached_over_bare=medians["uncached"] / medians["bare"],
                             cached_over_uncached=medians["cached"] / medians["uncached"]),
+                cpu_s_per_step=cpu_s, cpu_s_per_step_all=cpu, startup_cpu_s=startup,
+                cpu_ratios=dict(cached_over_bare=cpu_s["cached"] / cpu_s["bare"],
+                                uncached_over_bare=cpu_s["uncached"] / cpu_s["bare"],
+                                cached_over_uncached=cpu_s["cached"] / cpu_s["uncached"]),
                 cache=records["cached"][0]["cache"], rows=len(load_study_dataset(data)["train"]),
                 peak_rss_gib={name: max(r["peak_rss_gib"] for r in rs) for name, rs in records.items()},
                 probes=probe_costs(model, data, Path(args.config), resolution))
@@ -242,6 +262,12 @@ def report(results: dict) -> str:
              f"  finetune.py, no cache                     {s['uncached'] * 1e3:9.1f} ms/step   / bare "
              f"{r['uncached_over_bare']:.3f}",
              f"  cached / uncached                         {r['cached_over_uncached']:9.3f}"]
+    c, cr = results["cpu_s_per_step"], results["cpu_ratios"]
+    start = results["startup_cpu_s"]
+    lines.append(f"  CPU-seconds per step (finetune.py less a 0-step run: cached {start['cached']:.1f} s, uncached "
+                 f"{start['uncached']:.1f} s): bare {c['bare']:.3f}, cached {c['cached']:.3f} (/ bare {cr['cached_over_bare']:.3f}), uncached "
+                 f"{c['uncached']:.3f} (/ bare {cr['uncached_over_bare']:.3f}), cached / uncached "
+                 f"{cr['cached_over_uncached']:.3f}")
     for name, build in results["cache"].items():
         lines.append(f"  cache {name:16s} built in {build['build_seconds']:.2f} s, {build['mib']:.2f} MiB, process "
                      f"peak {build['peak_memory_gib']:.2f} GiB at the end of the build")

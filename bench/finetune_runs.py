@@ -17,9 +17,11 @@ from pathlib import Path
 from mem_analysis import run
 
 ROOT = Path(__file__).resolve().parents[1]
-# Runs one command and prints its peak resident set (the largest of its descendants, KiB on Linux).
-PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+# Runs one command and prints its peak resident set (the largest of its descendants, KiB on Linux) and the
+# CPU-seconds (user + system, all threads) of it and its descendants.
+MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "use = resource.getrusage(resource.RUSAGE_CHILDREN); print('PEAK_RSS_KIB', use.ru_maxrss); "
+            "print('CPU_SECONDS', use.ru_utime + use.ru_stime); sys.exit(code)")
 
 
 def scalars(run_dir: Path, tag: str, logging_dir: str = "logs") -> list[float]:
@@ -50,23 +52,24 @@ def flag_value(flags: list[str], name: str, default=None):
 
 
 def launch(flags: list[str], log: Path, launcher=None, env=None, timeout: float | None = None) -> dict:
-    """Run train/finetune.py FLAGS (after `launcher`, default this Python) under the peak-memory wrapper, from
-    the repository root, output to `log`; wall seconds and peak resident GiB. RuntimeError with the log's last
-    lines when it fails."""
+    """Run train/finetune.py FLAGS (after `launcher`, default this Python) under the MEASURED wrapper, from the
+    repository root, output to `log`; wall seconds, CPU-seconds and peak resident GiB. RuntimeError with the
+    log's last lines when it fails."""
     command = [*(launcher or [sys.executable]), str(ROOT / "train" / "finetune.py"), *map(str, flags)]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                    **(env or {})}
     started = time.perf_counter()
     with open(log, "w") as handle:
-        status = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], stdout=handle, stderr=subprocess.STDOUT,
+        status = subprocess.run([sys.executable, "-c", MEASURED, *command], stdout=handle, stderr=subprocess.STDOUT,
                                 env=environment, cwd=ROOT, timeout=timeout).returncode
     wall = time.perf_counter() - started
     lines = Path(log).read_text().splitlines()
     if status != 0:
         raise RuntimeError(f"finetune.py exit {status}; last lines of {log}:\n" + "\n".join(lines[-15:]))
-    peak = next((int(line.split()[1]) for line in lines if line.startswith("PEAK_RSS_KIB")), 0)
-    return dict(process_wall_s=wall, peak_rss_gib=peak / 2**20)
+    value = {key: next((float(line.split()[1]) for line in lines if line.startswith(key)), 0.0)
+             for key in ("PEAK_RSS_KIB", "CPU_SECONDS")}
+    return dict(process_wall_s=wall, process_cpu_s=value["CPU_SECONDS"], peak_rss_gib=value["PEAK_RSS_KIB"] / 2**20)
 
 
 def cache_builds(run_dir: Path) -> dict:
