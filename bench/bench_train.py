@@ -204,10 +204,10 @@ def probe_costs(model: Path, data: Path, config: Path, resolution: int) -> dict:
                 warning_first_s=scoring[0], warning_s=min(scoring[1:]))
 
 
-def startup_cpu(args, model: Path, data: Path, work: Path, batch: int, extra, env: dict) -> float:
+def startup_cpu(args, model: Path, data: Path, output_dir: Path, batch: int, extra, env: dict) -> float:
     """CPU-seconds of a finetune.py run of 0 steps with these flags: start-up, input cache, final save."""
-    flags = replaced(finetune_flags(args, model, data, work / "startup", batch, extra), "max_train_steps", 0)
-    return launch(flags, work / "startup.log", env=env)["process_cpu_s"]
+    flags = replaced(finetune_flags(args, model, data, output_dir, batch, extra), "max_train_steps", 0)
+    return launch(flags, output_dir.with_suffix(".log"), env=env)["process_cpu_s"]
 
 
 def measure(args, work: Path) -> dict:
