@@ -2,8 +2,9 @@
 side by side in one run on CPU; the cache's build time and memory; the probes' and early warning's share.
 
     python bench/bench_train.py                                   # the demo configuration (configs/demo_cpu.yaml)
-    python bench/bench_train.py --preset sd15-shape --resolution 64 --batch 2 --lora --max_images 16 --steps 6
-                                                                  # the real SD v1.5 architecture, short
+    python bench/bench_train.py --preset sd15-shape --config configs/finetune_tiny.yaml --resolution 64 --lora \
+        --dataset "--source twemoji --max_images 24 --dup_factors 1,4 --samples_per_factor 2 --seed 0" \
+        --batch 1 --steps 6 --warmup 2 --rounds 1 --no-probe_costs   # the real SD v1.5 architecture, short
 
 Every figure comes from this one run, the three loops alternating round by round so that a change of machine
 load hits all alike, each on --threads threads (finetune.py reads OMP_NUM_THREADS as the user's count):
@@ -15,13 +16,13 @@ load hits all alike, each on --threads threads (finetune.py reads OMP_NUM_THREAD
   (train/finetune_cache.py), sampled each step;
 - finetune.py uncached: the same with --no-cache_latents --no-cache_caption_embeddings (encodes every batch).
 Step seconds are medians after --warmup steps (finetune.py's own `train/samples_per_second`); the goal is
-cached / bare <= 0.5. CPU-seconds per step beside them (the bare loop's process time; a finetune.py process's
-CPU-seconds less those of the same run with 0 steps, over its steps) hold on a machine shared with other jobs,
-where wall time does not; at --threads 1 they are the work itself (more threads add OpenMP spin-waits). Also: the cache's build seconds, size and the process's peak memory (RUN/cache/'s
-metadata), peak resident memory of each finetune.py process, one probe pass (mem_analysis.probes.probe_metrics
-on the probe split as finetune.py builds it) as a share of training at the config's --probe_steps, and the
-early warning's scoring of that pass (mem_analysis.early_warning.score_step).
-The figures go to stdout and to --json (default bench/results/train_cache-<preset>-<UTC date>.json).
+cached / bare <= 0.5. CPU-seconds per step beside them (the bare loop's process time per step, finetune.py's own
+`train/cpu_seconds_per_step`) hold on a machine shared with other jobs, where wall time does not; at --threads 1
+they are the work itself (more threads add OpenMP spin-waits). Also: the cache's build seconds, size and the
+process's peak memory (RUN/cache/'s metadata), peak resident memory of each finetune.py process, one probe pass
+(mem_analysis.probes.probe_metrics on the probe split as finetune.py builds it) as a share of training at the
+config's --probe_steps, and the early warning's scoring of that pass (mem_analysis.early_warning.score_step). The
+figures go to stdout and to --json (default bench/results/train_cache-<preset>-<UTC date>.json).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.finetune_runs import ROOT, finetune_record, launch
+from bench.finetune_runs import ROOT, finetune_record
 from mem_analysis.cli import run_command
 from mem_analysis.io import write_text_atomic
 
@@ -51,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line settings."""
     parser = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo_cpu.yaml"),
-                        help="finetune.py config; its `# dataset:` line builds the data")
+                        help="finetune.py config; its `# dataset:` line builds the data unless --dataset is given")
+    parser.add_argument("--dataset", default=None, help="build_duplicated_dataset.py flags, in quotes (default: the "
+                                                        "config's `# dataset:` line)")
     parser.add_argument("--preset", default="tiny", help="mem_analysis.presets model (random weights)")
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the dataset line's)")
     parser.add_argument("--max_images", type=int, default=None, help="fewer source images than the dataset line")
@@ -61,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of each median")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the three loops")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every loop")
+    parser.add_argument("--probe_costs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time one probe pass and the early warning on the probe split")
     parser.add_argument("--work_dir", default=None, help="keep model, data and runs here (default: temporary)")
     parser.add_argument("--json", default=None, help="results file (default bench/results/train_cache-...json)")
     args = parser.parse_args(argv)
@@ -93,7 +98,9 @@ def build_inputs(args, work: Path) -> tuple[Path, Path]:
     if not (model / "model_index.json").is_file():
         build_pipeline(args.preset, seed=0).save_pretrained(model, safe_serialization=True)
     if not (data / "manifest.json").is_file():
-        flags = config_header(Path(args.config), "dataset") or ["--source", "twemoji", "--max_images", "48"]
+        flags = shlex.split(args.dataset) if args.dataset else config_header(Path(args.config), "dataset")
+        if not flags:
+            raise ValueError(f"{args.config} has no `# dataset:` line; give --dataset")
         flags = replaced(replaced(flags, "resolution", args.resolution), "max_images", args.max_images)
         subprocess.run([sys.executable, str(ROOT / "data_scripts" / "build_duplicated_dataset.py"), "--output_dir",
                         str(data), *flags], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -118,9 +125,9 @@ def encode_batch(parts, rows, resolution: int, generator):
     return latents, parts.text_encoder(tokenize(parts.tokenizer, [row["text"] for row in rows]))[0]
 
 
-def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> tuple[list[float], float]:
-    """Wall seconds per step of the bare diffusers-style loop over the train rows in order (see the docstring),
-    and its CPU-seconds per step over all `steps`."""
+def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU-seconds of each step of the bare diffusers-style loop over the train rows in order
+    (see the docstring)."""
     import torch.nn.functional as F
 
     from mem_analysis.data import load_study_dataset
@@ -136,9 +143,9 @@ def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> tu
         add_lora(unet, 4, torch.float32, seed=0)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    generator, times, cpu = torch.Generator().manual_seed(0), [], time.process_time()
+    generator, times, cpu = torch.Generator().manual_seed(0), [], []
     for step in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         latents, hidden = encode_batch(parts, [train[(step * batch + i) % len(train)] for i in range(batch)],
                                        resolution, generator)
         noise = torch.randn(latents.shape, generator=generator)
@@ -149,7 +156,8 @@ def bare_loop(model: Path, data: Path, steps: int, batch: int, lora: bool) -> tu
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return times, (time.process_time() - cpu) / steps
+        cpu.append(time.process_time() - cpu_start)
+    return times, cpu
 
 
 def finetune_flags(args, model: Path, data: Path, output_dir: Path, batch: int, extra=()) -> list[str]:
@@ -204,33 +212,25 @@ def probe_costs(model: Path, data: Path, config: Path, resolution: int) -> dict:
                 warning_first_s=scoring[0], warning_s=min(scoring[1:]))
 
 
-def startup_cpu(args, model: Path, data: Path, output_dir: Path, batch: int, extra, env: dict) -> float:
-    """CPU-seconds of a finetune.py run of 0 steps with these flags: start-up, input cache, final save."""
-    flags = replaced(finetune_flags(args, model, data, output_dir, batch, extra), "max_train_steps", 0)
-    return launch(flags, output_dir.with_suffix(".log"), env=env)["process_cpu_s"]
-
-
 def measure(args, work: Path) -> dict:
     """The three loops in alternating rounds, then the probe costs; every figure of the report. CPU-seconds
-    per step (robust to other jobs' load, at one thread) are the bare loop's process time over its steps, and a
-    finetune.py process's CPU-seconds less those of the same run with 0 steps, over its steps."""
+    per step (robust to other jobs' load, at one thread) are the bare loop's process time per step and
+    finetune.py's own `train/cpu_seconds_per_step`, medians after the warm-up as the wall figures."""
     from mem_analysis.data import load_study_dataset
 
     model, data = build_inputs(args, work)
     batch, env = batch_size(args), {"OMP_NUM_THREADS": str(args.threads)}
     times, cpu = {"bare": [], "cached": [], "uncached": []}, {"bare": [], "cached": [], "uncached": []}
-    records, startup = {"cached": [], "uncached": []}, {}
+    records = {"cached": [], "uncached": []}
     for round_index in range(args.rounds):
         bare_times, bare_cpu = bare_loop(model, data, args.steps, batch, args.lora)
         times["bare"] += bare_times[args.warmup:]
-        cpu["bare"].append(bare_cpu)
+        cpu["bare"] += bare_cpu[args.warmup:]
         for name, extra in (("cached", []), ("uncached", UNCACHED)):
-            if name not in startup:
-                startup[name] = startup_cpu(args, model, data, work / f"{name}-startup", batch, extra, env)
             flags = finetune_flags(args, model, data, work / f"{name}{round_index}", batch, extra)
             record = finetune_record(flags, work / f"{name}{round_index}.log", args.warmup, env=env)
             times[name] += [batch / rate for rate in record["rates"][args.warmup:]]
-            cpu[name].append((record["process_cpu_s"] - startup[name]) / args.steps)
+            cpu[name] += record["cpu_seconds_per_step"][args.warmup:]
             records[name].append(record)
     resolution = load_study_dataset(data)["train"][0]["image"].size[0]
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -241,13 +241,13 @@ def measure(args, work: Path) -> dict:
                 ratios=dict(cached_over_bare=medians["cached"] / medians["bare"],
                             uncached_over_bare=medians["uncached"] / medians["bare"],
                             cached_over_uncached=medians["cached"] / medians["uncached"]),
-                cpu_s_per_step=cpu_s, cpu_s_per_step_all=cpu, startup_cpu_s=startup,
+                cpu_s_per_step=cpu_s, cpu_s_per_step_all=cpu,
                 cpu_ratios=dict(cached_over_bare=cpu_s["cached"] / cpu_s["bare"],
                                 uncached_over_bare=cpu_s["uncached"] / cpu_s["bare"],
                                 cached_over_uncached=cpu_s["cached"] / cpu_s["uncached"]),
                 cache=records["cached"][0]["cache"], rows=len(load_study_dataset(data)["train"]),
                 peak_rss_gib={name: max(r["peak_rss_gib"] for r in rs) for name, rs in records.items()},
-                probes=probe_costs(model, data, Path(args.config), resolution))
+                probes=probe_costs(model, data, Path(args.config), resolution) if args.probe_costs else None)
 
 
 def report(results: dict) -> str:
@@ -263,9 +263,8 @@ def report(results: dict) -> str:
              f"{r['uncached_over_bare']:.3f}",
              f"  cached / uncached                         {r['cached_over_uncached']:9.3f}"]
     c, cr = results["cpu_s_per_step"], results["cpu_ratios"]
-    start = results["startup_cpu_s"]
-    lines.append(f"  CPU-seconds per step (finetune.py less a 0-step run: cached {start['cached']:.1f} s, uncached "
-                 f"{start['uncached']:.1f} s): bare {c['bare']:.3f}, cached {c['cached']:.3f} (/ bare {cr['cached_over_bare']:.3f}), uncached "
+    lines.append(f"  CPU-seconds per step: bare {c['bare']:.3f}, cached {c['cached']:.3f} (/ bare "
+                 f"{cr['cached_over_bare']:.3f}), uncached "
                  f"{c['uncached']:.3f} (/ bare {cr['uncached_over_bare']:.3f}), cached / uncached "
                  f"{cr['cached_over_uncached']:.3f}")
     for name, build in results["cache"].items():
@@ -273,6 +272,8 @@ def report(results: dict) -> str:
                      f"peak {build['peak_memory_gib']:.2f} GiB at the end of the build")
     lines.append(f"  peak resident memory of finetune.py: cached {results['peak_rss_gib']['cached']:.2f} GiB, "
                  f"uncached {results['peak_rss_gib']['uncached']:.2f} GiB")
+    if p is None:
+        return "\n".join(lines)
     share = p["probe_pass_s"] / (p["probe_pass_s"] + p["probe_steps"] * s["cached"]) if p["probe_steps"] else 0.0
     lines.append(f"  one probe pass ({p['probe_samples']} samples): {p['probe_pass_s'] * 1e3:.1f} ms = "
                  f"{p['probe_pass_s'] / s['cached']:.1f} cached steps; share at probe_steps={p['probe_steps']}: "

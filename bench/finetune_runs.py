@@ -2,7 +2,8 @@
 folder it wrote (a library of bench/, no main).
 
 Throughput is finetune.py's own per-step log `train/samples_per_second` (`--logging_steps 1`: time between
-optimizer steps, probes and checkpoints excluded); peak GPU memory its `train/peak_memory_gib` (CUDA only);
+optimizer steps, probes and checkpoints excluded) and `train/cpu_seconds_per_step` (the process's CPU time, which
+holds on a shared machine); peak GPU memory its `train/peak_memory_gib` (CUDA only);
 the input cache's build seconds and size the metadata of RUN/cache/ (mem_analysis.run).
 """
 from __future__ import annotations
@@ -96,6 +97,7 @@ def finetune_record(flags: list[str], log: Path, warmup: int, launcher=None, env
     if not rates:
         raise RuntimeError(f"{output_dir} logged no train/samples_per_second (no optimizer step?)")
     record.update(batch=batch, **summarize(rates, batch * processes, warmup), rates=rates,
+                  cpu_seconds_per_step=scalars(output_dir, "train/cpu_seconds_per_step"),
                   cache=cache_builds(output_dir))
     peaks = scalars(output_dir, "train/peak_memory_gib")
     if peaks:

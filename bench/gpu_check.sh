@@ -3,7 +3,7 @@
 # (tests/test_gpu.py -m gpu; they must pass), then bench/gpu_bench.py on sd15-shape at 512 px in bf16.
 #
 #     bash bench/gpu_check.sh              # on the GPU machine, with .whl/ carried (bench/fetch_gpu_wheels.sh)
-#     bash bench/gpu_check.sh --dry_run    # on a CPU: the same steps end to end at tiny sizes (about a minute)
+#     bash bench/gpu_check.sh --dry_run    # on a CPU: the same steps end to end at tiny sizes (~75 CPU-seconds)
 #
 # Writes, as it goes, <card>-<date>.json (rewritten after every section) and gpu_check-<date>.log (everything
 # printed) into $OUT when set, else bench/results/ (the dry run: $OUT, else a new temporary folder); the

@@ -150,6 +150,7 @@ def test_finetune_run_record(tmp_path):
     assert record["steps"] == 3 and record["warmup_steps"] == 1 and record["batch"] == 4
     assert record["images_per_s"] > 0 and record["step_s_median"] == pytest.approx(4 / record["images_per_s"])
     assert set(record["cache"]) == {"latents", "text_embeddings"} and record["cache"]["latents"]["build_seconds"] > 0
+    assert len(record["cpu_seconds_per_step"]) == 3 and min(record["cpu_seconds_per_step"]) > 0
 
 
 def test_summarize_finetune_rates():

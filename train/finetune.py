@@ -5,10 +5,10 @@
 Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
 Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
 unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
-config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F), checkpoint-N/, the final pipeline,
-probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py), and cache/ (each unique image's
-VAE posterior and each caption's embedding, encoded once before the first step: train/finetune_cache.py).
-The first line says how many CPU threads each process uses (mem_analysis/threads.py).
+config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F),
+checkpoint-N/, the final pipeline, probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py),
+and cache/ (each unique image's VAE posterior and each caption's embedding, encoded once before the first step:
+train/finetune_cache.py). The first line says how many CPU threads each process uses (mem_analysis/threads.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
@@ -218,10 +218,25 @@ class LossWindow:
         self.failed_step = torch.zeros((), device=device)  # 0: every loss so far was finite
         self.failed_loss = torch.zeros((), device=device)
         self.steps, self.start, self.excluded = 0, start, 0.0
+        self.cpu_start, self.cpu_excluded = time.process_time(), 0.0
 
     def seconds(self, now: float) -> float:
         """Training seconds of the window (probes, validation and checkpoints left out)."""
         return now - self.start - self.excluded
+
+    def cpu_seconds(self) -> float:
+        """This process's CPU-seconds in the window (all its threads; probes, validation and checkpoints left
+        out): unlike wall time, what a step costs on a machine shared with other jobs."""
+        return time.process_time() - self.cpu_start - self.cpu_excluded
+
+    def clock(self) -> tuple[float, float]:
+        """(wall, CPU) now, the start of a pause that `exclude_since` leaves out of the window."""
+        return time.perf_counter(), time.process_time()
+
+    def exclude_since(self, paused: tuple[float, float]) -> None:
+        """Leave the time since `paused` (probes, validation, checkpoints) out of the window's seconds."""
+        self.excluded += time.perf_counter() - paused[0]
+        self.cpu_excluded += time.process_time() - paused[1]
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         """Add one micro-step's loss (already divided by the accumulation steps) of optimizer step `step`."""
@@ -244,6 +259,7 @@ class LossWindow:
         """Start a new logging window."""
         self.total.zero_()
         self.steps, self.start, self.excluded = 0, start, 0.0
+        self.cpu_start, self.cpu_excluded = time.process_time(), 0.0
 
 
 def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
@@ -484,6 +500,8 @@ def main(argv=None) -> int:
                         writer.add_scalar("train/loss", mean_loss, global_step)
                         writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
                         writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
+                        writer.add_scalar("train/cpu_seconds_per_step", window.cpu_seconds() / window.steps,
+                                          global_step)
                         if accelerator.device.type == "cuda":  # this process's peak so far (the benches read it)
                             writer.add_scalar("train/peak_memory_gib",
                                               torch.cuda.max_memory_allocated(accelerator.device) / 2**30, global_step)
@@ -494,7 +512,7 @@ def main(argv=None) -> int:
                                 writer.add_scalar(name, value, global_step)
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     window.reset(now)
-            paused = time.perf_counter()
+            paused = window.clock()
             if probe_due:
                 probe_and_log(global_step)
             if validation_due:
@@ -506,7 +524,7 @@ def main(argv=None) -> int:
                                  "distributed_type": str(accelerator.distributed_type),
                                  "use_lora": args.use_lora, "use_ema": args.use_ema,
                                  "run_fingerprint": identity["fingerprint"]})
-            window.excluded += time.perf_counter() - paused  # samples/s counts training time only
+            window.exclude_since(paused)  # samples/s and CPU-seconds per step count training time only
             if global_step >= max_train_steps:
                 break
     progress.close()
