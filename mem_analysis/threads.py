@@ -15,8 +15,9 @@ import os
 
 import torch
 
-# Command-line words of the processes that start training workers and write OMP_NUM_THREADS for them.
-LAUNCHER_WORDS = ("accelerate", "torch.distributed.run", "torchrun", "deepspeed")
+# Command-line words of the processes that start training workers and write OMP_NUM_THREADS for them
+# (train/launch.py runs accelerate's launcher in its own process).
+LAUNCHER_WORDS = ("accelerate", "torch.distributed.run", "torchrun", "deepspeed", "launch.py")
 LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
                         "MV2_COMM_WORLD_LOCAL_SIZE")
 

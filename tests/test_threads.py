@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,17 @@ def test_local_processes_from_the_launchers_variables():
     assert local_processes({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 2
 
 
-@pytest.mark.parametrize("omp", [None, "1"], ids=["unset", "set_to_1"])
-def test_first_line_of_accelerate_launch_reports_the_threads(tiny_model_dir, tiny_dataset_dir, tmp_path, omp):
-    """Without OMP_NUM_THREADS, accelerate launch hands the process 1; training uses the available cores."""
+@pytest.mark.parametrize("launcher,omp", [("accelerate", None), ("accelerate", "1"), ("train/launch.py", None)],
+                         ids=["unset", "set_to_1", "project_launcher_unset"])
+def test_first_line_of_accelerate_launch_reports_the_threads(tiny_model_dir, tiny_dataset_dir, tmp_path, launcher,
+                                                             omp):
+    """Without OMP_NUM_THREADS, accelerate launch (also through train/launch.py) hands the process 1; training
+    uses the available cores."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if omp is not None:
         env["OMP_NUM_THREADS"] = omp
-    done = subprocess.run([*ACCELERATE, "--num_processes", "1", str(ROOT / "train" / "finetune.py"), "--config",
+    start = ACCELERATE if launcher == "accelerate" else [sys.executable, str(ROOT / launcher), *ACCELERATE[2:]]
+    done = subprocess.run([*start, "--num_processes", "1", str(ROOT / "train" / "finetune.py"), "--config",
                            str(ROOT / "configs" / "finetune_tiny.yaml"), "--pretrained_model_name_or_path",
                            str(tiny_model_dir), "--train_data_dir", str(tiny_dataset_dir), "--output_dir",
                            str(tmp_path / "run"), "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
