@@ -273,10 +273,9 @@ UNFINGERPRINTED = frozenset({
     "cache_caption_embeddings", "cache_latents", "cache_train_latents", "train_data_dir"})
 # What training, evaluation and the final save write into a run folder (ARCHITECTURE.md "A training run"):
 # the entries a fresh start removes; anything else in the folder is left where it is.
-# RUN/cache/ is left out: its files carry the fingerprint of what made them, so a fresh start reads them only
-# when they are exactly what it would build, and rebuilds them otherwise.
-RUN_NAMES = (RUN_FILE, CONFIG_FILE, PROBES_FILE, WARNINGS_FILE, PROBE_MU_FILE, LORA_FILE, "model_index.json",
-             "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker")
+RUN_NAMES = (RUN_FILE, CONFIG_FILE, PROBES_FILE, WARNINGS_FILE, PROBE_MU_FILE, LORA_FILE, CACHE_DIR,
+             "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
+             "safety_checker")
 RUN_PATTERNS = (re.compile(r"^checkpoint-\d+(\.tmp)?$"), re.compile(r"^eval(_.+)?$"))
 
 
