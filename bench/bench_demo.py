@@ -2,28 +2,33 @@
 
     python bench/bench_demo.py [--config configs/demo_cpu.yaml] [--vae_steps 20] [--train_steps 20]
                                [--eval_samples 8] [--workdir DIR] [--stages dataset,base_model,train,evaluate]
-    python bench/bench_demo.py --workdir DIR --stages inputs,launch   # caches; 1 vs 2 training processes
+    python bench/bench_demo.py --workdir DIR --stages launch     # 1 vs 2 training processes
     python bench/bench_demo.py --stages setup   # make setup vs pip compiling bytecode itself (new venvs)
     python bench/bench_demo.py --workdir DIR --stages optimizer   # AdamW step: default vs foreach vs fused
     python bench/bench_demo.py --stages auroc   # bootstrap AUROC intervals: vectorised vs scikit-learn per resample
 
-Every figure is CPU-seconds of this process (time.process_time: user + system over all threads),
-not wall time, so it holds on a shared machine. Each stage runs the real code of the demo
-(make_base_model, build_duplicated_dataset, train/finetune.py's main, eval/evaluate_checkpoints.py's
-main, in this process) on a short version, with its parts wrapped by timers that count exclusive time
-(a part inside another is not counted twice). Figures are then scaled to the config:
+Every figure is CPU-seconds (user + system over all threads), not wall time, so it holds on a shared
+machine. Each stage runs the demo's own command for that stage (make_base_model.py, build_duplicated_dataset.py,
+train/finetune.py, eval/evaluate_checkpoints.py) on a short version, in a fresh process under cProfile with a
+CPU-time clock; its parts are read from the profile by function name (the cumulative seconds of the functions
+listed in PARTS, chosen so that none runs inside another), the rest of the process is booked as "other".
+Figures are then scaled to the config:
 - base model: VAE steps x vae_steps / --vae_steps;
 - train: per-step parts x max_train_steps / --train_steps, one probe pass x the probes the config runs,
   one checkpoint write x the checkpoints it writes (the short run probes and checkpoints once each);
 - evaluate: one checkpoint on --eval_samples probe samples, x samples / --eval_samples x the models
   evaluated (base + checkpoints); loading and the report once.
-Process start-up (interpreter + imports of each stage's script) is measured in a child process.
+Process start-up (interpreter + imports of each stage's script) is measured in a child process. The profiler's
+own bookkeeping adds to every part; compare parts of one run, not against a run without the profiler. The
+input pipeline with and without finetune.py's input cache: bench/bench_train.py.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import ast
+import functools
 import os
+import pstats
 import re
 import resource
 import shlex
@@ -36,52 +41,61 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_train import reset_accelerate
+ROOT = Path(__file__).resolve().parents[1]
+# Runs a script as `python SCRIPT ARGS` would, under cProfile with a CPU-time clock, and saves the profile. The
+# script's module is imported first, unprofiled, so its imports are start-up (measured apart), not its parts.
+PROFILED = ("import cProfile, importlib, runpy, sys, time\n"
+            "out, module, sys.argv = sys.argv[1], sys.argv[2], sys.argv[3:]\n"
+            "if module:\n    importlib.import_module(module)\n"
+            "profiler, code = cProfile.Profile(time.process_time), 0\n"
+            "try:\n    profiler.runcall(runpy.run_path, sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as stop:\n    code = stop.code or 0\n"
+            "profiler.dump_stats(out)\nsys.exit(code)")
 
 
-class PartTimer:
-    """Exclusive CPU-seconds per named part: wrap(owner, attr, part) times every call of owner.attr."""
+def profiled(script: str, argv: list, profile: Path) -> pstats.Stats:
+    """Run `python SCRIPT ARGV` from the repository root under cProfile (CPU-time clock), its imports done
+    first outside the profile when it is a module of the repository's packages; its stats."""
+    path = ROOT / script
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts) if path.is_relative_to(ROOT) else ""
+    subprocess.run([sys.executable, "-c", PROFILED, str(profile), module, str(path), *map(str, argv)], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return pstats.Stats(str(profile))
 
-    def __init__(self):
-        self.seconds, self.calls, self.stack, self.undo = {}, {}, [], []
 
-    def wrap(self, owner, attr: str, part: str) -> None:
-        """Replace owner.attr by a timed version (restored by restore())."""
-        original = getattr(owner, attr)
-        timer = self
+@functools.lru_cache(maxsize=None)
+def definition_lines(path: str) -> dict[str, int]:
+    """Qualified name -> first line (the first decorator's, as a code object counts it) of every function."""
+    lines = {}
 
-        def timed(*args, **kwargs):
-            timer.stack.append(0.0)
-            start = time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                elapsed = time.process_time() - start
-                children = timer.stack.pop()
-                timer.seconds[part] = timer.seconds.get(part, 0.0) + elapsed - children
-                timer.calls[part] = timer.calls.get(part, 0) + 1
-                if timer.stack:
-                    timer.stack[-1] += elapsed
+    def visit(node, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if not isinstance(child, ast.ClassDef):
+                    lines[prefix + child.name] = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                visit(child, f"{prefix}{child.name}.")
 
-        setattr(owner, attr, timed)
-        self.undo.append((owner, attr, original))
+    visit(ast.parse(Path(path).read_text()), "")
+    return lines
 
-    def restore(self) -> None:
-        """Put every wrapped attribute back."""
-        for owner, attr, original in reversed(self.undo):
-            setattr(owner, attr, original)
-        self.undo.clear()
 
-    @contextlib.contextmanager
-    def total(self, part_of_rest: str):
-        """Time a block; what no wrapped part took is booked as `part_of_rest`."""
-        start, before = time.process_time(), sum(self.seconds.values())
-        try:
-            yield
-        finally:
-            rest = time.process_time() - start - (sum(self.seconds.values()) - before)
-            self.seconds[part_of_rest] = self.seconds.get(part_of_rest, 0.0) + rest
-            self.restore()
+def part_seconds(stats: pstats.Stats, parts: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """Per part, the cumulative seconds of its functions, each named by (a fragment of its file's path,
+    qualified name); the process's remaining seconds as "other". Parts must not run inside one another."""
+    cumulative = {}
+    for (filename, line, name), (_, _, _, total, _) in stats.stats.items():
+        cumulative[(filename, line, name)] = total
+    seconds = {}
+    for part, functions in parts.items():
+        found = 0.0
+        for fragment, qualname in functions:
+            for (filename, line, name), total in cumulative.items():
+                if fragment in filename and filename.endswith(".py") and name == qualname.split(".")[-1] \
+                        and definition_lines(filename).get(qualname) == line:
+                    found += total
+        seconds[part] = found
+    seconds["other"] = stats.total_tt - sum(seconds.values())
+    return seconds
 
 
 def header(config: Path, name: str) -> list[str]:
@@ -105,32 +119,57 @@ def flag(flags: list[str], name: str, default=None):
 
 def profile_dataset(config: Path, work: Path) -> dict:
     """The dataset stage, run in full (it is short)."""
-    from data_scripts import build_duplicated_dataset
+    stats = profiled("data_scripts/build_duplicated_dataset.py",
+                     ["--output_dir", work / "data", "--overwrite", *header(config, "dataset")], work / "dataset.prof")
+    return {"dataset": {"build dataset": stats.total_tt}}
 
-    timer = PartTimer()
-    with timer.total("build dataset"):
-        build_duplicated_dataset.main(["--output_dir", str(work / "data"), "--overwrite", *header(config, "dataset")])
-    return {"dataset": timer.seconds}
+
+# The parts of each stage: label -> the functions whose cumulative seconds it holds, each (path fragment,
+# qualified name). Chosen so that no part runs inside another.
+BASE_MODEL_PARTS = {"VAE training": [("make_base_model.py", "train_vae")],
+                    "image pool loading": [("make_base_model.py", "load_pool")],
+                    "VAE quality + scaling": [("make_base_model.py", "vae_quality"),
+                                              ("make_base_model.py", "latent_scaling_factor")],
+                    "text encoder training": [("make_base_model.py", "train_text_encoder")],
+                    "UNet pre-training": [("make_base_model.py", "pretrain_unet")]}
+TRAIN_PARTS = {"data loading": [("train/", "TrainExamples.__getitem__")],
+               "input cache build (once)": [("train/", "prepare_train_inputs")],
+               "VAE latents (per step)": [("train/", "ImageLatents.__call__")],
+               "text encoding (per step)": [("train/", "CaptionEmbeddings.__call__")],
+               "UNet forward + loss": [("train/", "diffusion_loss")],
+               "backward": [("accelerate/", "Accelerator.backward")],
+               "optimizer": [("accelerate/", "AcceleratedOptimizer.step")],
+               "probe inputs (once)": [("train/", "build_probe_inputs")],
+               "probes": [("train/", "run_probes")],
+               "checkpoint writes": [("train/", "save_checkpoint")],
+               "final model write": [("train/", "save_final_model")],
+               "model loading": [("mem_analysis/", "load_components")]}
+PER_STEP = ("data loading", "VAE latents (per step)", "text encoding (per step)", "UNet forward + loss", "backward",
+            "optimizer", "other")
+EVALUATE_PARTS = {"probes (M1/M2)": [("mem_analysis/", "probe_rows")],
+                  "sampling (DDIM + CFG)": [("mem_analysis/", "sample_trajectories")],
+                  "decoding": [("mem_analysis/", "decode_latents")],
+                  "severity (M6)": [("mem_analysis/", "severity_scores")],
+                  "metrics (M3-M5)": [("mem_analysis/", "prompt_measurements")],
+                  "checkpoint loading": [("mem_analysis/", "load_checkpoint_unet")],
+                  "table + TensorBoard writes": [("eval/", "store_checkpoint")],
+                  "probe set (once)": [("eval/", "read_probe_set")],
+                  "report + figures": [("eval/markdown.py", "write_report")],
+                  "model loading": [("mem_analysis/", "load_components")]}
 
 
 def profile_base_model(config: Path, work: Path, vae_steps: int) -> dict:
-    """make_base_model with --vae_steps short; VAE training scaled to the config's steps."""
-    from data_scripts import make_base_model
-
+    """make_base_model.py with --vae_steps short; VAE training scaled to the config's steps."""
     flags = header(config, "base_model")
     wanted = int(flag(flags, "--vae_steps", 300))
     flags = [f for i, f in enumerate(flags) if f != "--vae_steps" and (i == 0 or flags[i - 1] != "--vae_steps")]
-    timer = PartTimer()
-    timer.wrap(make_base_model, "train_vae", "VAE training")
-    timer.wrap(make_base_model, "load_pool", "image pool loading")
-    timer.wrap(make_base_model, "vae_quality", "VAE quality + scaling")
-    timer.wrap(make_base_model, "latent_scaling_factor", "VAE quality + scaling")
-    timer.wrap(make_base_model, "pretrain_unet", "UNet pre-training")
-    with timer.total("build + save pipeline"):
-        make_base_model.main(["--output_dir", str(work / "base"), "--overwrite", "--preset", "tiny", *flags,
-                              "--vae_steps", str(vae_steps), "--exclude_dataset", str(work / "data")])
-    timer.seconds["VAE training"] *= wanted / vae_steps
-    return {"base_model": timer.seconds}
+    stats = profiled("data_scripts/make_base_model.py",
+                     ["--output_dir", work / "base", "--overwrite", "--preset", "tiny", *flags, "--vae_steps",
+                      vae_steps, "--exclude_dataset", work / "data"], work / "base_model.prof")
+    seconds = part_seconds(stats, BASE_MODEL_PARTS)
+    seconds["VAE training"] *= wanted / vae_steps
+    seconds["build + save pipeline"] = seconds.pop("other")
+    return {"base_model": seconds}
 
 
 def training_counts(config: Path, work: Path) -> dict:
@@ -154,96 +193,21 @@ def training_counts(config: Path, work: Path) -> dict:
 
 
 def profile_train(config: Path, work: Path, train_steps: int) -> dict:
-    """train/finetune.py's main for --train_steps steps (one probe pass after step 0 and one checkpoint), scaled."""
-    import accelerate.optimizer
-    from accelerate import Accelerator
-    from transformers import CLIPTextModel
-
-    from train import finetune, finetune_data
-
+    """train/finetune.py for --train_steps steps (one probe pass after step 0 and one checkpoint), scaled."""
     counts = training_counts(config, work)
-    timer = PartTimer()
-    per_step = {"data loading": (finetune_data.TrainExamples, "__getitem__"),
-                "VAE encode (train batch)": (finetune_data.ImageLatents, "__call__"),
-                "UNet forward + loss": (finetune, "diffusion_loss"),
-                "backward": (Accelerator, "backward"),
-                "optimizer": (accelerate.optimizer.AcceleratedOptimizer, "step"),
-                "text encoding": (CLIPTextModel, "forward")}
-    for part, (owner, attr) in per_step.items():
-        timer.wrap(owner, attr, part)
-    if hasattr(finetune_data, "CaptionEmbeddings"):  # the cached lookup, when this version has it
-        timer.wrap(finetune_data.CaptionEmbeddings, "__call__", "text encoding")
-    timer.wrap(finetune, "build_probe_inputs", "probe inputs (once)")
-    timer.wrap(finetune, "run_probes", "probes")
-    timer.wrap(finetune, "save_checkpoint", "checkpoint writes")
-    timer.wrap(finetune, "save_final_model", "final model write")
-    timer.wrap(finetune, "load_components", "model loading")
-    reset_accelerate()
     shutil.rmtree(work / "run", ignore_errors=True)  # a folder holds one run (a --workdir may hold the last one's)
-    with timer.total("loop, logging, other"):
-        finetune.main(["--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
-                       "--train_data_dir", str(work / "data"), "--output_dir", str(work / "run"),
-                       "--max_train_steps", str(train_steps), "--probe_steps", str(train_steps),
-                       "--checkpointing_steps", str(train_steps)])
-    scaled = dict(timer.seconds)
-    for part in [*per_step, "loop, logging, other"]:
-        scaled[part] = scaled.get(part, 0.0) * counts["steps"] / train_steps
-    scaled["probes"] = scaled.get("probes", 0.0) / 2 * counts["probes"]  # the short run probed at 0 and at the end
-    scaled["checkpoint writes"] = scaled.get("checkpoint writes", 0.0) * counts["checkpoints"]
+    stats = profiled("train/finetune.py",
+                     ["--config", config, "--pretrained_model_name_or_path", work / "base", "--train_data_dir",
+                      work / "data", "--output_dir", work / "run", "--max_train_steps", train_steps, "--probe_steps",
+                      train_steps, "--checkpointing_steps", train_steps], work / "train.prof")
+    scaled = part_seconds(stats, TRAIN_PARTS)
+    for part in PER_STEP:
+        scaled[part] *= counts["steps"] / train_steps
+    scaled["probes"] = scaled["probes"] / 2 * counts["probes"]  # the short run probed at 0 and at the end
+    scaled["checkpoint writes"] *= counts["checkpoints"]
+    scaled["loop, logging, other"] = scaled.pop("other")
     scaled["start-up (imports)"] = startup_seconds("train.finetune")
     return {"train": scaled}
-
-
-def input_seconds(config: Path, work: Path, cached: bool, steps: int) -> dict:
-    """CPU-seconds of finetune's input pipeline alone (data loading, caption embeddings, VAE latents) over
-    `steps` batches."""
-    from mem_analysis.sd import load_components
-    from train.finetune_config import resolve_config
-    from train.finetune_data import CaptionEmbeddings, EpochSampler, ImageLatents, TrainExamples, load_splits
-
-    flags = ["--cache_caption_embeddings", "--cache_train_pixels", "--cache_train_latents"] if cached else \
-        ["--no-cache_caption_embeddings", "--no-cache_train_pixels", "--no-cache_train_latents"]
-    args = resolve_config(["--config", str(config), "--pretrained_model_name_or_path", str(work / "base"),
-                           "--train_data_dir", str(work / "data"), *flags])
-    train_split, _ = load_splits(args)
-    parts = load_components(args.pretrained_model_name_or_path)
-    data = TrainExamples(train_split, parts.tokenizer, args.resolution or 32, args)
-    sampler = EpochSampler(len(data), args.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, sampler=sampler, drop_last=False)
-    embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings)
-    latents = ImageLatents(parts.vae, args.cache_train_latents)
-    generator = torch.Generator().manual_seed(0)
-    seconds = {"data loading": 0.0, "text encoding": 0.0, "VAE latents": 0.0}
-    done, epoch = 0, 0
-    while done < steps:
-        sampler.set_epoch(epoch)
-        batches = iter(loader)
-        while done < steps:
-            start = time.process_time()
-            batch = next(batches, None)
-            seconds["data loading"] += time.process_time() - start
-            if batch is None:
-                break
-            start = time.process_time()
-            embeddings(batch["input_ids"])
-            seconds["text encoding"] += time.process_time() - start
-            start = time.process_time()
-            latents(batch["pixel_values"], batch["row"], generator)
-            seconds["VAE latents"] += time.process_time() - start
-            done += 1
-        epoch += 1
-    return seconds
-
-
-def compare_inputs(config: Path, work: Path, uncached_steps: int) -> None:
-    """Input pipeline of the whole run with the caches on, beside --uncached_steps without them (scaled)."""
-    steps = training_counts(config, work)["steps"]
-    cached = input_seconds(config, work, True, steps)
-    uncached = {k: v * steps / uncached_steps for k, v in input_seconds(config, work, False, uncached_steps).items()}
-    print(f"\ninput pipeline over the run's {steps} steps, CPU-seconds (same process, one after the other):")
-    for part in cached:
-        print(f"  {part:<14} per batch {uncached[part]:7.1f}   cached {cached[part]:7.1f}   "
-              f"ratio {cached[part] / max(uncached[part], 1e-9):.3f}")
 
 
 def print_alternation(title: str, seconds: dict[str, list[float]], digits: int = 1) -> None:
@@ -358,37 +322,21 @@ def compare_auroc_bootstrap(n_samples: int = 36, n_boot: int = 1000, calls: int 
 
 
 def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -> dict:
-    """evaluate_checkpoints' main on one checkpoint and --eval_samples probe samples, scaled to the demo's."""
+    """evaluate_checkpoints.py on one checkpoint and --eval_samples probe samples, scaled to the demo's."""
     from datasets import load_from_disk
-
-    from eval import evaluate_checkpoints, report
-    from mem_analysis import measure
 
     counts = training_counts(config, work)
     total_samples = len(load_from_disk(str(work / "data"))["probe"])
     models = 1 + counts["checkpoints"]
-    timer = PartTimer()
-    scaled_parts = {"probes (M1/M2)": (evaluate_checkpoints, "probe_rows"),
-                    "sampling (DDIM + CFG)": (measure, "sample_trajectories"),
-                    "decoding": (measure, "decode_latents"),
-                    "severity (M6)": (measure, "severity_scores"),
-                    "metrics (M3-M5)": (measure, "prompt_measurements"),
-                    "checkpoint loading": (evaluate_checkpoints.run, "load_checkpoint_unet"),
-                    "table + TensorBoard writes": (evaluate_checkpoints, "store_checkpoint")}
-    for part, (owner, attr) in scaled_parts.items():
-        timer.wrap(owner, attr, part)
-    timer.wrap(evaluate_checkpoints, "read_probe_set", "probe set (once)")
-    timer.wrap(report, "write_report", "report + figures")
-    timer.wrap(evaluate_checkpoints, "load_components", "model loading")
-    reset_accelerate()
-    with timer.total("other"):
-        evaluate_checkpoints.main(evaluate_checkpoints.parse_args(
-            ["--run_dir", str(work / "run"), "--checkpoints", str(train_steps), "--max_samples", str(samples),
-             *header(config, "evaluate")]))
-    scaled = dict(timer.seconds)
-    for part in scaled_parts:
-        factor = models * (total_samples / samples if part not in ("checkpoint loading",) else 1)
-        scaled[part] = scaled.get(part, 0.0) * factor
+    shutil.rmtree(work / "run" / "eval", ignore_errors=True)  # evaluated afresh, not skipped as done
+    stats = profiled("eval/evaluate_checkpoints.py",
+                     ["--run_dir", work / "run", "--checkpoints", train_steps, "--max_samples", samples,
+                      *header(config, "evaluate")], work / "evaluate.prof")
+    scaled = part_seconds(stats, EVALUATE_PARTS)
+    for part in ("probes (M1/M2)", "sampling (DDIM + CFG)", "decoding", "severity (M6)", "metrics (M3-M5)",
+                 "table + TensorBoard writes"):
+        scaled[part] *= models * total_samples / samples
+    scaled["checkpoint loading"] *= models
     scaled["start-up (imports)"] = startup_seconds("eval.evaluate_checkpoints")
     return {"evaluate": scaled}
 
@@ -396,7 +344,7 @@ def profile_evaluate(config: Path, work: Path, train_steps: int, samples: int) -
 def print_table(stages: dict) -> None:
     """Per-stage, per-part CPU-seconds, largest first, with stage totals and the grand total."""
     grand = sum(sum(parts.values()) for parts in stages.values())
-    print(f"\nCPU-seconds by stage and part (scaled to the config; share of the whole demo):")
+    print("\nCPU-seconds by stage and part (scaled to the config; share of the whole demo):")
     for stage, parts in stages.items():
         total = sum(parts.values())
         print(f"{stage:<12} {total:8.1f}  {100 * total / grand:5.1f} %")
@@ -413,13 +361,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval_samples", type=int, default=8, help="probe samples evaluated (scaled to all)")
     p.add_argument("--workdir", default=None, help="keep the short run here (default: a temporary folder)")
     p.add_argument("--stages", default="dataset,base_model,train,evaluate",
-                   help="stages to profile (and `inputs`: the input pipeline with and without caches; `launch`: "
+                   help="stages to profile (and `launch`: "
                         "training wall time as 1 process x 2 threads vs 2 DDP processes x 1 thread; `setup`: "
                         "make setup's wall time vs pip compiling the bytecode, into new venvs; `optimizer`: AdamW step "
                         "time, default vs foreach vs fused; `auroc`: the report's bootstrap AUROC intervals); "
                         "later ones reuse --workdir's dataset, base model and run")
     p.add_argument("--launch_steps", type=int, default=120, help="training steps of each `launch` run")
-    p.add_argument("--uncached_steps", type=int, default=150, help="steps of the uncached input pipeline (scaled)")
     args = p.parse_args(argv)
     wanted = args.stages.split(",")
     config = Path(args.config)
@@ -433,9 +380,7 @@ def main(argv=None) -> int:
                     "evaluate": lambda: profile_evaluate(config, work, args.train_steps, args.eval_samples)}
         stages = {}
         for name in wanted:
-            if name == "inputs":
-                compare_inputs(config, work, args.uncached_steps)
-            elif name == "launch":
+            if name == "launch":
                 compare_launches(config, work, args.launch_steps)
             elif name == "setup":
                 compare_setups(work)

@@ -72,6 +72,7 @@ from mem_analysis.mitigations import parse_guidance_schedule
 from mem_analysis.sampling import ddim_scheduler
 from mem_analysis.sd import compute_dtype, cut_prompts_line, load_components, tokens_cut
 from mem_analysis.severity import DEFAULT_COPY_RATIO, DEFAULT_THRESHOLDS, LABELS, embed_images, load_sscd
+from mem_analysis.threads import use_cpu_threads
 
 
 @dataclass(frozen=True)
@@ -379,6 +380,7 @@ def main(args):
     settings = resolve_settings(args, config)
     todo, lines, gone = plan_checkpoints(out_dir, run_dir, models, settings)
     accelerator = Accelerator()
+    accelerator.print(use_cpu_threads())  # accelerate launch alone would leave one thread
     is_main = accelerator.is_main_process
     accelerator.wait_for_everyone()  # every process has read the tables before main changes them
     if is_main:

@@ -48,6 +48,7 @@ from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, cut_prompts_line, encode_prompts, load_components, tokens_cut
 from mem_analysis.severity import (BACKENDS, DEFAULT_COPY_RATIO, DEFAULT_THRESHOLDS, LABELS, embed_images, load_sscd,
                                    self_similarity)
+from mem_analysis.threads import use_cpu_threads
 
 KEY = ["prompt_set", "prompt"]
 # Measures that need no reference image (kept for prompts without one when other prompts have one).
@@ -368,6 +369,7 @@ def main(args):
     out_dir = output_folder(args.output_dir)
     done = done_prompts(out_dir, settings)
     accelerator = Accelerator(**({"mixed_precision": args.mixed_precision} if args.mixed_precision else {}))
+    accelerator.print(use_cpu_threads())  # accelerate launch alone would leave one thread
     is_main, device = accelerator.is_main_process, accelerator.device
     # --mixed_precision fp16/bf16 runs the networks in that dtype; metrics accumulate in float32.
     dtype = compute_dtype(accelerator.mixed_precision)

@@ -9,6 +9,9 @@ through them, so the layout is stated once:
     RUN/probe_mu.safetensors      {"mu": the training-set mean latent of the centred k}
     RUN/probes.jsonl              one probe row per (step, sample_id, timestep) (mem_analysis.probes)
     RUN/warnings.jsonl            the early warning per probe step and sample (mem_analysis.early_warning)
+    RUN/cache/latents.safetensors         {"mean", "std"}: each unique training image's VAE posterior
+    RUN/cache/text_embeddings.safetensors {"input_ids", "hidden"}: each distinct caption's text-encoder output
+                                  (both with metadata: the fingerprint of what made them, build seconds and memory)
     RUN/checkpoint-N/             complete once renamed from checkpoint-N.tmp; holds training_state.json
                                   and unet/ (full), unet_ema/ (EMA) or pytorch_lora_weights.safetensors (LoRA);
                                   training_state.json names the run (`run_fingerprint`) and this save (`checkpoint_id`)
@@ -44,6 +47,9 @@ PROBE_MU_FILE = "probe_mu.safetensors"
 STATE_FILE = "training_state.json"
 RUN_FILE = "run.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+CACHE_DIR = "cache"
+LATENT_CACHE_FILE = f"{CACHE_DIR}/latents.safetensors"
+CAPTION_CACHE_FILE = f"{CACHE_DIR}/text_embeddings.safetensors"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # The config.yaml fields that evaluation reads, with their defaults. train/finetune_config.py's flag
@@ -264,11 +270,12 @@ UNFINGERPRINTED = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "dry_run", "max_train_steps", "num_train_epochs",
     "auto_train_passes", "checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers",
     "probe_batch_size", "channels_last", "torch_compile", "gradient_checkpointing", "cache_train_pixels",
-    "cache_caption_embeddings", "cache_train_latents", "train_data_dir"})
+    "cache_caption_embeddings", "cache_latents", "cache_train_latents", "train_data_dir"})
 # What training, evaluation and the final save write into a run folder (ARCHITECTURE.md "A training run"):
 # the entries a fresh start removes; anything else in the folder is left where it is.
-RUN_NAMES = (RUN_FILE, CONFIG_FILE, PROBES_FILE, WARNINGS_FILE, PROBE_MU_FILE, LORA_FILE, "model_index.json",
-             "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor", "safety_checker")
+RUN_NAMES = (RUN_FILE, CONFIG_FILE, PROBES_FILE, WARNINGS_FILE, PROBE_MU_FILE, LORA_FILE, CACHE_DIR,
+             "model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor",
+             "safety_checker")
 RUN_PATTERNS = (re.compile(r"^checkpoint-\d+(\.tmp)?$"), re.compile(r"^eval(_.+)?$"))
 
 
@@ -465,3 +472,33 @@ def folder_step(path: str | Path) -> int | None:
     """N of a folder named checkpoint-N, else None."""
     match = CHECKPOINT_NAME.match(Path(path).name)
     return int(match.group(1)) if match else None
+
+
+def write_cache(run_dir: str | Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """RUN/<name> (LATENT_CACHE_FILE, CAPTION_CACHE_FILE): tensors and string metadata, written atomically."""
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(tmp),
+                  metadata={key: str(value) for key, value in metadata.items()})
+    return path
+
+
+def cache_metadata(run_dir: str | Path, name: str) -> dict[str, str] | None:
+    """The metadata of RUN/<name>, or None when the file is absent or unreadable (a cache is rebuilt then)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / name
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (OSError, ValueError, RuntimeError):  # absent, or not a safetensors file (cut short, edited)
+        return None
+
+
+def read_cache(run_dir: str | Path, name: str, fingerprint: str, device="cpu") -> dict[str, torch.Tensor] | None:
+    """RUN/<name>'s tensors when its metadata holds `fingerprint`, else None (absent, unreadable or stale)."""
+    metadata = cache_metadata(run_dir, name)
+    if metadata is None or metadata.get("fingerprint") != fingerprint:
+        return None
+    return load_file(Path(run_dir) / name, device=str(device))

@@ -74,8 +74,8 @@ def test_training_with_cached_inputs_gives_the_same_losses(tiny_model_dir, tiny_
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     losses = {}
-    caches = {"cached": ["--cache_caption_embeddings", "--cache_train_pixels", "--cache_train_latents"],
-              "encoded": ["--no-cache_caption_embeddings", "--no-cache_train_pixels", "--no-cache_train_latents"]}
+    caches = {"cached": ["--cache_caption_embeddings", "--cache_train_pixels", "--cache_latents"],
+              "encoded": ["--no-cache_caption_embeddings", "--no-cache_train_pixels", "--no-cache_latents"]}
     for name, flags in caches.items():
         run = tmp_path / name
         code = finetune.cli(["--config", str(ROOT / "configs" / "finetune_tiny.yaml"),

@@ -1,8 +1,9 @@
 """bench/gpu_check.sh and the GPU checks (issue 7).
 
-On CPU: the script refuses at once without CUDA and writes nothing; bench/gpu_bench.py's smoke mode
-runs its in-process sections on the tiny preset; bench/gpu_finetune_run.py turns a finetune.py run
-into its throughput record; the carried wheels (when fetched) install as one set for python 3.12.
+On CPU: the script refuses at once without CUDA and writes nothing, and its --dry_run goes through every
+step at tiny sizes; bench/gpu_bench.py's smoke mode runs its in-process sections on the tiny preset;
+bench/finetune_runs.py turns a finetune.py run into its throughput record; the carried wheels (when fetched)
+install as one set for python 3.12.
 Marked `gpu` (skipped without CUDA; bench/gpu_check.sh runs them on the GPU machine first): bf16
 probe numerics against float32 on the sd15-shape UNet within gpu_bench's stated tolerances, SDPA
 as the default attention agreeing with the classic processor, and a bf16 finetune.py run on CUDA.
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_bench, gpu_finetune_run
+from bench import finetune_runs, gpu_bench, gpu_measure, gpu_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,32 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
     assert (sorted(results.iterdir()) if results.exists() else []) == before
 
 
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """`bash bench/gpu_check.sh --dry_run`: the GPU tests step (all skip on a CPU), then the bench at tiny sizes,
+    its JSON and log written into $OUT as it goes and nothing into bench/results/. The sections that
+    test_gpu_bench_smoke_on_cpu runs in process (bare loop, FLOPs, LoRA, numerics) and the further finetune.py
+    variants (the same code path with other flags) are left to the full dry run, to keep this test short."""
+    out = tmp_path / "out"
+    results_dir = ROOT / "bench" / "results"
+    before = sorted(results_dir.iterdir())
+    only = "finetune_cached,eval,toggles,probe_cost,compile"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable, OUT=str(out), GPU_BENCH_ARGS=f"--only {only}")
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry_run"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:]
+    results = json.loads(next(out.glob("cpu-*.json")).read_text())
+    assert results["extra"]["pytest_gpu_exit"] == 0 and "skipped" in results["extra"]["pytest_gpu_summary"]
+    assert set(results["status"]) == {"env", "setup", "dataset", "bare_full", "finetune_cached", "eval", "toggles",
+                                      "probe_cost", "compile"}
+    assert all(status == "ok" for status in results["status"].values()), results["status"]
+    s = results["sections"]
+    assert s["finetune_cached"]["ratio_to_bare"] > 0 and s["finetune_cached"]["cache"]["latents"]["mib"] > 0
+    assert {"fused_adamw", "channels_last", "attention", "bf16_autocast_vs_float32_strict"} <= set(s["toggles"])
+    log = next(out.glob("gpu_check-*.log")).read_text()
+    assert "finetune.py full, input cache" in log and "on / off, bare loop:" in log
+    assert sorted(results_dir.iterdir()) == before
+
+
 def test_gpu_bench_smoke_on_cpu(tmp_path):
     path = tmp_path / "smoke.json"
     status = gpu_bench.main(["--device", "cpu", "--preset", "tiny", "--smoke", "--only",
@@ -69,17 +96,17 @@ def test_gpu_bench_smoke_on_cpu(tmp_path):
     for variant in ("bf16_autocast", "bf16_weights"):
         agreement = s["numerics"][variant]
         assert agreement["within_tolerance"], agreement
-        assert 0 < agreement["max_loss_rel"] <= gpu_bench.LOSS_RTOL  # bf16 really ran: not bitwise float32
-    assert "bare full (batch 4)" in gpu_bench.table(results)
+        assert 0 < agreement["max_loss_rel"] <= gpu_measure.LOSS_RTOL  # bf16 really ran: not bitwise float32
+    assert "bare full (batch 4)" in gpu_table.table(results)
 
 
 def test_k_amplification_matches_x0hat_error():
     """An error d in e_c moves k_cfg_g by g sqrt((1 - abar)/abar) <d, x> / ||x||^2 (uncentred)."""
     alpha_bar = torch.tensor([0.9, 0.5, 0.01])
-    factor = gpu_bench.k_amplification("k_cfg_7.5", [0, 1, 2], alpha_bar)
+    factor = gpu_measure.k_amplification("k_cfg_7.5", [0, 1, 2], alpha_bar)
     expected = (7.5 + 6.5) * ((1 - alpha_bar) / alpha_bar).sqrt()
     assert torch.allclose(factor, expected)
-    assert torch.allclose(gpu_bench.k_amplification("k_uncond", [1], alpha_bar), torch.tensor([1.0]))
+    assert torch.allclose(gpu_measure.k_amplification("k_uncond", [1], alpha_bar), torch.tensor([1.0]))
 
 
 def test_sd15_shape_attention_is_sdpa_by_default():
@@ -103,7 +130,7 @@ def tiny_study(folder: Path) -> tuple[Path, Path]:
     source = folder / "images"
     source.mkdir()
     with open(source / "metadata.jsonl", "w") as handle:
-        for i, image in enumerate(gpu_bench.synthetic_images(24, 32, seed=0)):
+        for i, image in enumerate(gpu_measure.synthetic_images(24, 32, seed=0)):
             image.save(source / f"{i}.png")
             handle.write(json.dumps({"file_name": f"{i}.png", "text": f"colour field {i}"}) + "\n")
     build_duplicated_dataset.main(["--source", str(source), "--output_dir", str(folder / "data"), "--resolution", "32",
@@ -118,20 +145,16 @@ def test_finetune_run_record(tmp_path):
     flags = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
              "--output_dir", str(tmp_path / "run"), "--train_batch_size", "4", "--max_train_steps", "3",
              "--checkpointing_steps", "0", "--probe_steps", "0", "--mixed_precision", "no", "--channels_last"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared CPU: one thread avoids OpenMP spin-waits
-    try:
-        assert gpu_finetune_run.main(["--result", str(result), "--warmup", "1", "--", *flags]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        reset_accelerate()
-    record = json.loads(result.read_text())
+    # a shared CPU: one thread avoids OpenMP spin-waits
+    record = finetune_runs.finetune_record(flags, result.with_suffix(".log"), warmup=1, env={"OMP_NUM_THREADS": "1"})
     assert record["steps"] == 3 and record["warmup_steps"] == 1 and record["batch"] == 4
     assert record["images_per_s"] > 0 and record["step_s_median"] == pytest.approx(4 / record["images_per_s"])
+    assert set(record["cache"]) == {"latents", "text_embeddings"} and record["cache"]["latents"]["build_seconds"] > 0
+    assert len(record["cpu_seconds_per_step"]) == 3 and min(record["cpu_seconds_per_step"]) > 0
 
 
 def test_summarize_finetune_rates():
-    record = gpu_finetune_run.summarize([1.0, 8.0, 4.0, 8.0], samples_per_step=8, warmup=1)
+    record = finetune_runs.summarize([1.0, 8.0, 4.0, 8.0], samples_per_step=8, warmup=1)
     assert record["images_per_s"] == 8.0 and record["first_step_s"] == 8.0
     assert record["images_per_s_overall"] == pytest.approx(3 / (1 / 8 + 1 / 4 + 1 / 8))
 
@@ -184,11 +207,11 @@ def sd15_probe_inputs(samples: int = 2) -> dict:
 @pytest.mark.gpu
 @gpu
 def test_bf16_probe_metrics_agree_with_float32(sd15_unet):
-    agreement = gpu_bench.probe_precision_agreement(sd15_unet, sd15_probe_inputs())
+    agreement = gpu_measure.probe_precision_agreement(sd15_unet, sd15_probe_inputs())
     for variant in ("bf16_autocast", "bf16_weights"):
         a = agreement[variant]
-        print(f"{variant}: max loss rel diff {a['max_loss_rel']:.2e} (tolerance {gpu_bench.LOSS_RTOL}), "
-              f"max k abs diff {a['max_k_abs']:.2e}, scaled {a['max_k_scaled']:.2e} (tolerance {gpu_bench.K_ATOL})")
+        print(f"{variant}: max loss rel diff {a['max_loss_rel']:.2e} (tolerance {gpu_measure.LOSS_RTOL}), "
+              f"max k abs diff {a['max_k_abs']:.2e}, scaled {a['max_k_scaled']:.2e} (tolerance {gpu_measure.K_ATOL})")
         assert a["within_tolerance"], a
         assert a["max_loss_rel"] > 0  # bf16 really ran
 
@@ -204,7 +227,7 @@ def test_sdpa_is_default_and_agrees_with_classic_attention(sd15_unet):
     x = torch.randn(2, 4, 64, 64, generator=generator).cuda()
     hidden = torch.randn(2, 77, 768, generator=generator).cuda()
     t = torch.tensor([100, 800], device="cuda")
-    with torch.no_grad(), gpu_bench.tf32(False, False):
+    with torch.no_grad(), gpu_measure.tf32(False, False):
         sdpa = sd15_unet(x, t, hidden).sample
         sd15_unet.set_attn_processor(AttnProcessor())
         try:
@@ -223,7 +246,7 @@ def test_finetune_bf16_on_cuda(tmp_path):
     from train import finetune
 
     model, data = tiny_study(tmp_path)
-    extra = [f"--{flag}" for flag in ("channels_last", "allow_tf32") if gpu_bench.finetune_has(flag)]
+    extra = ["--channels_last", "--allow_tf32"]
     run = tmp_path / "run"
     try:
         status = finetune.main(["--pretrained_model_name_or_path", str(model), "--train_data_dir",

@@ -61,7 +61,7 @@ def drop_fingerprints(run_dir: Path) -> None:
 
 # case -> (change to the copied run, extra flags, message; RUN is the copy's path)
 CASES = {
-    "trained again": (None, (), "--output_dir RUN already holds a run (checkpoint-2, checkpoint-4, config.yaml, logs, "
+    "trained again": (None, (), "--output_dir RUN already holds a run (cache, checkpoint-2, checkpoint-4, config.yaml, "
                       "...); continue it with --resume_from_checkpoint latest, start afresh with --overwrite_output_dir "
                       "(deletes it), or choose another --output_dir"),
     "resumed with other flags": (None, ("--learning_rate", "5e-4", "--resume_from_checkpoint", "latest"),

@@ -5,8 +5,10 @@
 Flags (train/finetune_config.py, `--help`) override the YAML, whose keys must be flag names.
 Full or LoRA fine-tuning, optional EMA, caption dropout (`--proportion_empty_prompts`) so that the
 unconditional branch CFG relies on is trained. Outputs (ARCHITECTURE.md "A training run"):
-config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F), checkpoint-N/, the final pipeline, and
-probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py).
+config.yaml, probes.jsonl, logs/finetune (TensorBoard; probe means in one run per factor, logs/finetune/dup_F),
+checkpoint-N/, the final pipeline, probe_mu.safetensors (the `mu` of the centred k, see train/finetune_data.py),
+and cache/ (each unique image's VAE posterior and each caption's embedding, encoded once before the first step:
+train/finetune_cache.py). The first line says how many CPU threads each process uses (mem_analysis/threads.py).
 
 Probes: at step 0 and every `--probe_steps` steps, every probe-split sample is noised at each
 `--probe_timesteps` with noise fixed by (probe_seed, sample_id, timestep), and
@@ -49,11 +51,12 @@ from mem_analysis.probes import probe_metrics
 from mem_analysis.schedule import alpha_bar_from_scheduler
 from mem_analysis.sd import compute_dtype, encode_prompts, load_components
 from train.finetune_config import ConfigError, TrainingError, preflight, resolve_train_steps
-from train.finetune_data import (CaptionEmbeddings, EarlyWarningLog, EpochSampler, ImageLatents, TrainExamples,
-                                 bounded_captions, build_probe_inputs, load_splits, long_captions_line, probe_scalars,
-                                 row_sampling_weights, warning_scalars)
-from train.finetune_state import (add_lora, load_resume_state, log_validation, register_hooks, save_checkpoint,
-                                  save_final_model, start_run_folder, zero3_init_disabled)
+from mem_analysis.threads import use_cpu_threads
+from train.finetune_cache import cache_plan, prepare_train_inputs
+from train.finetune_data import (EarlyWarningLog, EpochSampler, TrainExamples, build_probe_inputs, load_splits,
+                                 long_captions_line, probe_scalars, row_sampling_weights, warning_scalars)
+from train.finetune_state import (add_lora, checkpoint_writer, load_resume_state, log_validation, register_hooks,
+                                  save_checkpoint, save_final_model, start_run_folder, zero3_init_disabled)
 
 
 def build_accelerator(args) -> Accelerator:
@@ -215,10 +218,25 @@ class LossWindow:
         self.failed_step = torch.zeros((), device=device)  # 0: every loss so far was finite
         self.failed_loss = torch.zeros((), device=device)
         self.steps, self.start, self.excluded = 0, start, 0.0
+        self.cpu_start, self.cpu_excluded = time.process_time(), 0.0
 
     def seconds(self, now: float) -> float:
         """Training seconds of the window (probes, validation and checkpoints left out)."""
         return now - self.start - self.excluded
+
+    def cpu_seconds(self) -> float:
+        """This process's CPU-seconds in the window (all its threads; probes, validation and checkpoints left
+        out): unlike wall time, what a step costs on a machine shared with other jobs."""
+        return time.process_time() - self.cpu_start - self.cpu_excluded
+
+    def clock(self) -> tuple[float, float]:
+        """(wall, CPU) now, the start of a pause that `exclude_since` leaves out of the window."""
+        return time.perf_counter(), time.process_time()
+
+    def exclude_since(self, paused: tuple[float, float]) -> None:
+        """Leave the time since `paused` (probes, validation, checkpoints) out of the window's seconds."""
+        self.excluded += time.perf_counter() - paused[0]
+        self.cpu_excluded += time.process_time() - paused[1]
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         """Add one micro-step's loss (already divided by the accumulation steps) of optimizer step `step`."""
@@ -241,6 +259,7 @@ class LossWindow:
         """Start a new logging window."""
         self.total.zero_()
         self.steps, self.start, self.excluded = 0, start, 0.0
+        self.cpu_start, self.cpu_excluded = time.process_time(), 0.0
 
 
 def run_probes(unet, probe, args, step: int, accelerator) -> list[dict]:
@@ -260,6 +279,7 @@ def main(argv=None) -> int:
     args, identity, stale, resume_path = preflight(argv)
     output_dir = Path(args.output_dir)
     accelerator = build_accelerator(args)
+    accelerator.print(use_cpu_threads())  # before any work: accelerate launch alone would leave one thread
     rank, main_process = accelerator.process_index, accelerator.is_main_process
     zero_stage = (accelerator.state.deepspeed_plugin.zero_stage
                   if accelerator.distributed_type == DistributedType.DEEPSPEED else None)
@@ -350,7 +370,8 @@ def main(argv=None) -> int:
                   f"{num_epochs} epoch(s); checkpoints every {args.checkpointing_steps or 'never'}, probes every "
                   f"{args.probe_steps or 'never'} on {len(args.probe_timesteps)} timesteps; resume "
                   f"{resume_path or 'none'}; output {output_dir}"
-                  + (f" (a fresh start would delete the old run's {len(stale)} entries)" if stale else ""))
+                  + (f" (a fresh start would delete the old run's {len(stale)} entries)" if stale else "")
+                  + f"\n[dry run] {cache_plan(args)}")
         return 0
 
     global_step = 0
@@ -379,18 +400,19 @@ def main(argv=None) -> int:
     # Per-step scalars go straight to the writer: accelerator.log flushes the event file on every call.
     writer = accelerator.get_tracker("tensorboard", unwrap=True) if main_process else None
     factor_writers = FactorWriters(output_dir / args.logging_dir / "finetune", purge_step) if main_process else None
+    # Each unique image's posterior and each caption's embedding, encoded once (or read back from RUN/cache/).
+    inputs = prepare_train_inputs(train_data, train_split, parts, args, accelerator, output_dir,
+                                  checkpoint_writer(accelerator), need_mu=bool(args.probe_steps))
+    for line in inputs.lines:
+        accelerator.print(line)
     probe = None
     if args.probe_steps:
-        probe = build_probe_inputs(probe_split, train_data, parts, args, accelerator, resolution)
+        probe = build_probe_inputs(probe_split, parts, args, accelerator, resolution, inputs.mu)
         probe.alpha_bar = alpha_bar_from_scheduler(noise_scheduler)
         probe.prediction_type = noise_scheduler.config.prediction_type
         if main_process:
             run.save_probe_mu(output_dir, probe.mu)
     uncond_hidden = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
-    # Random-word / random-number caption augmentation makes nearly every caption new: no cache then.
-    caption_embeddings = CaptionEmbeddings(parts.text_encoder, args.cache_caption_embeddings and bounded_captions(args))
-    # A row's posterior is fixed only when its pixels are (the pixel cache's own condition).
-    image_latents = ImageLatents(parts.vae, args.cache_train_latents and train_data.pixel_cache is not None)
 
     def probe_and_log(step: int) -> None:
         """Probe rows to probes.jsonl, early-warning scores to warnings.jsonl, per-dup-factor means and
@@ -430,9 +452,9 @@ def main(argv=None) -> int:
             micro_step = epoch * batches_per_epoch + batch_index
             generator = step_generator(args.seed, rank, micro_step, accelerator.device)
             with accelerator.accumulate(unet):
-                latents = image_latents(batch["pixel_values"], batch["row"], generator)
+                latents = inputs.image_latents(batch.get("pixel_values"), batch["image"], generator)
                 # Embedding noise is drawn after the cache lookup, so every use of a caption gets fresh noise.
-                hidden = mitigate_embeddings(caption_embeddings(batch["input_ids"]), args, rank, micro_step)
+                hidden = mitigate_embeddings(inputs.caption_embeddings(batch["input_ids"]), args, rank, micro_step)
                 # Caption dropout trains the unconditional branch that CFG extrapolates from.
                 drop = torch.rand(hidden.shape[0], generator=generator, device=hidden.device)
                 hidden = torch.where((drop < args.proportion_empty_prompts)[:, None, None], uncond_hidden, hidden)
@@ -478,6 +500,11 @@ def main(argv=None) -> int:
                         writer.add_scalar("train/loss", mean_loss, global_step)
                         writer.add_scalar("train/lr", lr_scheduler.get_last_lr()[0], global_step)
                         writer.add_scalar("train/samples_per_second", samples / window.seconds(now), global_step)
+                        writer.add_scalar("train/cpu_seconds_per_step", window.cpu_seconds() / window.steps,
+                                          global_step)
+                        if accelerator.device.type == "cuda":  # this process's peak so far (the benches read it)
+                            writer.add_scalar("train/peak_memory_gib",
+                                              torch.cuda.max_memory_allocated(accelerator.device) / 2**30, global_step)
                     if wen_window is not None:  # read on every process (a gather when there are several)
                         wen_values = {f"train/{k}": v for k, v in wen_window.read(accelerator).items()}
                         if writer is not None:  # per-factor shares into the runs logs/finetune/dup_F
@@ -485,7 +512,7 @@ def main(argv=None) -> int:
                                 writer.add_scalar(name, value, global_step)
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     window.reset(now)
-            paused = time.perf_counter()
+            paused = window.clock()
             if probe_due:
                 probe_and_log(global_step)
             if validation_due:
@@ -497,7 +524,7 @@ def main(argv=None) -> int:
                                  "distributed_type": str(accelerator.distributed_type),
                                  "use_lora": args.use_lora, "use_ema": args.use_ema,
                                  "run_fingerprint": identity["fingerprint"]})
-            window.excluded += time.perf_counter() - paused  # samples/s counts training time only
+            window.exclude_since(paused)  # samples/s and CPU-seconds per step count training time only
             if global_step >= max_train_steps:
                 break
     progress.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import yaml
@@ -79,8 +80,8 @@ FLAGS = {
     "resolution": (None, optional(int), "training resolution (default: the UNet's sample_size x VAE factor)"),
     "center_crop": (True, boolean, "centre crop (else random crop)"),
     "random_flip": (False, boolean, "random horizontal flip"),
-    "cache_train_pixels": (False, boolean, "keep each row's preprocessed pixels in memory after its first use "
-                           "(only without random crop/flip; small datasets)"),
+    "cache_train_pixels": (False, boolean, "with --no-cache_latents: keep each row's preprocessed pixels in memory "
+                           "after its first use (only without random crop/flip; small datasets)"),
     "max_train_samples": (None, optional(int), "truncate the train split (debugging)"),
     # training
     "output_dir": ("finetune-output", str, "run folder"),
@@ -109,10 +110,12 @@ FLAGS = {
     "snr_gamma": (None, optional(float), "Min-SNR loss weighting gamma (5.0 recommended)"),
     "noise_offset": (0.0, float, "noise offset"),
     "proportion_empty_prompts": (0.1, float, "share of captions replaced by '' so CFG's unconditional branch is trained"),
-    "cache_caption_embeddings": (True, boolean, "encode each distinct caption once (the text encoder is frozen); "
-                                 "off: encode every batch (also off with a random caption_augmentation)"),
-    "cache_train_latents": (True, boolean, "encode each row's VAE posterior once and sample it each step (the VAE "
-                            "is frozen); needs --cache_train_pixels, off with random crop or flip"),
+    "cache_latents": (True, boolean, "encode each unique image's VAE posterior once before the first step "
+                      "(RUN/cache/, reused on resume) and sample it each step; used where exact (centre crop, no "
+                      "random flip: the VAE is frozen); off: encode every batch"),
+    "cache_caption_embeddings": (True, boolean, "encode each distinct caption once before the first step "
+                                 "(RUN/cache/, reused on resume; the text encoder is frozen); off: encode every batch "
+                                 "(also off with a random-word or random-number caption_augmentation)"),
     "use_lora": (RUN_DEFAULTS["use_lora"], boolean, "train LoRA adapters (peft) instead of the full UNet"),
     "rank": (4, int, "LoRA rank"),
     "use_ema": (RUN_DEFAULTS["use_ema"], boolean, "keep an EMA of the UNet weights"),
@@ -162,6 +165,8 @@ FLAGS = {
 
 
 LIST_FLAGS = {"validation_prompts", "probe_timesteps", "probe_guidance_scales"}
+# Old flag and YAML key names still read, each with a one-line notice: old name -> flag that replaced it.
+DEPRECATED_FLAGS = {"cache_train_latents": "cache_latents"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{name}", nargs="+", default=None, help=f"{text} (default {default})")
         else:
             parser.add_argument(f"--{name}", default=None, help=f"{text} (default {default})")
+    for old, name in DEPRECATED_FLAGS.items():
+        parser.add_argument(f"--{old}", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"deprecated: use --{name}")
     return parser
+
+
+def renamed(values: dict, where: str) -> dict:
+    """`values` with deprecated names replaced by their flags, each replacement announced in one line on stderr."""
+    for old, name in DEPRECATED_FLAGS.items():
+        if values.get(old) is not None:
+            print(f"finetune.py: {where}{old} is deprecated; read as {name} (same meaning)", file=sys.stderr)
+            if values.get(name) is None:
+                values[name] = values[old]
+        values.pop(old, None)
+    return values
 
 
 def convert(name: str, value):
@@ -191,7 +210,7 @@ def convert(name: str, value):
 
 def resolve_config(argv=None) -> argparse.Namespace:
     """Defaults, then the YAML of `--config`, then command-line flags; checks keys and values."""
-    given = vars(build_parser().parse_args(argv))
+    given = renamed(vars(build_parser().parse_args(argv)), "--")
     config = {name: default for name, (default, _, _) in FLAGS.items()}
     config_path = given.pop("config")
     if config_path:
@@ -201,6 +220,7 @@ def resolve_config(argv=None) -> argparse.Namespace:
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of flag names to values")
+        loaded = renamed(dict(loaded), f"{path}: key ")
         unknown = sorted(set(loaded) - set(FLAGS))
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; keys must be flag names "

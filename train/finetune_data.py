@@ -1,9 +1,9 @@
 """Data of train/finetune.py: training examples in a resumable order, and the fixed probe inputs.
 
-Probe inputs are computed once: probe latents are VAE posterior means, captions go through
-the frozen text encoder once, and `mu` (for the centred k of M2) is the mean posterior-mean
-latent over the rows of the train split, duplicates counted as trained (saved as
-`output_dir/probe_mu.safetensors`).
+Probe inputs are computed once: probe latents are VAE posterior means and captions go through
+the frozen text encoder once; `mu` (for the centred k of M2, the mean posterior-mean latent over the
+rows of the train split, duplicates counted as trained; saved as `output_dir/probe_mu.safetensors`)
+comes from the unique images' posteriors (train/finetune_cache.py).
 """
 from __future__ import annotations
 
@@ -127,6 +127,7 @@ class TrainExamples(torch.utils.data.Dataset):
         # Without random crop or flip a row's pixels never change, so --cache_train_pixels keeps them.
         self.pixel_cache = {} if args.cache_train_pixels and args.center_crop and not args.random_flip else None
         self.token_cache = {}
+        self.row_image = None  # set by use_image_index: rows then carry their image's index, not pixels
         kind = getattr(args, "caption_augmentation", None)
         self.vocabulary = caption_vocabulary(tokenizer) if kind == "rand_word_add" else ()
         self.alternatives = captions_by_sample(split, args.caption_column) if kind == "multiple_captions" else {}
@@ -159,7 +160,13 @@ class TrainExamples(torch.utils.data.Dataset):
             input_ids = tokenize(self.tokenizer, [caption])[0]
             if caption == original or bounded_captions(self.args):  # random-word captions are not kept
                 self.token_cache[caption] = input_ids
-        return {"pixel_values": self.row_pixels(index, rng), "input_ids": input_ids, "row": index}
+        if self.row_image is not None:  # the latent cache holds this image's posterior: no pixels decoded
+            return {"image": self.row_image[index], "input_ids": input_ids, "row": index}
+        return {"pixel_values": self.row_pixels(index, rng), "image": index, "input_ids": input_ids, "row": index}
+
+    def use_image_index(self, row_image: list[int]) -> None:
+        """Yield each row's unique-image index (finetune_cache.ImageIndex.row_image) instead of its pixels."""
+        self.row_image = row_image
 
     def row_pixels(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         """Row `index`'s training pixels, decoded once per row when they are cached."""
@@ -219,6 +226,10 @@ class CaptionEmbeddings:
     def __init__(self, text_encoder, cache: bool = True):
         self.text_encoder, self.cache, self.stored = text_encoder, cache, {}
 
+    def preload(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Store already encoded rows: (M, L) token ids and their (M, L, D) hidden states."""
+        self.stored.update(zip((tuple(row) for row in input_ids.tolist()), hidden.unbind(0)))
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids -> (N, L, D) hidden states."""
@@ -234,24 +245,30 @@ class CaptionEmbeddings:
 
 
 class ImageLatents:
-    """Frozen VAE posteriors of the training rows, each row encoded once and then sampled afresh.
+    """Frozen VAE posteriors of the training images, each image encoded once and then sampled afresh.
 
-    Without random crop or flip a row's pixels never change and the VAE is frozen, so its posterior
+    Without random crop or flip an image's pixels never change and the VAE is frozen, so its posterior
     N(mean, std^2) is fixed: a lookup draws `mean + std * noise` with the noise drawn as diffusers'
     `DiagonalGaussianDistribution.sample` draws it (same generator, shape and order), and returns the
-    scaled latents that `encode_images(..., sample=True)` of the batch would. With `cache=False`
-    every call encodes its batch.
+    scaled latents that `encode_images(..., sample=True)` of the batch would. Keys name images (finetune
+    preloads every unique image's posterior before the first step, train/finetune_cache.py; a key not
+    stored is encoded from its pixels on first use). With `cache=False` every call encodes its batch.
     """
 
     def __init__(self, vae, cache: bool = True):
         self.vae, self.cache, self.stored = vae, cache, {}
 
+    def preload(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the (K, C, h, w) posteriors of images 0..K-1."""
+        self.stored.update(enumerate(zip(mean.unbind(0), std.unbind(0))))
+
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(N, 3, H, W) pixels of rows `rows` -> (N, 4, h, w) sampled latents times the VAE's scaling factor."""
+    def __call__(self, pixels: torch.Tensor | None, keys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(N, 3, H, W) pixels of images `keys` (None when all are stored) -> (N, 4, h, w) sampled latents
+        times the VAE's scaling factor."""
         if not self.cache:
             return encode_images(self.vae, pixels, generator, sample=True)
-        keys = [int(row) for row in rows]
+        keys = [int(key) for key in keys]
         missing = [i for i, key in enumerate(keys) if key not in self.stored and key not in keys[:i]]
         if missing:
             posterior = self.vae.encode(pixels[missing].to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
@@ -279,26 +296,8 @@ class ProbeInputs:
 
 
 @torch.no_grad()
-def train_mean_latent(train_data: TrainExamples, vae, accelerator, batch_size: int) -> torch.Tensor:
-    """`mu`: mean VAE posterior-mean latent over all train rows (each process encodes rows rank::world)."""
-    rows = list(range(accelerator.process_index, len(train_data), accelerator.num_processes))
-    total, count = None, torch.zeros((), device=accelerator.device)
-    for start in range(0, len(rows), batch_size):
-        pixels = torch.stack([train_data.pixels(i) for i in rows[start:start + batch_size]])
-        latents = encode_images(vae, pixels).float()
-        total = latents.sum(0) if total is None else total + latents.sum(0)
-        count += latents.shape[0]
-    if total is None:  # more processes than rows
-        probe_shape = encode_images(vae, train_data.pixels(0)[None]).shape[1:]
-        total = torch.zeros(probe_shape, device=accelerator.device)
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return (total / count).cpu()
-
-
-@torch.no_grad()
-def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, accelerator, resolution: int
-                       ) -> ProbeInputs:
-    """Latents, caption embeddings, fixed noise and mu for this process's probe shard."""
+def build_probe_inputs(probe_split, parts, args, accelerator, resolution: int, mu: torch.Tensor) -> ProbeInputs:
+    """Latents, caption embeddings and fixed noise for this process's probe shard, with the run's `mu`."""
     size = len(probe_split)
     per_process = math.ceil(size / accelerator.num_processes)
     wanted = range(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
@@ -312,7 +311,6 @@ def build_probe_inputs(probe_split, train_data: TrainExamples, parts, args, acce
     uncond = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
     sample_ids = [int(s) for s in shard["sample_id"]]
     noise = probe_noise(sample_ids, args.probe_timesteps, latents.shape[1:], args.probe_seed)
-    mu = train_mean_latent(train_data, parts.vae, accelerator, args.probe_batch_size)
     return ProbeInputs(sample_ids, [int(d) for d in shard["dup_factor"]], [i < size for i in wanted],
                        latents, cond, uncond, noise, mu)
 

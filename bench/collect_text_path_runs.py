@@ -1,11 +1,14 @@
-"""Evaluated runs side by side at their last checkpoint: per duplication factor, the memorized fraction of
-seeds (the run's label), the share over the similarity threshold, mean severity, nearest-neighbour identity,
-k_0 of the sampler's first step and Wen's magnitude ||e_c - e_0|| (columns a run's tables lack are left out);
-the D_x-severity Pearson r; and the caption separation make_base_model.py recorded for the run's base model.
+"""Collect demo runs' figures into one markdown table (not a benchmark: the record of the text-path runs,
+bench/results/text_path/h200_demo_runs.md). Per run, at its last checkpoint and per duplication factor: the
+memorized fraction of seeds (the run's label), the share over the similarity threshold, mean severity,
+nearest-neighbour identity, k_0 of the sampler's first step and Wen's magnitude ||e_c - e_0|| (columns a run's
+tables lack are left out); the D_x-severity Pearson r; and the caption separation make_base_model.py recorded for
+the run's base model.
 
-    python bench/compare_runs.py NAME=DEMO_DIR [NAME=DEMO_DIR ...] [--output table.md]
+    python bench/collect_text_path_runs.py NAME=DEMO_DIR [NAME=DEMO_DIR ...] [--output table.md]
 
-Each DEMO_DIR is a demo folder (`base/`, `run/eval/` as data_scripts/demo.sh writes them).
+Each DEMO_DIR is a demo folder (`base/`, `run/eval/` as data_scripts/demo.sh writes them). A NAME=DEMO_DIR that
+is not one is bad input: one line on stderr, exit status 2, nothing written.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mem_analysis.cli import run_command
+from mem_analysis.io import write_text_atomic
 
 COLUMNS = dict(memorized_fraction="memorized", similarity_fraction="over the similarity threshold",
                severity="severity", sev_nn_identity="NN identity", k0_first="k_0 first step",
@@ -58,7 +64,7 @@ def compare(runs: dict[str, Path]) -> str:
 
 def main(argv=None) -> int:
     """Print the table (and write it with --output)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="collect_text_path_runs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="NAME=DEMO_DIR")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
@@ -66,14 +72,14 @@ def main(argv=None) -> int:
     for item in args.runs:
         name, _, folder = item.partition("=")
         if not folder or not (Path(folder) / "run" / "eval" / "per_sample.csv").is_file():
-            raise SystemExit(f"compare_runs: error: {item!r} is not NAME=DEMO_DIR with run/eval/per_sample.csv")
+            raise ValueError(f"{item!r} is not NAME=DEMO_DIR with run/eval/per_sample.csv")
         runs[name] = Path(folder)
     table = compare(runs)
     print(table)
     if args.output:
-        Path(args.output).write_text(table + "\n")
+        write_text_atomic(args.output, table + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "collect_text_path_runs.py"))
