@@ -292,7 +292,7 @@ def section_eval(ctx: Context) -> dict:
                                                        s["eval_batch"]))
         ours_times.append(t_ours)
         plain_times.append(t_plain)
-    del pipe, components
+    pipe = components = None  # dropped before free_memory (the timed lambdas close over them)
     free_memory()
     n_images = len(prompts) * len(seeds)
     ours, plain = min(ours_times), min(plain_times)
