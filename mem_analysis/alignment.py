@@ -63,9 +63,16 @@ def noise_alignment(e_c: torch.Tensor, e_0: torch.Tensor, x: torch.Tensor, x_t: 
     return out
 
 
+def guidance_norm(e_c: torch.Tensor, e_0: torch.Tensor, latent_ndim: int = 3) -> torch.Tensor:
+    """The text guidance's size `||e_c - e_0||_2` over the last `latent_ndim` dims; (*lead,) in their dtype."""
+    if e_c.shape != e_0.shape or e_c.ndim <= latent_ndim:
+        raise ValueError(f"e_c {tuple(e_c.shape)} and e_0 {tuple(e_0.shape)} must match and be (..., *latent)")
+    return (e_c - e_0).flatten(-latent_ndim).norm(dim=-1)
+
+
 def wen_magnitude(e_c: torch.Tensor, e_0: torch.Tensor, first_steps: int | None = None,
                   latent_ndim: int = 3) -> torch.Tensor:
-    """Wen et al. (ICLR 2024): `mean_{k < first_steps} ||e_c[..., k] - e_0[..., k]||_2`.
+    """Wen et al. (ICLR 2024): `mean_{k < first_steps} ||e_c[..., k] - e_0[..., k]||_2` (guidance_norm per step).
 
     `e_c`, `e_0` (*lead, K, *latent) with the sampling steps as the last leading dim;
     returns (*lead,) float64 (all K steps when `first_steps` is None).
@@ -76,5 +83,5 @@ def wen_magnitude(e_c: torch.Tensor, e_0: torch.Tensor, first_steps: int | None 
     first = K if first_steps is None else int(first_steps)
     if not 1 <= first <= K:
         raise ValueError(f"first_steps must be in [1, {K}], got {first_steps}")
-    diff = (e_c - e_0).narrow(-latent_ndim - 1, 0, first).double()
-    return diff.pow(2).sum(tuple(range(-latent_ndim, 0))).sqrt().mean(-1)
+    steps = lambda e: e.narrow(-latent_ndim - 1, 0, first).double()  # noqa: E731
+    return guidance_norm(steps(e_c), steps(e_0), latent_ndim).mean(-1)

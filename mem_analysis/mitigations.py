@@ -22,13 +22,6 @@ CAPTION_AUGMENTATIONS = ("rand_word_add", "rand_word_repeat", "rand_numbers_add"
 GUIDANCE_SCHEDULES = ("constant", "delay:T0", "linear")
 
 
-def wen_example_magnitude(e_c: torch.Tensor, e_0: torch.Tensor) -> torch.Tensor:
-    """Per example `m_i = ||e_c[i] - e_0[i]||_2` over the flattened latent; (B, *latent) -> (B,) float32."""
-    if e_c.shape != e_0.shape or e_c.ndim < 2:
-        raise ValueError(f"e_c {tuple(e_c.shape)} and e_0 {tuple(e_0.shape)} must match and be (batch, ...)")
-    return (e_c.float() - e_0.float()).flatten(1).norm(dim=1)
-
-
 def wen_epsilon_magnitude(out_c: torch.Tensor, out_0: torch.Tensor, x_t: torch.Tensor, alpha_bar,
                           prediction_type: str = "epsilon") -> torch.Tensor:
     """`||e_c - e_0||` in epsilon space from the model's outputs (`to_epsilon` on both branches), (B,) float32.
@@ -36,10 +29,11 @@ def wen_epsilon_magnitude(out_c: torch.Tensor, out_0: torch.Tensor, x_t: torch.T
     The probes' `text_magnitude` (the calibration's values) is in epsilon space, so the filter is too:
     for v-prediction `e = sqrt(abar) v + sqrt(1 - abar) x_t`, hence `e_c - e_0 = sqrt(abar_t) (v_c - v_0)`.
     """
+    from mem_analysis.alignment import guidance_norm
     from mem_analysis.schedule import to_epsilon
 
-    return wen_example_magnitude(to_epsilon(out_c.float(), x_t.float(), alpha_bar, prediction_type),
-                                 to_epsilon(out_0.float(), x_t.float(), alpha_bar, prediction_type))
+    return guidance_norm(to_epsilon(out_c.float(), x_t.float(), alpha_bar, prediction_type),
+                         to_epsilon(out_0.float(), x_t.float(), alpha_bar, prediction_type), latent_ndim=out_c.ndim - 1)
 
 
 def wen_threshold_table(timesteps, magnitudes, quantile: float = 0.95) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,10 @@ from analysis_oracles import OracleUNet, oracle_eps
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from mem_analysis import alpha_bar_from_scheduler, sample_trajectories
+from mem_analysis.alignment import guidance_norm
 from mem_analysis.mitigations import (augment_caption, dedup_sampling_weights, guidance_scales, kept_mean,
                                       parse_guidance_schedule, read_wen_thresholds, wen_epsilon_magnitude,
-                                      wen_example_magnitude, wen_filter_weights, wen_threshold_curve,
+                                      wen_filter_weights, wen_threshold_curve,
                                       wen_threshold_table)
 from mem_analysis.schedule import clean_estimate, snr
 from mem_analysis.presets import SD_SCHEDULER
@@ -29,7 +30,7 @@ def test_wen_filter_zeroes_exactly_the_examples_over_the_threshold():
     direction /= direction.norm()
     norms = torch.tensor([0.5, 2.0, 1.0, 3.5, 0.0])  # constructed ||e_c - e_0||; 1.0 sits on the threshold
     e_c = e_0 + norms[:, None, None, None] * direction
-    magnitudes = wen_example_magnitude(e_c, e_0)
+    magnitudes = guidance_norm(e_c, e_0)
     torch.testing.assert_close(magnitudes, norms, atol=1e-5, rtol=0)
     weights = wen_filter_weights(magnitudes, thresholds=1.0 + 1e-4)
     assert weights.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
@@ -77,7 +78,7 @@ def test_text_magnitude_is_root_snr_times_the_clean_estimates_distance():
     alpha_bar = torch.tensor([0.999, 0.9, 0.3, 0.01], dtype=torch.float64)
     x_t, e_c, e_0 = (torch.randn(4, *LATENT, dtype=torch.float64) for _ in range(3))
     x0_gap = (clean_estimate(x_t, e_c, alpha_bar) - clean_estimate(x_t, e_0, alpha_bar)).flatten(1).norm(dim=1)
-    torch.testing.assert_close(wen_example_magnitude(e_c, e_0).double(), snr(alpha_bar).sqrt() * x0_gap,
+    torch.testing.assert_close(guidance_norm(e_c, e_0).double(), snr(alpha_bar).sqrt() * x0_gap,
                                rtol=1e-5, atol=0)
 
 
