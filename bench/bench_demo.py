@@ -293,12 +293,12 @@ def compare_optimizers(config: Path, work: Path, steps: int = 200, repeats: int 
 
 
 def compare_auroc_bootstrap(n_samples: int = 36, n_boot: int = 1000, calls: int = 9, repeats: int = 2) -> None:
-    """Seconds of the report's bootstrap AUROC intervals (early_warning.auroc_with_ci, `calls` probe steps of
+    """Seconds of the report's bootstrap AUROC intervals (stats.auroc_with_ci, `calls` probe steps of
     `n_samples` samples) vectorised over resamples, vs one scikit-learn roc_auc_score per resample (before)."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from mem_analysis.early_warning import auroc_with_ci
+    from mem_analysis.stats import auroc_with_ci
 
     rng = np.random.default_rng(0)
     labels = np.arange(n_samples) < n_samples // 6

@@ -31,6 +31,7 @@ import numpy as np
 
 from mem_analysis import run
 from mem_analysis.probes import HIGH_NOISE_TIMESTEP
+from mem_analysis.stats import auroc_with_ci
 
 FEATURES = ("k_excess", "lg_excess", "lc_fall")
 MIN_NULL = 3  # fewer reference samples than this leave the score undefined
@@ -197,30 +198,6 @@ def run_warnings(run_dir: Path, fpr: float = 0.01, high_noise_from: int = HIGH_N
     if (run_dir / run.PROBES_FILE).is_file():
         return score_run(run.read_jsonl(run_dir / run.PROBES_FILE), fpr, high_noise_from)
     return []
-
-
-def auroc_with_ci(scores, labels, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """AUROC (stats.auroc) with a percentile bootstrap interval over samples (resamples with one class skipped).
-
-    {'auroc', 'ci_low', 'ci_high', 'n', 'n_positive'}; auroc None when a class is missing.
-    """
-    from mem_analysis.stats import auroc, auroc_rows
-
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    ok = np.isfinite(scores)
-    scores, labels = scores[ok], labels[ok]
-    out = dict(auroc=None, ci_low=None, ci_high=None, n=int(len(scores)), n_positive=int(labels.sum()))
-    if labels.all() or not labels.any():
-        return out
-    out["auroc"] = auroc(scores, labels)
-    pick = np.random.default_rng(seed).integers(0, len(scores), (max(n_boot, 0), len(scores)))
-    boots = auroc_rows(scores[pick], labels[pick])
-    boots = boots[np.isfinite(boots)]  # a resample holding one class has no AUROC
-    if boots.size:
-        out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(boots, [(1 - confidence) / 2,
-                                                                                (1 + confidence) / 2]))
-    return out
 
 
 def evaluate_warning(warnings: list[dict], memorized: dict[int, bool], onset: dict[int, int | None],

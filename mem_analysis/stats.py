@@ -233,6 +233,28 @@ def auroc(scores, labels, direction: str = "higher") -> float:
     return float(auroc_rows(scores, labels))
 
 
+def auroc_with_ci(scores, labels, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """AUROC (stats.auroc) with a percentile bootstrap interval over samples (resamples with one class skipped).
+
+    {'auroc', 'ci_low', 'ci_high', 'n', 'n_positive'}; auroc None when a class is missing.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    ok = np.isfinite(scores)
+    scores, labels = scores[ok], labels[ok]
+    out = dict(auroc=None, ci_low=None, ci_high=None, n=int(len(scores)), n_positive=int(labels.sum()))
+    if labels.all() or not labels.any():
+        return out
+    out["auroc"] = auroc(scores, labels)
+    pick = np.random.default_rng(seed).integers(0, len(scores), (max(n_boot, 0), len(scores)))
+    boots = auroc_rows(scores[pick], labels[pick])
+    boots = boots[np.isfinite(boots)]  # a resample holding one class has no AUROC
+    if boots.size:
+        out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(boots, [(1 - confidence) / 2,
+                                                                                (1 + confidence) / 2]))
+    return out
+
+
 def tpr_at_fpr(scores, labels, max_fpr: float = 0.01) -> float:
     """Largest TPR over thresholds `s >= tau` whose FPR = share of negatives with `s >= tau` is <= max_fpr."""
     scores, labels = check_labels(scores, labels)

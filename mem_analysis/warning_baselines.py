@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from mem_analysis import early_warning
-from mem_analysis.stats import auroc_rows, tpr_at_fpr
+from mem_analysis.stats import auroc_rows, auroc_with_ci, tpr_at_fpr
 
 SIGNALS = ("warning", "duplication", "lc_fall", "k_excess", "lg_excess", "sampling")
 BASELINES = SIGNALS[1:]
@@ -56,14 +56,14 @@ def alarm_rates(alarms, labels) -> dict:
 
 
 def within_factor_auroc(scores, labels, factors, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per duplication factor F holding both classes, `early_warning.auroc_with_ci` over the samples of factor F
+    """Per duplication factor F holding both classes, `stats.auroc_with_ci` over the samples of factor F
     only: which of the equally duplicated images will be memorized, a question a duplicate count cannot answer."""
     scores, labels, factors = np.asarray(scores, np.float64), np.asarray(labels, bool), np.asarray(factors)
     out = {}
     for factor in sorted(set(factors.tolist())):
         own = factors == factor
         if labels[own].any() and not labels[own].all():
-            out[str(int(factor))] = early_warning.auroc_with_ci(scores[own], labels[own], n_boot, seed=seed)
+            out[str(int(factor))] = auroc_with_ci(scores[own], labels[own], n_boot, seed=seed)
     return out
 
 
@@ -86,7 +86,7 @@ def compare_signals(scores: dict[str, np.ndarray], labels, factors, warning_alar
     fpr = out["warning_alarm"]["fpr"]
     both = labels.any() and not labels.all()
     for name, values in scores.items():
-        entry = early_warning.auroc_with_ci(values, labels, n_boot, seed=seed)
+        entry = auroc_with_ci(values, labels, n_boot, seed=seed)
         entry["tpr_at_warning_fpr"] = tpr_at_fpr(values, labels, fpr) if both and fpr is not None else None
         entry["within"] = within_factor_auroc(values, labels, factors, n_boot, seed)
         if name != "warning" and "warning" in scores:

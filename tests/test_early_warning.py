@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mem_analysis import early_warning as ew
+from mem_analysis import stats
 
 TIMESTEPS = (100, 500, 800, 900)
 
@@ -110,10 +111,10 @@ def test_features_use_the_largest_scale_the_high_noise_window_and_the_own_start(
 
 def test_auroc_with_ci_on_a_hand_table():
     # positives 0.9, 0.4; negatives 0.5, 0.1, 0.4: 0.9 beats all three, 0.4 beats 0.1 and ties 0.4: 4.5 of 6
-    result = ew.auroc_with_ci([0.9, 0.4, 0.5, 0.1, 0.4], [1, 1, 0, 0, 0], n_boot=200)
+    result = stats.auroc_with_ci([0.9, 0.4, 0.5, 0.1, 0.4], [1, 1, 0, 0, 0], n_boot=200)
     assert result["auroc"] == pytest.approx(4.5 / 6)
     assert result["ci_low"] <= result["auroc"] <= result["ci_high"] and result["n_positive"] == 2
-    assert ew.auroc_with_ci([0.1, 0.2], [0, 0])["auroc"] is None
+    assert stats.auroc_with_ci([0.1, 0.2], [0, 0])["auroc"] is None
 
 
 def hand_table_result() -> dict:
