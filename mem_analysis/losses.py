@@ -165,6 +165,15 @@ def align_reference(x: torch.Tensor, like: torch.Tensor, latent_ndim: int = 3, n
     return x.float().to(like.device).reshape(tuple(x_lead) + (1,) * (len(lead) - len(x_lead)) + x.shape[-latent_ndim:])
 
 
+def dataset_mean(values: torch.Tensor, counts) -> torch.Tensor:
+    """The training set's mean, duplicates counted as trained: `sum_n c_n v_n / sum_n c_n` over the first dim,
+    for unique items `v_n` seen `c_n` times (the `mu` of the centred k, or the mean image); float32."""
+    weights = torch.as_tensor(counts, dtype=torch.float32, device=values.device)
+    if weights.shape != values.shape[:1] or not weights.sum() > 0:
+        raise ValueError(f"counts {tuple(weights.shape)} must be one positive-sum count per row of {tuple(values.shape)}")
+    return torch.einsum("n,n...->...", weights, values.float()) / weights.sum()
+
+
 def overestimation(x0hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor | None = None,
                    latent_ndim: int = 3) -> torch.Tensor:
     """M2: `k = <x0hat - mu, x - mu> / ||x - mu||^2` over the last `latent_ndim` dims (mu = 0 if None).

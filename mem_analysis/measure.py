@@ -22,7 +22,7 @@ from mem_analysis.cli import parse_list
 from mem_analysis.data import image_to_tensor, load_study_dataset
 from mem_analysis.decomposition import (decompose_latents, deviation_values, per_seed_deviations, trajectory_collapse,
                                        trajectory_latents)
-from mem_analysis.losses import first_step_overestimation, guided
+from mem_analysis.losses import dataset_mean, first_step_overestimation, guided
 from mem_analysis.probes import (gaussian_probe_metrics, guidance_key, probe_metrics_over_draws,
                                  summarize_probe_metrics)
 from mem_analysis.run import RUN_DEFAULTS
@@ -171,10 +171,8 @@ def load_probe_set(dataset_dir: str | Path, components, device, batch_size: int 
         return encode_pixels(components.vae, pixels, device, batch_size)
 
     pool_pixels, probe_pixels = pixels_of(pool["image"]), pixels_of(probe["image"])
-    weights = torch.as_tensor(counts, dtype=torch.float32)
-    weights = (weights / weights.sum())[:, None, None, None]
     if mu is None:
-        mu = (latents_of(pool_pixels) * weights).sum(0)
+        mu = dataset_mean(latents_of(pool_pixels), counts)
     captions = list(probe["text"])
     embeds = encode_prompts(components.tokenizer, components.text_encoder, captions + [""]).float().cpu()
     probe_ids = np.asarray(probe["sample_id"])
@@ -184,7 +182,7 @@ def load_probe_set(dataset_dir: str | Path, components, device, batch_size: int 
         cond=embeds[:-1], uncond=embeds[-1:], latents=latents_of(probe_pixels), pixels=(probe_pixels + 1) / 2,
         pool_pixels=(pool_pixels + 1) / 2, pool_ids=pool_ids,
         pool_index=np.asarray([pool_row.get(int(s), -1) for s in probe_ids]),
-        mu=mu.float().cpu(), mean_image=((pool_pixels + 1) / 2 * weights).sum(0),
+        mu=mu.float().cpu(), mean_image=dataset_mean((pool_pixels + 1) / 2, counts),
         alpha_bar=alpha_bar_from_scheduler(components.noise_scheduler), pool_counts=counts,
     )
 

@@ -262,3 +262,14 @@ def test_first_step_k_of_a_memorizing_conditional_branch_and_uninformative_cfg(a
         torch.testing.assert_close(k["kc_first"], torch.ones(4), atol=1e-4, rtol=0)
         torch.testing.assert_close(k["k0_first"], torch.zeros(4), atol=1e-4, rtol=0)
         torch.testing.assert_close(k["kg_first"], torch.full((4,), g), atol=1e-3, rtol=0)
+
+
+def test_dataset_mean_counts_each_duplicate_as_a_training_row():
+    """Two unique latents seen 1 and 3 times: mu = (x_1 + 3 x_2) / 4, the mean over the 4 rows written out."""
+    from mem_analysis.losses import dataset_mean
+
+    unique = torch.randn(2, 4, 8, 8)
+    rows = torch.stack([unique[0], unique[1], unique[1], unique[1]])
+    torch.testing.assert_close(dataset_mean(unique, [1, 3]), rows.mean(0))
+    with pytest.raises(ValueError, match="one positive-sum count per row"):
+        dataset_mean(unique, [1, 2, 3])

@@ -36,6 +36,7 @@ from accelerate.utils import gather_object
 
 from mem_analysis import run
 from mem_analysis.data import image_hash
+from mem_analysis.losses import dataset_mean
 from mem_analysis.sd import tokenize
 from train.finetune_data import CaptionEmbeddings, ImageLatents, bounded_captions, pick_caption
 
@@ -225,9 +226,7 @@ def prepare_train_inputs(train_data, train_split, parts, args, accelerator, outp
         else:  # only mu: the same encoding, kept in memory
             tables = build()
         if need_mu:
-            weights = index.counts().to(tables["mean"].device, torch.float32)
-            mu = torch.einsum("k,k...->...", weights, tables["mean"].float()) / weights.sum()
-            mu = (mu * parts.vae.config.scaling_factor).cpu()
+            mu = (dataset_mean(tables["mean"], index.counts()) * parts.vae.config.scaling_factor).cpu()
     if use_captions:
         captions = training_captions(train_data)
         key = fingerprint(text_encoder=weights_hash(parts.text_encoder), dtype=parts.text_encoder.dtype,
