@@ -501,4 +501,5 @@ def read_cache(run_dir: str | Path, name: str, fingerprint: str, device="cpu") -
     metadata = cache_metadata(run_dir, name)
     if metadata is None or metadata.get("fingerprint") != fingerprint:
         return None
-    return load_file(Path(run_dir) / name, device=str(device))
+    # safetensors refuses an indexed CPU device ("cpu:0", what accelerate gives a CPU DDP rank): load, then move.
+    return {key: value.to(device) for key, value in load_file(Path(run_dir) / name).items()}

@@ -15,7 +15,7 @@ from conftest import reset_accelerate_state
 
 from mem_analysis import run
 from mem_analysis.run import list_checkpoints
-from train import finetune, finetune_data
+from train import finetune, finetune_data, finetune_loss, finetune_probes
 from train.finetune_config import FLAGS, ConfigError, auto_train_steps, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_keep_probe_rows_drops_later_steps_duplicates_and_cut_lines(tmp_path):
 def test_probe_scalars_are_means_per_dup_factor_and_high_noise_window():
     rows = [{"step": 1, "sample_id": s, "dup_factor": d, "timestep": t, "loss_cond": float(s * 10 + t)}
             for s, d in ((0, 1), (1, 4), (2, 4)) for t in (100, 800)]
-    scalars = finetune_data.probe_scalars(rows, high_noise_timestep=700)
+    scalars = finetune_probes.probe_scalars(rows, high_noise_timestep=700)
     assert scalars["probe/loss_cond/dup_1"] == pytest.approx(450.0)
     assert scalars["probe/loss_cond/dup_4"] == pytest.approx((110 + 810 + 120 + 820) / 4)
     assert scalars["probe_high/loss_cond/dup_4"] == pytest.approx(815.0)
@@ -236,10 +236,10 @@ def test_step_generator_streams_leave_the_training_draws_unchanged():
     import torch
 
     legacy = np.random.SeedSequence([3, 1, 7]).generate_state(1, np.uint64)[0]
-    assert torch.equal(torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu")),
+    assert torch.equal(torch.randn(4, generator=finetune_loss.step_generator(3, 1, 7, "cpu")),
                        torch.randn(4, generator=torch.Generator().manual_seed(int(legacy))))
-    assert not torch.equal(torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu", stream=1)),
-                           torch.randn(4, generator=finetune.step_generator(3, 1, 7, "cpu")))
+    assert not torch.equal(torch.randn(4, generator=finetune_loss.step_generator(3, 1, 7, "cpu", stream=1)),
+                           torch.randn(4, generator=finetune_loss.step_generator(3, 1, 7, "cpu")))
 
 
 def test_caption_augmentation_changes_only_captions_keyed_by_seed_epoch_row(tiny_model_dir, tiny_dataset_dir):

@@ -42,7 +42,7 @@ def test_wen_window_reports_the_filtered_share_per_factor_and_the_mean_magnitude
     """The logged train/wen_* scalars: shares of the examples seen in the window, per factor, then a new window."""
     from types import SimpleNamespace
 
-    from train.finetune import WenWindow
+    from train.finetune_loss import WenWindow
 
     row_factors = [1, 1, 1, 64, 64, 16]  # the dup_factor of train rows 0..5
     window, accelerator = WenWindow(torch.device("cpu"), row_factors), SimpleNamespace(num_processes=1)

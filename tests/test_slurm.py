@@ -52,7 +52,8 @@ def test_rendered_for_two_nodes_the_launch_line_dry_runs_under_zero2(tiny_model_
                  "--deepspeed_multinode_launcher standard", "train/finetune.py --config configs/sd14_full_zero2.yaml"):
         assert part in line, part
     plan = re.findall(r"\[dry run\] .*", done.stdout)
-    assert len(plan) == 2  # printed once (main process of node 0), two lines
+    assert len(plan) == 3  # printed once (main process of node 0): model, data, input cache
+    assert "input cache" in plan[2]
     assert "2 process(es), DistributedType.DEEPSPEED" in plan[0]
     assert not run.exists(), "a dry run must write nothing"
     text = SCRIPT.read_text()  # on a cluster: 8 GPU processes a node, started by one task a node

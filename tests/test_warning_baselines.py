@@ -145,4 +145,4 @@ def test_report_says_the_warning_beats_baselines_that_cannot_tell_equally_duplic
     assert entry["signals"]["warning"]["within"]["64"]["auroc"] == 1.0
     assert entry["signals"]["duplication"]["within"]["64"]["auroc"] == 0.5
     assert verdict["outcome"] == "beats" and verdict["margin"]["ci_low"] > 0
-    assert line.startswith(f"**The warning beats the best baseline") and f"at step {decide}" in line
+    assert line.startswith("**The warning beats the best baseline") and f"at step {decide}" in line
