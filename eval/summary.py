@@ -202,7 +202,7 @@ def first_step_pooled(at_last: pd.DataFrame, eval_dir: Path) -> dict | None:
     for dup, rows in at_last.groupby("dup_factor"):
         x = saved["probe_latents"][[row_of[int(s)] for s in rows["sample_id"]]]
         out[str(int(dup))] = dict(n_samples=len(rows), **{
-            col: pooled_overestimation(rows[col].to_numpy(float), x, saved["mu"])
+            col: pooled_overestimation(rows[col].to_numpy(float, copy=True), x, saved["mu"])
             for col in ("k0_first", "kc_first", "kg_first")})
     return out
 
