@@ -183,6 +183,7 @@ LONGEST_FIRST = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         groups = [SHARED_MODULE_FIXTURES[name] for name in item.fixturenames if name in SHARED_MODULE_FIXTURES]
