@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 demo:
 	bash data_scripts/demo.sh
 
-# Two xdist workers of one thread each (one per core); tests that share a module fixture stay on one worker
-# (tests/conftest.py: xdist_group marks, --dist loadgroup), and the session fixtures are built once for both.
+# Two xdist workers of one thread each (one per core), handed whole files in collection order (tests/conftest.py
+# puts the longest first); the session fixtures are built once for both (conftest.built_once).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder

@@ -107,7 +107,6 @@ def pairs(clip_trained_model_dir):
     torch.set_num_threads(threads)
 
 
-# The trained and the random encoder's UNets are trained in two tests, so two xdist workers train them at once.
 @pytest.mark.slow
 def test_trained_tiny_model_distinguishes_captions_differing_only_in_an_identifier(clip_trained_model_dir, pairs):
     parts, captions, pixels = pairs
