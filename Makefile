@@ -22,5 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 demo:
 	bash data_scripts/demo.sh
 
+# Two xdist workers of one thread each (one per core), handed whole files in collection order (tests/conftest.py
+# puts the longest first); the session fixtures are built once for both (conftest.built_once).
 test: setup
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder

@@ -1,4 +1,5 @@
-"""eval/evaluate_checkpoints.py on a tiny run trained in the test (real accelerate launches).
+"""eval/evaluate_checkpoints.py on a tiny run trained in the test (real accelerate launches for 2 processes; the
+single-process evaluations call the script's cli in this process).
 
 One module-scoped run (base model + checkpoint-2 + checkpoint-4) is evaluated three times:
 single process with checkpoint-4 corrupted, again once it is repaired (a resume), and
@@ -9,13 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ACCELERATE, run
+from conftest import ACCELERATE, run, run_script
 
 from eval import evaluate_checkpoints as ev
 from mem_analysis.run import find_checkpoints
@@ -33,25 +33,29 @@ FIGURES = ("severity_over_training.png", "deviation_vs_severity.png", "decomposi
 
 
 def evaluate(run_dir, out_dir, *extra, check=True) -> subprocess.CompletedProcess:
-    """Single-process evaluation of `run_dir` into `out_dir` (TensorBoard beside it)."""
-    return run([sys.executable, SCRIPT, "--run_dir", run_dir, "--output_dir", out_dir,
-                "--logging_dir", Path(out_dir) / "tb", *EVAL_ARGS, *extra], check=check)
+    """Single-process evaluation of `run_dir` into `out_dir` (TensorBoard beside it), run in this process (the
+    script's cli; the launches are the 2-process ones)."""
+    return run_script(ev.cli, ["--run_dir", run_dir, "--output_dir", out_dir, "--logging_dir", Path(out_dir) / "tb",
+                               *EVAL_ARGS, *extra], check=check)
 
 
 @pytest.fixture(scope="module")
 def single(trained_run, tmp_path_factory):
-    """Evaluate with checkpoint-4 corrupted (it is skipped), then repaired: the rerun evaluates only step 4."""
-    out = tmp_path_factory.mktemp("single") / "eval"
-    weights = trained_run / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors"
+    """Evaluate with checkpoint-4 corrupted (it is skipped), then repaired: the rerun evaluates only step 4.
+    The run is a copy of trained_run (modification times kept), which other xdist workers may be reading."""
+    folder = tmp_path_factory.mktemp("single")
+    run_dir, out = folder / "run", folder / "eval"
+    shutil.copytree(trained_run, run_dir)
+    weights = run_dir / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file")
     try:
-        first = evaluate(trained_run, out)
+        first = evaluate(run_dir, out)
     finally:
         weights.write_bytes(good)
     before = pd.read_csv(out / "per_sample.csv")
     summary = json.loads((out / "summary.json").read_text())
-    second = evaluate(trained_run, out)
+    second = evaluate(run_dir, out)
     return dict(out=out, first=first, second=second, before=before, first_summary=summary)
 
 
@@ -393,10 +397,12 @@ def heldout(tiny_model_dir, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("heldout")
     build_duplicated_dataset.main(["--output_dir", str(folder / "data"), *TINY_DATASET_ARGS, "--probe_heldout", "2"])
-    run(ACCELERATE + ["--num_processes", "1", ROOT / "train" / "finetune.py", "--config",
-                      ROOT / "configs" / "finetune_tiny.yaml", "--pretrained_model_name_or_path", tiny_model_dir,
-                      "--train_data_dir", folder / "data", "--output_dir", folder / "run", "--max_train_steps", "2",
-                      "--checkpointing_steps", "2", "--probe_steps", "2", "--learning_rate", "1e-3"])
+    from train import finetune
+
+    run_script(finetune.cli, ["--config", ROOT / "configs" / "finetune_tiny.yaml", "--pretrained_model_name_or_path",
+                              tiny_model_dir, "--train_data_dir", folder / "data", "--output_dir", folder / "run",
+                              "--max_train_steps", "2", "--checkpointing_steps", "2", "--probe_steps", "2",
+                              "--learning_rate", "1e-3"])
     evaluate(folder / "run", folder / "run" / "eval", "--checkpoints", "last")
     return folder / "run" / "eval"
 

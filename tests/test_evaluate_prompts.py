@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ACCELERATE, run
+from conftest import ACCELERATE, run, run_script
 
 from mem_analysis.prompts import PromptFileError, read_prompts
 
@@ -65,9 +65,13 @@ def with_references(trained_run, prompt_files, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("prompt_eval")
     sets = ["--prompts", f"probe={prompt_files['probe']['parquet']}",
             "--prompts", f"unseen={prompt_files['unseen']['csv']}"]
-    evaluate(work / "one", "--run_dir", trained_run, "--checkpoint", "4", *sets)
-    run([sys.executable, ROOT / "eval" / "evaluate_checkpoints.py", "--run_dir", trained_run, "--output_dir",
-         work / "ckpt", "--logging_dir", work / "tb", "--checkpoints", "4", *ARGS])
+    from eval import evaluate_checkpoints, evaluate_prompts
+
+    # both in this process (the scripts' cli): test_two_processes_equal_one launches the 2-process one
+    run_script(evaluate_prompts.cli, ["--output_dir", work / "one", *ARGS, "--run_dir", trained_run, "--checkpoint",
+                                      "4", *sets])
+    run_script(evaluate_checkpoints.cli, ["--run_dir", trained_run, "--output_dir", work / "ckpt", "--logging_dir",
+                                          work / "tb", "--checkpoints", "4", *ARGS])
     return dict(work=work, sets=sets, out=work / "one", model=trained_run)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import built_once
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def unet_weights(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
-    """Lazily launched runs, each at most once per module: name -> run folder."""
+    """Lazily launched runs, each at most once per test run (conftest.built_once: shared by the xdist workers):
+    name -> run folder."""
     base, cache = tmp_path_factory.mktemp("finetune"), {}
     extra = {"single": ("single", "--use_ema", "--ema_decay", "0.9", "--validation_steps", "6",
                         "--validation_inference_steps", "2", "--num_validation_prompts", "2"),
@@ -88,7 +90,8 @@ def runs(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     def get(name: str) -> Path:
         if name not in cache:
             mode, *flags = extra[name]
-            cache[name] = launch(mode, tiny_model_dir, tiny_dataset_dir, base / name, *flags)
+            cache[name] = built_once(tmp_path_factory, f"launch-{name}",
+                                     lambda folder: launch(mode, tiny_model_dir, tiny_dataset_dir, folder, *flags))
         return cache[name]
 
     get.base, get.extra = base, extra
@@ -321,18 +324,21 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_node_runs(runs, tiny_model_dir, tiny_dataset_dir):
-    """Lazily: mode -> a run trained on two nodes sharing its folder, stopped after checkpoint-4, then resumed."""
+def two_node_runs(runs, tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
+    """Lazily, once per test run: mode -> a run trained on two nodes sharing its folder, stopped after checkpoint-4,
+    then resumed."""
     cache = {}
+
+    def train(mode: str, run: Path) -> None:
+        flags = runs.extra[mode][1:]
+        train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags, "--max_train_steps", 4)
+        assert not (run / "checkpoint-6").exists() and (run / "checkpoint-4").is_dir()
+        train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags,
+                           "--resume_from_checkpoint", "latest")
 
     def get(mode: str) -> Path:
         if mode not in cache:
-            run, flags = runs.base / f"{mode}-two-nodes", runs.extra[mode][1:]
-            train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags, "--max_train_steps", 4)
-            assert not (run / "checkpoint-6").exists() and (run / "checkpoint-4").is_dir()
-            train_on_two_nodes(mode, tiny_model_dir, tiny_dataset_dir, (run, run), *flags,
-                               "--resume_from_checkpoint", "latest")
-            cache[mode] = run
+            cache[mode] = built_once(tmp_path_factory, f"two-nodes-{mode}", lambda run: train(mode, run))
         return cache[mode]
     return get
 
