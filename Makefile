@@ -25,4 +25,4 @@ demo:
 # Two xdist workers of one thread each (one per core), handed whole files in collection order (tests/conftest.py
 # puts the longest first); the session fixtures are built once for both (conftest.built_once).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20

@@ -164,7 +164,7 @@ def plot_against(variable: str, study: Study, cells: pd.DataFrame, path: Path) -
                 ax.set_xticks(x, [str(v) for v in group[variable]])
             ax.set_xlabel(variable)
         key = key if isinstance(key, tuple) else (key,)
-        axes[0, col].set_title(", ".join(f"{o} = {k}" for o, k in zip(others, key)) or study.name, fontsize=9)
+        axes[0, col].set_title("\n".join(f"{o} = {k}" for o, k in zip(others, key)) or study.name, fontsize=9)
     axes[0, 0].legend(fontsize=8)
     save(fig, path)
 
